@@ -1,0 +1,1 @@
+"""Shared plumbing for bert-stream's programs: logging, settings, Kafka client construction."""

@@ -1,0 +1,70 @@
+"""One structlog setup for every entry point.
+
+JSON lines when stderr is not a terminal (what log shippers want), a coloured console when it is (what
+people want). Context bound with ``structlog.contextvars.bind_contextvars`` is merged into every line, so a
+unit of work (a batch, a training run) can bind its ids once. Logs go to stderr: the CLIs that print data
+(``worker.tail``, the demo table) keep stdout for it.
+
+Standard-library loggers (kafka-python, transformers, accelerate) are routed through the same renderer and
+held at WARNING unless ``LOG_LEVEL=DEBUG``: kafka-python logs every connection at INFO.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+_CHATTY = ("kafka", "urllib3", "filelock", "transformers", "accelerate", "matplotlib", "PIL", "jieba")
+
+
+def configure_logging(level: str | None = None, json_lines: bool | None = None) -> None:
+    """Configure structlog and stdlib logging once per process. Safe to call again (tests do)."""
+    level_name = (level or os.environ.get("LOG_LEVEL", "INFO")).upper()
+    numeric = logging.getLevelName(level_name)
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level_name!r}")
+    if json_lines is None:
+        fmt = os.environ.get("LOG_FORMAT", "auto")
+        json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer = (
+        structlog.processors.JSONRenderer(ensure_ascii=False)
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info if json_lines else (lambda _l, _m, e: e),
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger(name)

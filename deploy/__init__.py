@@ -1,0 +1,1 @@
+"""How bert-stream runs: the local stack (``deploy.local``), container images and Kubernetes manifests."""
