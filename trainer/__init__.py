@@ -1,0 +1,1 @@
+"""Fine-tuning and pretraining of BERT-family classifiers (``python -m trainer.run``)."""

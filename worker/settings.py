@@ -1,0 +1,104 @@
+"""The worker's settings: one frozen object from flags and environment variables.
+
+Every setting can be given as ``--flag`` or as the environment variable named beside it (the Kubernetes
+ConfigMap sets the variables). Each help text states the trade-off the setting controls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bert_stream.kafka import KafkaSettings
+from bert_stream.settings import require, setting
+
+INPUT_FORMATS = ("auto", "text", "json")
+DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    kafka: KafkaSettings = dataclasses.field(default_factory=KafkaSettings)
+
+    # ---- topics and group ---------------------------------------------------------------------------------
+    input_topic: str = setting("bert-stream.input", env="BERT_STREAM_INPUT_TOPIC",
+                               help="Topic of messages to classify.")
+    output_topic: str = setting("bert-stream.output", env="BERT_STREAM_OUTPUT_TOPIC",
+                                help="Topic the labels are published to, keyed like the input.")
+    dlq_topic: str = setting("bert-stream.dlq", env="BERT_STREAM_DLQ_TOPIC",
+                             help="Dead-letter topic for messages that cannot be classified, with the reason.")
+    group_id: str = setting("bert-stream-worker", env="BERT_STREAM_GROUP_ID",
+                            help="Consumer group; workers in one group share the input partitions.")
+    input_format: str = setting("auto", env="BERT_STREAM_INPUT_FORMAT", choices=INPUT_FORMATS,
+                                help="auto: a value that starts with '{' is JSON {id, text, ...}, else plain "
+                                     "UTF-8 text; json/text force one (json sends non-JSON to the DLQ).")
+    max_message_bytes: int = setting(65_536, env="BERT_STREAM_MAX_MESSAGE_BYTES",
+                                     help="Larger values go to the DLQ (too_large) instead of the model.")
+
+    # ---- model ----------------------------------------------------------------------------------------------
+    model_dir: str = setting("checkpoints", env="BERT_STREAM_MODEL_DIR",
+                             help="Checkpoint store (follows its LATEST) or one model folder.")
+    device: str = setting("auto", env="BERT_STREAM_DEVICE", help=DEVICES_HELP + ".")
+    dtype: str = setting("auto", env="BERT_STREAM_DTYPE", choices=("auto", "bf16", "fp32"),
+                         help="auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16 (2-4x faster, labels agree "
+                              "with fp32 on >99.5% of messages), fp32 elsewhere.")
+    max_length: int = setting(128, env="BERT_STREAM_MAX_LENGTH",
+                              help="Tokens per message; longer texts are truncated and marked truncated=true.")
+    torch_threads: int = setting(0, env="BERT_STREAM_TORCH_THREADS",
+                                 help="CPU threads for inference; 0 keeps torch's default (all cores).")
+    model_poll_s: float = setting(5.0, env="BERT_STREAM_MODEL_POLL_S",
+                                  help="How often LATEST is checked for a new version (the Redis announcement "
+                                       "makes it immediate); 0 disables hot reload.")
+
+    # ---- micro-batching -------------------------------------------------------------------------------------
+    max_batch_size: int = setting(64, env="BERT_STREAM_MAX_BATCH_SIZE",
+                                  help="Items per batch: larger amortises per-batch overhead, raises latency.")
+    max_batch_tokens: int = setting(8192, env="BERT_STREAM_MAX_BATCH_TOKENS",
+                                    help="Padded tokens per batch: bounds a batch's memory and inference time.")
+    max_wait_ms: float = setting(20.0, env="BERT_STREAM_MAX_WAIT_MS",
+                                 help="Longest a message waits for its batch to fill: the latency floor "
+                                      "under light load.")
+    max_queued_messages: int = setting(1024, env="BERT_STREAM_MAX_QUEUED_MESSAGES",
+                                       help="Messages held between poll and inference; above it the input "
+                                            "partitions are paused (bounded memory).")
+    top_k: int = setting(3, env="BERT_STREAM_TOP_K", help="Probabilities of the k best labels in each output.")
+
+    # ---- cache ----------------------------------------------------------------------------------------------
+    redis_url: str | None = setting(None, env="REDIS_URL",
+                                    help="Redis for the result cache (redis://, rediss:// for TLS, "
+                                         "redis://:password@host); unset disables the cache.")
+    cache_prefix: str = setting("bert-stream:cache:", env="BERT_STREAM_CACHE_PREFIX",
+                                help="Key prefix, so several deployments can share one Redis.")
+    cache_ttl_s: int = setting(86_400, env="BERT_STREAM_CACHE_TTL_S",
+                               help="Lifetime of a cached result: longer saves more inference, uses more memory.")
+    cache_timeout_ms: int = setting(100, env="BERT_STREAM_CACHE_TIMEOUT_MS",
+                                    help="A slower Redis is treated as down for the batch (the model runs).")
+
+    # ---- commits --------------------------------------------------------------------------------------------
+    commit_interval_ms: int = setting(1000, env="BERT_STREAM_COMMIT_INTERVAL_MS",
+                                      help="Commit published offsets at least this often: shorter shrinks "
+                                           "the re-delivery window after a crash, costs a round trip.")
+    commit_every: int = setting(1000, env="BERT_STREAM_COMMIT_EVERY",
+                                help="Also commit after this many messages are published.")
+
+    # ---- operations -----------------------------------------------------------------------------------------
+    http_port: int = setting(8000, env="BERT_STREAM_HTTP_PORT",
+                             help="Port of /metrics, /healthz and /readyz; 0 picks a free port, -1 disables.")
+    log_level: str = setting("INFO", env="LOG_LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                             help="Log level; DEBUG also shows the Kafka client's own logs.")
+
+    def __post_init__(self) -> None:
+        require(self.max_batch_size >= 1, "max_batch_size must be at least 1")
+        require(self.max_length >= 8, "max_length must be at least 8")
+        require(self.max_batch_tokens >= self.max_length,
+                "max_batch_tokens must be at least max_length (one full-length message must fit)")
+        require(self.max_wait_ms >= 0, "max_wait_ms must not be negative")
+        require(self.max_queued_messages >= self.max_batch_size,
+                "max_queued_messages must be at least max_batch_size")
+        require(self.max_message_bytes >= 16, "max_message_bytes must be at least 16")
+        require(self.top_k >= 1, "top_k must be at least 1")
+        require(len({self.input_topic, self.output_topic, self.dlq_topic}) == 3,
+                "input, output and DLQ topics must differ")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                f"device must be {DEVICES_HELP}")
+        require(self.cache_ttl_s >= 1, "cache_ttl_s must be at least 1")
+        require(self.commit_interval_ms >= 1 and self.commit_every >= 1, "commit interval and count must be >= 1")
