@@ -1,0 +1,73 @@
+"""Decoding never raises on bad input, and every rejection carries the right reason."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker import messages as m
+
+
+def rec(value, key=b"k", headers=(("trace", b"1"),), offset=7):
+    return SimpleNamespace(topic="in", partition=2, offset=offset, key=key, value=value, headers=list(headers))
+
+
+@pytest.mark.parametrize("value, fmt, reason", [
+    (b"\xff\xfe\x00", "auto", m.INVALID_UTF8),
+    (b"{not json", "auto", m.INVALID_JSON),
+    (b"plain text", "json", m.INVALID_JSON),
+    (b"[1, 2]", "json", m.INVALID_JSON),
+    (b'{"id": 1}', "auto", m.MISSING_TEXT),
+    (b'{"id": 1, "text": 5}', "auto", m.MISSING_TEXT),
+    (b'{"text": "   "}', "auto", m.EMPTY_TEXT),
+    (b"  \n\t ", "text", m.EMPTY_TEXT),
+    (None, "auto", m.EMPTY_TEXT),
+    ("长".encode() * 100, "auto", m.TOO_LARGE),
+])
+def test_rejections_have_reasons(value, fmt, reason):
+    out = m.decode(rec(value), fmt, max_message_bytes=200)
+    assert isinstance(out, m.Rejected) and out.reason == reason
+    assert out.value == value and out.key == b"k" and out.headers == [("trace", b"1")]
+    headers = m.parse_dlq_headers(m.dlq_headers(out))
+    assert headers["error"] == reason
+    assert (headers["source.topic"], headers["source.partition"], headers["source.offset"]) == ("in", "2", "7")
+
+
+def test_json_and_text_are_auto_detected():
+    j = m.decode(rec(json.dumps({"id": "a1", "text": " 国足  获胜 ", "x": 1}, ensure_ascii=False).encode()))
+    assert (j.id, j.text) == ("a1", "国足 获胜")
+    t = m.decode(rec("{ 不是 JSON".encode()), "text")
+    assert t.text == "{ 不是 JSON" and t.id == "in-2-7"
+    assert m.decode(rec(b'{"text": "x"}'), "text").text == '{"text": "x"}'
+
+
+def test_output_record_round_trips():
+    msg = m.decode(rec('{"id": 9, "text": "好"}'.encode()))
+    pred = m.Prediction("体育", 0, 0.9, (("体育", 0.9), ("财经", 0.1)), truncated=True)
+    assert m.Prediction.from_cache(pred.to_cache()) == pred
+    out = m.parse_output(m.output_value(msg, pred, model_version="v1", cached=True, queue_ms=1, infer_ms=2))
+    assert out["id"] == "9" and out["label"] == "体育" and out["label_id"] == 0 and out["cached"] is True
+    assert out["truncated"] is True and out["model_version"] == "v1"
+    assert out["top_k"] == [{"label": "体育", "score": 0.9}, {"label": "财经", "score": 0.1}]
+    assert out["source"] == {"topic": "in", "partition": 2, "offset": 7}
+    assert set(out["timing"]) == {"queue_ms", "infer_ms"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(st.none(), st.binary(max_size=300), st.text(max_size=100).map(str.encode)),
+       fmt=st.sampled_from(m.INPUT_FORMATS))
+def test_decode_never_raises(value, fmt):
+    out = m.decode(rec(value), fmt, max_message_bytes=256)
+    if isinstance(out, m.Rejected):
+        assert out.reason in m.REASONS
+    else:
+        assert out.text and out.text == m.normalize_text(out.text)
+
+
+@given(st.text(max_size=50))
+def test_normalize_is_idempotent(text):
+    assert m.normalize_text(m.normalize_text(text)) == m.normalize_text(text)

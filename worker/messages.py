@@ -1,0 +1,212 @@
+"""The message schema: input decoding/validation, the output record, the dead-letter record.
+
+Everything that reads or writes the worker's topics (the worker, ``worker.publish``, ``worker.tail``, the
+tests, the benchmarks) goes through this module, so the wire format is decided once.
+
+Input value (``input_format``):
+- ``text``: the whole value is UTF-8 text.
+- ``json``: a JSON object ``{"id": ..., "text": ..., ...}``; extra fields are ignored.
+- ``auto``: a value whose first non-blank byte is ``{`` is JSON, anything else is text.
+
+Output value (JSON, UTF-8, keyed like the input)::
+
+    {"id": "...", "label": "体育", "label_id": 3, "score": 0.97,
+     "top_k": [{"label": "体育", "score": 0.97}, ...], "model_version": "20261128T174501Z-3f9a1c",
+     "cached": false, "truncated": false,
+     "source": {"topic": "...", "partition": 0, "offset": 42},
+     "timing": {"queue_ms": 3.1, "infer_ms": 12.0}}
+
+Dead-letter record: the original value, key and headers, plus headers ``error`` (one of :data:`REASONS`),
+``error.detail`` and ``source.topic`` / ``source.partition`` / ``source.offset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import unicodedata
+from typing import Any
+
+INPUT_FORMATS = ("auto", "text", "json")
+
+INVALID_UTF8 = "invalid_utf8"
+INVALID_JSON = "invalid_json"
+MISSING_TEXT = "missing_text"
+EMPTY_TEXT = "empty_text"
+TOO_LARGE = "too_large"
+INFERENCE_FAILED = "inference_failed"
+REASONS = (INVALID_UTF8, INVALID_JSON, MISSING_TEXT, EMPTY_TEXT, TOO_LARGE, INFERENCE_FAILED)
+
+Headers = list[tuple[str, bytes]]
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a message came from; also its identity for offsets and for the default id."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def default_id(self) -> str:
+        return f"{self.topic}-{self.partition}-{self.offset}"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputMessage:
+    """A decoded, valid input: the normalised text to classify, plus what the output must carry."""
+
+    id: str
+    text: str
+    key: bytes | None
+    headers: Headers
+    source: Source
+    value: bytes = dataclasses.field(repr=False, default=b"")  # the original bytes, for the DLQ
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """An input that cannot be classified; it goes to the DLQ with ``reason``."""
+
+    reason: str
+    detail: str
+    value: bytes | None
+    key: bytes | None
+    headers: Headers
+    source: Source
+
+
+class DecodeError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def normalize_text(text: str) -> str:
+    """What the model sees and the cache hashes: NFC, whitespace runs collapsed to one space, stripped.
+    Two values that normalise alike get the same label and share a cache entry."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def parse_value(value: bytes | None, input_format: str, max_message_bytes: int) -> tuple[str | None, str]:
+    """(id or None, normalised text) of a message value; raises DecodeError with a DLQ reason."""
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be one of {INPUT_FORMATS}")
+    if value is None:
+        raise DecodeError(EMPTY_TEXT, "the value is null (a tombstone)")
+    if len(value) > max_message_bytes:
+        raise DecodeError(TOO_LARGE, f"{len(value)} bytes > max_message_bytes={max_message_bytes}")
+    try:
+        decoded = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(INVALID_UTF8, str(exc)) from None
+    is_json = input_format == "json" or (input_format == "auto" and decoded.lstrip().startswith("{"))
+    if not is_json:
+        text, msg_id = decoded, None
+    else:
+        text, msg_id = _parse_json(decoded)
+    text = normalize_text(text)
+    if not text:
+        raise DecodeError(EMPTY_TEXT, "the text is empty or only whitespace")
+    return msg_id, text
+
+
+def _parse_json(decoded: str) -> tuple[str, str | None]:
+    try:
+        obj = json.loads(decoded)
+    except json.JSONDecodeError as exc:
+        raise DecodeError(INVALID_JSON, str(exc)) from None
+    if not isinstance(obj, dict):
+        raise DecodeError(INVALID_JSON, f"expected a JSON object, got {type(obj).__name__}")
+    if "text" not in obj or obj["text"] is None:
+        raise DecodeError(MISSING_TEXT, "the JSON object has no 'text' field")
+    if not isinstance(obj["text"], str):
+        raise DecodeError(MISSING_TEXT, f"'text' is a {type(obj['text']).__name__}, not a string")
+    msg_id = obj.get("id")
+    return obj["text"], (None if msg_id is None else str(msg_id))
+
+
+def decode(record: Any, input_format: str = "auto", max_message_bytes: int = 65_536) -> InputMessage | Rejected:
+    """Decode one consumer record (anything with topic/partition/offset/key/value/headers). Never raises
+    for bad input: the result is either a message to classify or a rejection for the DLQ."""
+    source = Source(record.topic, record.partition, record.offset)
+    headers = [(k, bytes(v) if v is not None else b"") for k, v in (record.headers or [])]
+    try:
+        msg_id, text = parse_value(record.value, input_format, max_message_bytes)
+    except DecodeError as exc:
+        return Rejected(exc.reason, exc.detail, record.value, record.key, headers, source)
+    return InputMessage(msg_id or source.default_id, text, record.key, headers, source, record.value)
+
+
+# ---- output -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What the model (or the cache) says about one text."""
+
+    label: str
+    label_id: int
+    score: float
+    top_k: tuple[tuple[str, float], ...]
+    truncated: bool = False
+
+    def to_cache(self) -> bytes:
+        return json.dumps([self.label, self.label_id, self.score, self.top_k, self.truncated],
+                          ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_cache(cls, raw: bytes) -> Prediction:
+        label, label_id, score, top_k, truncated = json.loads(raw)
+        return cls(label, int(label_id), float(score), tuple((str(lab), float(p)) for lab, p in top_k),
+                   bool(truncated))
+
+
+def output_value(message: InputMessage, prediction: Prediction, *, model_version: str, cached: bool,
+                 queue_ms: float, infer_ms: float) -> bytes:
+    """The output record's value (JSON, UTF-8)."""
+    record = {
+        "id": message.id,
+        "label": prediction.label,
+        "label_id": prediction.label_id,
+        "score": round(prediction.score, 6),
+        "top_k": [{"label": label, "score": round(p, 6)} for label, p in prediction.top_k],
+        "model_version": model_version,
+        "cached": cached,
+        "truncated": prediction.truncated,
+        "source": dataclasses.asdict(message.source),
+        "timing": {"queue_ms": round(queue_ms, 3), "infer_ms": round(infer_ms, 3)},
+    }
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def parse_output(value: bytes) -> dict:
+    """An output record back as a dict (tail CLI, tests)."""
+    return json.loads(value)
+
+
+# ---- dead letters -------------------------------------------------------------------------------------------
+def rejected_for_failure(message: InputMessage, detail: str) -> Rejected:
+    """The DLQ entry for a valid message whose inference failed twice."""
+    return Rejected(INFERENCE_FAILED, detail, message.value, message.key, message.headers, message.source)
+
+
+def dlq_headers(rejected: Rejected) -> Headers:
+    """The original headers plus the reason and where the message came from."""
+    src = rejected.source
+    return [
+        *rejected.headers,
+        ("error", rejected.reason.encode()),
+        ("error.detail", rejected.detail[:1000].encode("utf-8", "replace")),
+        ("source.topic", src.topic.encode()),
+        ("source.partition", str(src.partition).encode()),
+        ("source.offset", str(src.offset).encode()),
+    ]
+
+
+def parse_dlq_headers(headers: Headers) -> dict[str, str]:
+    """The DLQ headers this module added, as text (the last value of each wins)."""
+    names = {"error", "error.detail", "source.topic", "source.partition", "source.offset"}
+    return {k: v.decode("utf-8", "replace") for k, v in headers if k in names}
