@@ -1,0 +1,1 @@
+"""Benchmarks: throughput/latency of the worker and the classical baseline the models must beat."""
