@@ -1,0 +1,114 @@
+"""The worker against the real broker, Redis and a real (small) model: count every message."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+import urllib.request
+
+import pytest
+
+from bert_stream.kafka import ensure_topics
+from tests.conftest import BROKER
+from tests.worker.conftest import LABELS, chinese_messages, committed_offsets, produce, read_topic
+from trainer import checkpoint
+from worker import messages as m
+
+pytestmark = pytest.mark.kafka
+
+BAD = [  # (value, reason)
+    (b"\xff\xfe\xfa garbage", m.INVALID_UTF8),
+    (b'{"id": "broken", "text": ', m.INVALID_JSON),
+    (b'{"id": "no-text"}', m.MISSING_TEXT),
+    (b'{"id": "empty", "text": "  "}', m.EMPTY_TEXT),
+    (b"   ", m.EMPTY_TEXT),
+    ("超长".encode() * 2000, m.TOO_LARGE),
+]
+
+
+def _good_values(texts: list[str], start: int = 0) -> list[bytes]:
+    """Half plain text, half JSON with an id."""
+    out = []
+    for i, text in enumerate(texts, start):
+        if i % 2:
+            out.append(json.dumps({"id": f"msg-{i}", "text": text, "lang": "zh"}, ensure_ascii=False).encode())
+        else:
+            out.append(text.encode())
+    return out
+
+
+def _by_source(records) -> dict[tuple[int, int], list]:
+    out = collections.defaultdict(list)
+    for r in records:
+        value = m.parse_output(r.value)
+        out[(value["source"]["partition"], value["source"]["offset"])].append((r, value))
+    return out
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_every_message_gets_one_output_or_a_dead_letter(kafka_settings, names, worker_settings, start_worker,
+                                                        stack):
+    confluent = pytest.importorskip("confluent_kafka")
+    ensure_topics(kafka_settings, {names.input_topic: 2})
+    texts = chinese_messages(300, seed=1)
+    good = _good_values(texts)
+    values = good[:150] + [v for v, _ in BAD] + good[150:]
+    keys = [(json.loads(v)["id"] if v.startswith(b'{"id": "msg') else f"plain-{i % 17}").encode()
+            for i, v in enumerate(values)]
+    # the first part through kafka-python, the rest through librdkafka (confluent-kafka): two client stacks
+    produce(kafka_settings, names.input_topic, values[:200], keys[:200])
+    producer = confluent.Producer({"bootstrap.servers": stack.bootstrap_servers})
+    for value, key in zip(values[200:], keys[200:]):
+        producer.produce(names.input_topic, value=value, key=key, headers=[("trace", b"c")])
+    assert producer.flush(30) == 0
+
+    worker = start_worker(worker_settings(max_message_bytes=2000))
+    outputs = read_topic(kafka_settings, names.output_topic, expect=len(good), timeout=90)
+    dead = read_topic(kafka_settings, names.dlq_topic, expect=len(BAD), timeout=30)
+
+    # exactly one output per good message, with a label of the model, the input's key, in partition order
+    by_source = _by_source(outputs)
+    assert len(outputs) == len(good) and all(len(v) == 1 for v in by_source.values())
+    version = checkpoint.latest_version(worker.worker.settings.model_dir)
+    for (r, value), in by_source.values():
+        assert value["label"] in LABELS and value["model_version"] == version
+        assert 0 < value["score"] <= 1 and len(value["top_k"]) == 3
+        assert r.partition == value["source"]["partition"]
+        if value["id"].startswith("msg-"):
+            assert r.key == value["id"].encode()
+    assert {f"msg-{i}" for i in range(1, 300, 2)} <= {value["id"] for (_, value), in by_source.values()}
+    for p in (0, 1):
+        offsets = [m.parse_output(r.value)["source"]["offset"] for r in outputs if r.partition == p]
+        assert offsets == sorted(offsets)
+    # the bad ones: on the DLQ with their reason, original bytes and key
+    reasons = collections.Counter(m.parse_dlq_headers(r.headers)["error"] for r in dead)
+    assert reasons == collections.Counter(reason for _, reason in BAD)
+    assert {bytes(r.value or b"") for r in dead} == {v for v, _ in BAD}
+    # repeats served from the cache: the set repeats ~14 titles
+    assert sum(value["cached"] for (_, value), in by_source.values()) > 50
+
+    port = worker.worker.http_port
+    status, body = _get(port, "/metrics")
+    assert status == 200 and "bert_stream_messages_total" in body and "bert_stream_batch_size_bucket" in body
+    assert 'bert_stream_cache_lookups_total{outcome="hit"}' in body
+    assert _get(port, "/healthz")[0] == 200
+    assert _get(port, "/readyz")[0] == 200
+
+    # the same texts again: every one from the cache now
+    produce(kafka_settings, names.input_topic, [t.encode() for t in texts[:50]])
+    again = read_topic(kafka_settings, names.output_topic, expect=len(good) + 50, timeout=60)
+    new = [m.parse_output(r.value) for r in again]
+    new = [v for v in new if (v["source"]["partition"], v["source"]["offset"]) not in by_source]
+    assert len(again) == len(good) + 50 and len(new) == 50 and all(v["cached"] for v in new)
+
+    assert worker.stop() == 0
+    committed = committed_offsets(kafka_settings, names.group_id, names.input_topic)
+    assert sum(c or 0 for c in committed.values()) == len(values) + 50  # everything read is committed

@@ -1,0 +1,293 @@
+"""The model engine: load a published checkpoint, choose dtype and device, tokenize, classify, hot-swap.
+
+- Loading follows the checkpoint store's ``LATEST`` (:func:`trainer.checkpoint.resolve`) and checks the
+  folder with :func:`trainer.checkpoint.validate` first, so a truncated or incomplete copy is refused.
+- dtype ``auto``: bf16 on CUDA, and on CPUs whose ``/proc/cpuinfo`` lists ``amx_bf16`` or ``avx512_bf16``
+  (there bf16 matmuls run 3-4x faster than fp32); fp32 elsewhere, where bf16 would be emulated and slower.
+- Attention is PyTorch SDPA; every forward pass runs under ``torch.inference_mode``.
+- A batch is tokenized with truncation to ``max_length`` (the output says ``truncated``), sorted by length
+  and cut into chunks padded only to their own longest item, so one long message does not pad the rest.
+- Hot reload: :class:`ModelWatcher` notices a new ``LATEST`` (polling, or woken by the trainer's Redis
+  announcement), loads and warms the new version in its own thread and offers it; :meth:`Engine.acquire`
+  swaps it in between batches. A version that fails to load or validate is refused, logged, and the
+  serving model is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("USE_TF", "0")  # transformers would otherwise import TensorFlow (seconds, GBs) if present
+os.environ.setdefault("USE_FLAX", "0")
+
+import torch  # noqa: E402
+
+from bert_stream.logs import get_logger  # noqa: E402
+from trainer import checkpoint  # noqa: E402
+from worker.messages import Prediction  # noqa: E402
+
+log = get_logger("worker.engine")
+
+# Padded tokens per forward pass inside a batch. Sorting by length and cutting here bounds padding waste;
+# past ~2k tokens a CPU forward pass gains nothing per token from being larger.
+CHUNK_TOKENS = 2048
+WARMUP_TEXTS = ("预热", "今天天气很好，适合出去走走。", "北京时间昨晚，国家队在世界杯预选赛中以二比零战胜对手。" * 8)
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AMX or AVX512-BF16)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def choose_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {setting} requested but CUDA is not available")
+    return device
+
+
+def choose_dtype(setting: str, device: torch.device, cpuinfo: str | None = None) -> torch.dtype:
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16(cpuinfo) else torch.float32
+
+
+class LoadedModel:
+    """One model version, ready to classify."""
+
+    def __init__(self, version: str, folder: Path, device: torch.device, dtype: torch.dtype, max_length: int,
+                 top_k: int):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # progress bars on stderr would break the JSON log lines
+
+        config = checkpoint.validate(folder)  # refuses incomplete/corrupt folders before touching weights
+        self.version, self.folder, self.device, self.dtype = version, folder, device, dtype
+        self.max_length, self.top_k = max_length, top_k
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        if not self.tokenizer.is_fast:
+            raise checkpoint.CheckpointError(f"{folder}: a fast tokenizer (tokenizer.json) is required")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        id2label = self.model.config.id2label or config["id2label"]
+        self.labels = [str(id2label[i]) for i in range(len(id2label))]
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text will occupy (truncated to max_length): what the batcher budgets."""
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Classify ``texts`` (in order). Sorted by length and chunked to limit padding."""
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        ids = enc["input_ids"]
+        truncated = [bool(e.overflowing) for e in enc.encodings]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[Prediction | None] = [None] * len(ids)
+        start = 0
+        while start < len(order):
+            end = start + 1  # grow the chunk while its padded size stays within CHUNK_TOKENS
+            while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= CHUNK_TOKENS:
+                end += 1
+            chunk = order[start:end]
+            for i, pred in zip(chunk, self._forward([ids[i] for i in chunk])):
+                out[i] = Prediction(pred[0], pred[1], pred[2], pred[3], truncated[i])
+            start = end
+        return out  # type: ignore[return-value]
+
+    def _forward(self, rows: list[list[int]]) -> list[tuple[str, int, float, tuple]]:
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), longest), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, : len(r)] = torch.tensor(r)
+            attention[j, : len(r)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
+            probs = torch.softmax(logits.float(), dim=-1)
+            k = min(self.top_k, probs.shape[-1])
+            top_p, top_i = probs.topk(k, dim=-1)
+        top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()  # one device sync per chunk
+        return [(self.labels[ti[0]], ti[0], tp[0], tuple((self.labels[i], p) for i, p in zip(ti, tp)))
+                for tp, ti in zip(top_p, top_i)]
+
+    def warm_up(self) -> float:
+        """Run a few batches so the first real one does not pay for kernel selection; returns seconds."""
+        t0 = time.perf_counter()
+        for n in (1, 4, 16):
+            self.predict([WARMUP_TEXTS[i % len(WARMUP_TEXTS)] for i in range(n)])
+        return time.perf_counter() - t0
+
+
+class Engine:
+    """The serving model, and the one waiting to replace it. ``acquire`` is called by the inference thread
+    at the start of each batch, so a swap always falls between batches."""
+
+    def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto", max_length: int = 128,
+                 top_k: int = 3, torch_threads: int = 0):
+        self.model_dir = Path(model_dir)
+        self.device = choose_device(device)
+        self.dtype = choose_dtype(dtype, self.device)
+        self.max_length, self.top_k = max_length, top_k
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self._lock = threading.Lock()
+        self._current: LoadedModel | None = None
+        self._pending: LoadedModel | None = None
+        self.refused: dict[str, str] = {}  # version -> why, so a bad version is not retried in a loop
+
+    @classmethod
+    def from_settings(cls, settings) -> Engine:
+        return cls(settings.model_dir, device=settings.device, dtype=settings.dtype,
+                   max_length=settings.max_length, top_k=settings.top_k, torch_threads=settings.torch_threads)
+
+    def load(self, version_and_folder: tuple[str, Path] | None = None) -> LoadedModel:
+        """Load (and warm up) the newest published version, or the given one."""
+        version, folder = version_and_folder or checkpoint.resolve(self.model_dir)
+        t0 = time.perf_counter()
+        model = LoadedModel(version, folder, self.device, self.dtype, self.max_length, self.top_k)
+        load_s = time.perf_counter() - t0
+        warm_s = model.warm_up()
+        log.info("model_loaded", model_version=version, folder=str(folder), device=str(self.device),
+                 dtype=str(self.dtype).removeprefix("torch."), labels=len(model.labels),
+                 load_s=round(load_s, 2), warmup_s=round(warm_s, 2))
+        return model
+
+    def start(self) -> Engine:
+        self._current = self.load()
+        return self
+
+    @property
+    def current(self) -> LoadedModel:
+        if self._current is None:
+            raise RuntimeError("engine not started")
+        return self._current
+
+    @property
+    def version(self) -> str | None:
+        return self._current.version if self._current else None
+
+    @property
+    def loaded(self) -> bool:
+        return self._current is not None
+
+    def acquire(self) -> LoadedModel:
+        """The model for the next batch; swaps in a pending version first."""
+        with self._lock:
+            if self._pending is not None:
+                old, self._current, self._pending = self._current, self._pending, None
+                log.info("model_swapped", old_version=old.version if old else None, model_version=self.version)
+            return self.current
+
+    def offer(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._pending = model
+
+    def wanted_version(self) -> str | None:
+        """The version to serve now when it differs from the current/pending one, else None."""
+        if (self.model_dir / "config.json").exists():
+            return None  # a single model folder, not a store: nothing to follow
+        latest = checkpoint.latest_version(self.model_dir)
+        with self._lock:
+            known = {v.version for v in (self._current, self._pending) if v is not None}
+        if latest is None or latest in known or latest in self.refused:
+            return None
+        return latest
+
+    def try_update(self) -> bool:
+        """Load the version LATEST names if it is new; True when one was offered. Never raises."""
+        try:
+            version = self.wanted_version()
+        except checkpoint.CheckpointError as exc:
+            log.warning("model_pointer_unreadable", error=str(exc))
+            return False
+        if version is None:
+            return False
+        try:
+            model = self.load((version, self.model_dir / version))
+        except Exception as exc:  # noqa: BLE001 - any failure: refuse this version, keep serving the old one
+            self.refused[version] = str(exc)
+            log.error("model_refused", model_version=version, kept_version=self.version, error=str(exc)[:500])
+            return False
+        self.offer(model)
+        return True
+
+
+class ModelWatcher:
+    """Checks LATEST every ``poll_s`` seconds, or at once when the trainer announces a version on Redis."""
+
+    def __init__(self, engine: Engine, poll_s: float, redis_url: str | None, metrics=None):
+        self.engine, self.poll_s, self.redis_url, self.metrics = engine, poll_s, redis_url, metrics
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> ModelWatcher:
+        if self.poll_s <= 0:
+            return self
+        self._threads.append(threading.Thread(target=self._watch, name="model-watcher", daemon=True))
+        if self.redis_url:
+            self._threads.append(threading.Thread(target=self._listen, name="model-announce", daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            if not self._stop.is_set():
+                refused = len(self.engine.refused)
+                self.engine.try_update()
+                if self.metrics and len(self.engine.refused) > refused:
+                    self.metrics.model_swaps.labels("refused").inc()
+
+    def _listen(self) -> None:
+        """Subscribe to the announcement channel; on any Redis trouble, retry with backoff (LATEST polling
+        goes on regardless, so an outage only delays a reload by ``poll_s``)."""
+        import redis
+
+        channel = checkpoint.ANNOUNCE_PREFIX + "announce"
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
+                with contextlib.closing(client), client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    pubsub.subscribe(channel)
+                    backoff = 1.0
+                    while not self._stop.is_set():
+                        message = pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            log.info("model_announced", announced_version=message["data"].decode(errors="replace"))
+                            self._wake.set()
+            except Exception:  # noqa: BLE001 - Redis down: wait and resubscribe
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)

@@ -1,0 +1,129 @@
+"""Operations: Prometheus metrics, and one small HTTP server for /metrics, /healthz and /readyz.
+
+- ``/metrics``: the worker's own registry (several workers in one test process do not collide).
+- ``/healthz``: 200 while the main loop is alive (an iteration within ``stale_after_s``). A loop stuck in
+  a call that never returns fails it, and Kubernetes restarts the pod; an idle loop still iterates.
+- ``/readyz``: 200 once the model is loaded and the group has assigned this worker partitions.
+
+The metric names mirror the per-batch log line (size, tokens, queue_ms, infer_ms, cache hits).
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from bert_stream.logs import get_logger
+
+log = get_logger("worker.metrics")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.messages = Counter("bert_stream_messages", "Input messages by outcome: output, cached (output "
+                                "served from Redis), dlq (with reason).", ["outcome", "reason"], registry=r)
+        self.batch_size = Histogram("bert_stream_batch_size", "Messages per batch.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_tokens = Histogram("bert_stream_batch_padded_tokens", "Padded tokens per batch (items x longest).",
+                                      buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768), registry=r)
+        self.queue_seconds = Histogram("bert_stream_queue_seconds", "Time from poll to the start of inference.",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.infer_seconds = Histogram("bert_stream_inference_seconds", "Model time per batch (uncached items).",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache_lookups = Counter("bert_stream_cache_lookups", "Cache lookups by outcome: hit, miss, "
+                                     "unavailable (Redis down or slow; the model ran).", ["outcome"], registry=r)
+        self.cache_outages = Counter("bert_stream_cache_outages", "Times Redis went from up to down.", registry=r)
+        self.cache_up = Gauge("bert_stream_cache_up", "1 while the cache answers, 0 while it is skipped.", registry=r)
+        self.cache_up.set(1)
+        self.queued = Gauge("bert_stream_queued_messages", "Messages between poll and publish.", registry=r)
+        self.paused = Gauge("bert_stream_partitions_paused", "1 while input partitions are paused (backpressure).",
+                            registry=r)
+        self.lag = Gauge("bert_stream_consumer_lag", "End offset minus committed offset, per input partition "
+                         "(Tansu reports end offsets wrong: its lag is not meaningful).", ["topic", "partition"],
+                         registry=r)
+        self.commits = Counter("bert_stream_commits", "Offset commits by result.", ["result"], registry=r)
+        self.rebalances = Counter("bert_stream_rebalances", "Partition revocations and assignments.", ["event"],
+                                  registry=r)
+        self.model_info = Gauge("bert_stream_model_info", "The model version being served (value 1).",
+                                ["version", "dtype", "device"], registry=r)
+        self.model_swaps = Counter("bert_stream_model_swaps", "Hot reloads: swapped in, or refused.", ["result"],
+                                   registry=r)
+
+    def set_model(self, version: str, dtype: str, device: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version, dtype, device).set(1)
+
+
+class Health:
+    """What /healthz and /readyz report; updated by the main loop."""
+
+    def __init__(self, stale_after_s: float = 60.0):
+        self.stale_after_s = stale_after_s
+        self.last_iteration = time.monotonic()
+        self.model_loaded = False
+        self.assigned = 0
+
+    def beat(self) -> None:
+        self.last_iteration = time.monotonic()
+
+    def alive(self) -> tuple[bool, str]:
+        age = time.monotonic() - self.last_iteration
+        return age < self.stale_after_s, f"last loop iteration {age:.1f} s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.model_loaded:
+            return False, "model not loaded"
+        if not self.assigned:
+            return False, "no partitions assigned"
+        return True, f"model loaded, {self.assigned} partitions assigned"
+
+
+class OpsServer:
+    """One small threaded HTTP server; ``port=0`` picks a free port (see ``.port``)."""
+
+    def __init__(self, metrics: WorkerMetrics, health: Health, port: int, host: str = "0.0.0.0"):
+        handler = _handler(metrics, health)
+        self._server = http.server.ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="ops-http", daemon=True)
+
+    def start(self) -> OpsServer:
+        self._thread.start()
+        log.info("http_listening", port=self.port, paths=["/metrics", "/healthz", "/readyz"])
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(metrics: WorkerMetrics, health: Health):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok, why = health.alive() if path == "/healthz" else health.ready()
+                self._send(200 if ok else 503, (("ok: " if ok else "not ok: ") + why + "\n").encode())
+            else:
+                self._send(404, b"not found: try /metrics, /healthz, /readyz\n")
+
+        def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # probes every few seconds: not worth a log line each
+            pass
+
+    return Handler

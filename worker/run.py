@@ -1,0 +1,460 @@
+"""``python -m worker.run``: consume Chinese messages, micro-batch them through the model, publish labels.
+
+The pipeline: poll -> decode -> batch -> cache lookup -> infer -> cache store -> publish -> commit.
+Each step is a call into its owner: :mod:`worker.messages` (decode, records), :mod:`worker.batcher`,
+:mod:`worker.cache`, :mod:`worker.engine`, :mod:`worker.offsets`, :mod:`bert_stream.kafka` (clients).
+
+How inference never starves group membership
+    The consumer lives on the main thread; inference runs on one background thread (:class:`Classifier`),
+    handed at most ``MAX_IN_FLIGHT_BATCHES`` batches (one running, one prefetched, as text-embeddings-
+    inference does). The main loop keeps polling while a batch infers, so the gap between polls is a few
+    milliseconds whatever the model costs. When more than ``max_queued_messages`` are between poll and
+    publish, every assigned partition is paused: polls return nothing but still count as polls, so memory
+    stays bounded and the member stays in the group. The alternative (one thread, batches small enough
+    that a poll always comes in time) ties membership to hardware speed: a slow CPU, a cold GPU or a
+    swapped-in larger model could exceed ``max.poll.interval.ms``. Here a slow batch only slows throughput.
+    Tested by ``tests/worker/test_run.py::test_slow_batches_do_not_get_the_worker_evicted``.
+
+Delivery guarantee: at-least-once
+    An input offset is committed only after the output (or DLQ) records of it and of every earlier message
+    of its partition are acknowledged by the broker (``acks=all``): commit = flush the producer, take the
+    acknowledged prefix (:class:`worker.offsets.OffsetTracker`), commit it. Commits happen every
+    ``commit_interval_ms`` or ``commit_every`` messages, on partition revocation (after the in-flight
+    batches are published) and on shutdown. A crash at any point loses nothing; what was published after the
+    last commit is published again by whoever reads the partition next. Outputs keep the input's key and
+    go to the same partition number, so per input partition the output order is the input order and a
+    replay is recognisable by ``source.offset``. Exactly-once would need a transactional producer that
+    sends the outputs and the offsets in one transaction (``send_offsets_to_transaction``) and consumers
+    reading with ``isolation.level=read_committed``; the Redis cache would stay outside the transaction
+    (harmless: it is keyed by content, not by offset).
+
+Shutdown: SIGTERM/SIGINT set a flag; the loop stops polling, finishes and publishes what it holds, flushes,
+commits, closes the clients and exits 0. A second signal exits at once (status 1; at-least-once still holds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import deque
+
+from bert_stream.kafka import JOIN_POLL_TIMEOUT_MS, ensure_topics, make_consumer, make_producer
+from bert_stream.logs import configure_logging, get_logger
+from bert_stream.settings import parse_settings, public_view
+from worker.batcher import Batch, Batcher
+from worker.cache import ResultCache
+from worker.engine import Engine, ModelWatcher
+from worker.messages import (InputMessage, Prediction, Rejected, Source, decode, dlq_headers, output_value,
+                             rejected_for_failure)
+from worker.metrics import Health, OpsServer, WorkerMetrics
+from worker.offsets import OffsetTracker
+from worker.settings import WorkerSettings
+
+log = get_logger("worker.run")
+
+MAX_IN_FLIGHT_BATCHES = 2   # one inferring, one prefetched: the model never waits for the main loop
+BUSY_POLL_MS = 5            # poll timeout while batches are in flight: how soon their outputs are published
+IDLE_POLL_MS = 200          # poll timeout with nothing to do (also the shutdown reaction time)
+LAG_EVERY_S = 10.0          # end-offset requests for the lag gauge (one round trip)
+DLQ_MAX_VALUE_BYTES = 900_000  # stay under the producer's 1 MB request limit; longer originals are cut
+
+
+@dataclasses.dataclass
+class Job:
+    """One message between poll and publish."""
+
+    message: InputMessage
+    received: float  # time.monotonic() at poll
+
+
+@dataclasses.dataclass
+class Result:
+    job: Job
+    prediction: Prediction | None  # None: inference failed twice -> DLQ
+    cached: bool = False
+    error: str = ""
+
+
+@dataclasses.dataclass
+class DoneBatch:
+    results: list[Result]
+    version: str
+    infer_ms: float
+
+
+class Classifier:
+    """The inference thread: cache lookup -> infer -> cache store, one batch at a time, in submission order.
+    Only the main thread calls submit/completed/drain, so the in-flight counts need no lock."""
+
+    def __init__(self, engine: Engine, cache: ResultCache, metrics: WorkerMetrics):
+        self.engine, self.cache, self.metrics = engine, cache, metrics
+        self._todo: queue.Queue[Batch[Job] | None] = queue.Queue()
+        self._done: queue.Queue[DoneBatch] = queue.Queue()
+        self.batches_in_flight = 0
+        self.items_in_flight = 0
+        self._version = None
+        self._thread = threading.Thread(target=self._serve, name="classifier", daemon=True)
+        self._thread.start()
+
+    def has_room(self) -> bool:
+        return self.batches_in_flight < MAX_IN_FLIGHT_BATCHES
+
+    def submit(self, batch: Batch[Job]) -> None:
+        self.batches_in_flight += 1
+        self.items_in_flight += len(batch)
+        self._todo.put(batch)
+
+    def completed(self, timeout: float | None = None) -> list[DoneBatch]:
+        """Finished batches in submission order; waits up to ``timeout`` for the first one."""
+        out = []
+        try:
+            if timeout is not None and self.batches_in_flight:
+                out.append(self._done.get(timeout=timeout))
+            while True:
+                out.append(self._done.get_nowait())
+        except queue.Empty:
+            pass
+        for done in out:
+            self.batches_in_flight -= 1
+            self.items_in_flight -= len(done.results)
+        return out
+
+    def drain(self) -> list[DoneBatch]:
+        out = []
+        while self.batches_in_flight:
+            out += self.completed(timeout=1.0)
+        return out
+
+    def close(self) -> None:
+        self._todo.put(None)
+        self._thread.join(timeout=30)
+
+    def _serve(self) -> None:
+        while (batch := self._todo.get()) is not None:
+            self._done.put(self.classify(batch))
+
+    def classify(self, batch: Batch[Job]) -> DoneBatch:
+        model = self.engine.acquire()  # a pending hot reload is swapped in here, between batches
+        if model.version != self._version:
+            self.metrics.set_model(model.version, str(model.dtype).removeprefix("torch."), str(model.device))
+            if self._version is not None:
+                self.metrics.model_swaps.labels("swapped").inc()
+            self._version = model.version
+        start = time.monotonic()
+        texts = [job.message.text for job in batch.items]
+        cached = self.cache.lookup(model.version, texts)
+        todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
+        t0 = time.perf_counter()
+        fresh, errors = _infer(model, todo)
+        infer_ms = (time.perf_counter() - t0) * 1000
+        self.cache.store(model.version, [(t, fresh[t]) for t in todo if t in fresh])
+        results = [Result(job, c or fresh.get(t), cached=c is not None, error=errors.get(t, ""))
+                   for job, t, c in zip(batch.items, texts, cached)]
+        queue_s = start - batch.first_arrival
+        hits = sum(c is not None for c in cached)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(batch.padded_tokens)
+        self.metrics.queue_seconds.observe(queue_s)
+        self.metrics.infer_seconds.observe(infer_ms / 1000)
+        log.info("batch", size=len(batch), tokens=batch.padded_tokens, queue_ms=round(queue_s * 1000, 1),
+                 infer_ms=round(infer_ms, 1), cache_hits=hits, inferred=len(todo), failed=len(errors),
+                 model_version=model.version)
+        return DoneBatch(results, model.version, infer_ms)
+
+
+def _infer(model, texts: list[str]) -> tuple[dict[str, Prediction], dict[str, str]]:
+    """Predictions by text; a failing batch is retried item by item once, and an item that fails again is
+    returned in the errors (-> DLQ inference_failed)."""
+    if not texts:
+        return {}, {}
+    try:
+        return dict(zip(texts, model.predict(texts))), {}
+    except Exception as exc:  # noqa: BLE001 - any model error: isolate the culprit
+        log.warning("batch_inference_failed", size=len(texts), error=f"{type(exc).__name__}: {exc}"[:300])
+    fresh, errors = {}, {}
+    for text in texts:
+        try:
+            fresh[text] = model.predict([text])[0]
+        except Exception as exc:  # noqa: BLE001
+            errors[text] = f"{type(exc).__name__}: {exc}"[:500]
+    return fresh, errors
+
+
+class Worker:
+    """One worker process' state. ``run()`` returns the exit status; ``stop`` ends it gracefully."""
+
+    def __init__(self, settings: WorkerSettings, *, engine: Engine | None = None,
+                 stop: threading.Event | None = None):
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.engine = engine
+        self.metrics = WorkerMetrics()
+        self.health = Health()
+        self.http_port: int | None = None
+        self.exit_code = 0
+        self.batcher: Batcher[Job] = Batcher(settings.max_batch_size, settings.max_batch_tokens,
+                                             settings.max_wait_ms / 1000)
+        self.tracker = OffsetTracker()
+        self._acks: deque = deque()         # (tp, offset) appended by the producer's I/O thread
+        self._send_errors: deque = deque()  # (tp, offset, exception)
+        self._partitions: dict[str, int] = {}
+        self._next_commit = 0.0
+        self._since_commit = 0
+        self._next_lag = 0.0
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        with contextlib.ExitStack() as stack:
+            self._open(stack)  # model loaded and warm before the consumer joins the group
+            while not self.stop.is_set():
+                self.health.beat()
+                records = self._poll()                         # keeps membership, also while a batch infers
+                self._route(records)                           # decode: bad -> DLQ now, good -> batcher
+                self._submit_ready()                           # -> inference thread: cache, model, cache
+                self._publish(self.classifier.completed())     # outputs in input order, same key/partition
+                self._backpressure()                           # pause partitions while too much is queued
+                self._maybe_commit()                           # flush producer, commit the acked prefix
+            self._finish()                                     # last batches -> publish -> flush -> commit
+        log.info("worker_stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _open(self, stack: contextlib.ExitStack) -> None:
+        s = self.settings
+        log.info("worker_starting", **public_view(s))
+        if self.engine is None:
+            self.engine = Engine.from_settings(s)
+        if not self.engine.loaded:
+            self.engine.start()
+        self.health.model_loaded = True
+        if s.http_port >= 0:
+            server = OpsServer(self.metrics, self.health, s.http_port).start()
+            self.http_port = server.port
+            stack.callback(server.close)
+        self.cache = ResultCache(s.redis_url, s.cache_prefix, s.cache_ttl_s, s.cache_timeout_ms,
+                                 metrics=self.metrics)
+        stack.callback(self.cache.close)
+        watcher = ModelWatcher(self.engine, s.model_poll_s, s.redis_url, metrics=self.metrics).start()
+        stack.callback(watcher.stop)
+        self.classifier = Classifier(self.engine, self.cache, self.metrics)
+        stack.callback(self.classifier.close)
+        self.producer = make_producer(s.kafka)
+        stack.callback(self.producer.close)
+        self._ensure_output_topics()
+        from kafka import ConsumerRebalanceListener
+
+        worker = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                worker._on_revoked(revoked)
+
+            def on_partitions_assigned(self, assigned):
+                worker._on_assigned(assigned)
+
+        self.consumer = make_consumer(s.kafka, s.group_id)
+        stack.callback(self.consumer.close, autocommit=False)
+        self.consumer.subscribe([s.input_topic], listener=Listener())
+
+    def _ensure_output_topics(self) -> None:
+        """Create missing output/DLQ topics with the input's partition count (best effort: a cluster that
+        forbids it has them created by its operators)."""
+        s = self.settings
+        inputs = self.producer.partitions_for(s.input_topic) or set()
+        try:
+            ensure_topics(s.kafka, {s.output_topic: max(1, len(inputs)), s.dlq_topic: max(1, len(inputs))})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("topic_creation_failed", error=str(exc)[:300])
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def _poll(self) -> list:
+        if not self.consumer.assignment():
+            timeout_ms = JOIN_POLL_TIMEOUT_MS  # kafka-python loses finished joins with short polls
+        elif self.classifier.batches_in_flight:
+            timeout_ms = BUSY_POLL_MS
+        else:
+            wait = self.batcher.seconds_until_ready(time.monotonic())
+            timeout_ms = IDLE_POLL_MS if wait is None else min(IDLE_POLL_MS, int(wait * 1000) + 1)
+        room = self.settings.max_queued_messages - self._queued()
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(1, room))
+        return [r for records in polled.values() for r in records]
+
+    def _route(self, records: list) -> None:
+        if not records:
+            return
+        s, now, good = self.settings, time.monotonic(), []
+        for record in records:
+            self.tracker.track(_tp(record.topic, record.partition), record.offset)
+            decoded = decode(record, s.input_format, s.max_message_bytes)
+            if isinstance(decoded, Rejected):
+                self._send_dlq(decoded)
+            else:
+                good.append(decoded)
+        if good:
+            lengths = self.engine.current.token_lengths([m.text for m in good])
+            for message, n in zip(good, lengths):
+                self.batcher.add(Job(message, now), n, now)
+
+    def _submit_ready(self, flush: bool = False) -> None:
+        while self.classifier.has_room():
+            batch = self.batcher.pop_ready(time.monotonic(), flush=flush)
+            if batch is None:
+                return
+            self.classifier.submit(batch)
+
+    def _publish(self, done_batches: list[DoneBatch]) -> None:
+        for done in done_batches:
+            for r in done.results:
+                m = r.job.message
+                if r.prediction is None:
+                    self._send_dlq(rejected_for_failure(m, r.error))
+                    continue
+                queue_ms = (time.monotonic() - r.job.received) * 1000 - done.infer_ms
+                value = output_value(m, r.prediction, model_version=done.version, cached=r.cached,
+                                     queue_ms=max(0.0, queue_ms), infer_ms=done.infer_ms)
+                self._send(self.settings.output_topic, m.source, value, m.key, m.headers)
+                self.metrics.messages.labels("cached" if r.cached else "output", "").inc()
+
+    def _send_dlq(self, rejected: Rejected) -> None:
+        value, headers = rejected.value, dlq_headers(rejected)
+        if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
+            value, headers = value[:DLQ_MAX_VALUE_BYTES], [*headers, ("error.value_truncated", b"true")]
+        self._send(self.settings.dlq_topic, rejected.source, value, rejected.key, headers)
+        self.metrics.messages.labels("dlq", rejected.reason).inc()
+        log.info("dead_letter", reason=rejected.reason, detail=rejected.detail[:200], topic=rejected.source.topic,
+                 partition=rejected.source.partition, offset=rejected.source.offset)
+
+    def _send(self, topic: str, source: Source, value: bytes | None, key: bytes | None, headers) -> None:
+        """Publish to the input's partition number (mod the topic's partitions): per input partition the
+        output order is the input order. The ack is what lets the input offset be committed."""
+        partition = source.partition % self._partition_count(topic)
+        tp, offset = _tp(source.topic, source.partition), source.offset
+        future = self.producer.send(topic, value=value, key=key, headers=list(headers), partition=partition)
+        future.add_callback(lambda _meta: self._acks.append((tp, offset)))
+        future.add_errback(lambda exc: self._send_errors.append((tp, offset, exc)))
+        self._since_commit += 1
+
+    def _partition_count(self, topic: str) -> int:
+        if topic not in self._partitions:
+            self._partitions[topic] = len(self.producer.partitions_for(topic) or {0})
+        return self._partitions[topic]
+
+    def _queued(self) -> int:
+        return len(self.batcher) + self.classifier.items_in_flight
+
+    def _backpressure(self) -> None:
+        queued = self._queued()
+        self.metrics.queued.set(queued)
+        assigned, paused = self.consumer.assignment(), self.consumer.paused()
+        if queued >= self.settings.max_queued_messages:
+            if assigned - paused:
+                self.consumer.pause(*(assigned - paused))
+                self.metrics.paused.set(1)
+        elif paused:
+            self.consumer.resume(*paused)
+            self.metrics.paused.set(0)
+
+    def _maybe_commit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_commit and self._since_commit < self.settings.commit_every:
+            return
+        self._next_commit = now + self.settings.commit_interval_ms / 1000
+        self._since_commit = 0
+        self.producer.flush()  # every record sent so far is acknowledged (or failed) after this
+        while self._acks:
+            self.tracker.ack(*self._acks.popleft())
+        if self._send_errors:
+            tp, offset, exc = self._send_errors[0]
+            log.error("publish_failed", partition=str(tp), offset=offset, error=str(exc)[:300],
+                      action="committing what was acknowledged and exiting; a restart re-delivers the rest")
+            self.exit_code = 1
+            self.stop.set()
+        offsets = self.tracker.committable()
+        if offsets:
+            from kafka.structs import OffsetAndMetadata
+
+            try:
+                self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+                self.tracker.mark_committed(offsets)
+                self.metrics.commits.labels("ok").inc()
+            except Exception as exc:  # noqa: BLE001 - e.g. a rebalance in progress: the next owner re-reads
+                self.metrics.commits.labels("failed").inc()
+                log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        if now >= self._next_lag:
+            self._next_lag = now + LAG_EVERY_S
+            self._update_lag()
+
+    def _update_lag(self) -> None:
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        try:
+            ends = self.consumer.end_offsets(assigned)
+        except Exception as exc:  # noqa: BLE001 - only a gauge
+            log.debug("lag_unavailable", error=str(exc))
+            return
+        for tp, end in ends.items():
+            committed = self.tracker.committed(tp)
+            if committed is None:
+                committed = self.consumer.position(tp) or 0
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
+
+    # ---- rebalance and shutdown ----------------------------------------------------------------------------
+    def _on_revoked(self, revoked) -> None:
+        """Before giving partitions up: publish what the model holds, commit it, drop what is not started
+        (the next owner reads it again from the committed offset)."""
+        revoked = set(revoked)
+        if not revoked:
+            return
+        self._publish(self.classifier.drain())
+        self._maybe_commit(force=True)
+        dropped = self.batcher.drop(lambda job: _tp(job.message.source.topic, job.message.source.partition)
+                                    in revoked)
+        self.tracker.revoke(revoked)
+        self.health.assigned = 0
+        self.metrics.rebalances.labels("revoked").inc()
+        log.info("partitions_revoked", partitions=sorted(str(tp) for tp in revoked), dropped=len(dropped))
+
+    def _on_assigned(self, assigned) -> None:
+        self.health.assigned = len(assigned)
+        self.metrics.rebalances.labels("assigned").inc()
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
+
+    def _finish(self) -> None:
+        log.info("worker_draining", queued=self._queued())
+        while len(self.batcher) or self.classifier.batches_in_flight:
+            self._submit_ready(flush=True)
+            self._publish(self.classifier.completed(timeout=0.5))
+        self._maybe_commit(force=True)
+
+
+def _tp(topic: str, partition: int):
+    from kafka import TopicPartition
+
+    return TopicPartition(topic, partition)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(WorkerSettings, argv, prog="python -m worker.run", description=__doc__.split("\n")[0])
+    configure_logging(settings.log_level)
+    worker = Worker(settings)
+
+    def on_signal(signum, _frame):
+        if worker.stop.is_set():
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            os._exit(1)
+        log.info("signal_received", signal=signal.Signals(signum).name, action="finishing the batch, then exit")
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
