@@ -1,0 +1,57 @@
+"""The engine loads through the checkpoint store, picks its dtype from the hardware, and hot-swaps safely."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.worker.conftest import LABELS, chinese_messages, publish_tiny_model
+from trainer import checkpoint
+from worker.engine import Engine, choose_dtype, cpu_has_bf16
+
+
+def test_dtype_follows_the_hardware():
+    cpu = torch.device("cpu")
+    assert cpu_has_bf16("flags\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert not cpu_has_bf16("flags\t: fpu sse avx2\n")
+    assert choose_dtype("auto", cpu, "flags\t: amx_bf16\n") == torch.bfloat16
+    assert choose_dtype("auto", cpu, "flags\t: avx2\n") == torch.float32
+    assert choose_dtype("fp32", torch.device("cuda")) == torch.float32
+    assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_predictions_keep_order_and_mark_truncation(model_store):
+    engine = Engine(model_store, max_length=32, top_k=2, dtype="fp32").start()
+    model = engine.acquire()
+    texts = chinese_messages(40, seed=3)
+    preds = model.predict(texts)
+    one_by_one = [model.predict([t])[0] for t in texts]  # sorting/chunking/padding must not change answers
+    assert [p.label for p in preds] == [p.label for p in one_by_one]
+    for p, q in zip(preds, one_by_one):
+        assert p.score == pytest.approx(q.score, abs=1e-4)
+    assert all(p.label in LABELS and len(p.top_k) == 2 for p in preds)
+    lengths = model.token_lengths(texts)
+    assert [p.truncated for p in preds] == [len(t) + 2 > 32 for t in texts]  # one token per character here
+    assert max(lengths) == 32
+
+
+def test_new_version_is_swapped_in_and_a_corrupt_one_refused(model_store):
+    engine = Engine(model_store, dtype="fp32").start()
+    v1 = engine.version
+    assert not engine.try_update()  # nothing new
+
+    bad = checkpoint.new_version_id()  # a truncated copy, made to look published
+    shutil.copytree(model_store / v1, model_store / bad)
+    weights = model_store / bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    checkpoint.set_latest(model_store, bad)
+    assert not engine.try_update()
+    assert bad in engine.refused and engine.acquire().version == v1
+    assert not engine.try_update()  # refused once, not reloaded in a loop
+
+    v2 = publish_tiny_model(model_store, seed=1)
+    assert engine.try_update()
+    assert engine.version == v1  # offered, not yet swapped: swaps happen between batches
+    assert engine.acquire().version == v2 and engine.version == v2
