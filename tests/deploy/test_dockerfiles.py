@@ -13,10 +13,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parser, as a package
+    tomllib = pytest.importorskip("tomli")
 from packaging.requirements import Requirement
 
 from worker.settings import WorkerSettings
