@@ -418,7 +418,8 @@ class Worker:
         self.tracker.revoke(revoked)
         self.health.assigned = 0
         self.metrics.rebalances.labels("revoked").inc()
-        log.info("partitions_revoked", partitions=sorted(str(tp) for tp in revoked), dropped=len(dropped))
+        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
+                 dropped=len(dropped))
 
     def _on_assigned(self, assigned) -> None:
         self.health.assigned = len(assigned)

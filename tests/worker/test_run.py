@@ -112,3 +112,100 @@ def test_every_message_gets_one_output_or_a_dead_letter(kafka_settings, names, w
     assert worker.stop() == 0
     committed = committed_offsets(kafka_settings, names.group_id, names.input_topic)
     assert sum(c or 0 for c in committed.values()) == len(values) + 50  # everything read is committed
+
+
+class SlowFaultyModel:
+    """The real model, but every multi-item batch takes ``delay`` seconds and texts with 故障 always fail."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict(self, texts):
+        if len(texts) > 1:
+            time.sleep(self.delay)
+        if any("故障" in t for t in texts):
+            raise RuntimeError("poisoned input")
+        return self.inner.predict(texts)
+
+
+def test_slow_batches_do_not_get_the_worker_evicted(kafka_settings, names, worker_settings, start_worker):
+    """Each batch takes longer than max.poll.interval.ms: a loop that polled only between batches would be
+    evicted. Also: a message whose inference fails twice goes to the DLQ and the rest of its batch does not."""
+    import dataclasses
+
+    from worker.engine import Engine
+
+    class SlowEngine(Engine):
+        def acquire(self):
+            return SlowFaultyModel(super().acquire(), delay=3.5)
+
+    fast_kafka = dataclasses.replace(kafka_settings, session_timeout_ms=2000, max_poll_interval_ms=3000)
+    settings = worker_settings(kafka=fast_kafka, max_batch_size=16, cache_prefix=names.redis_prefix + "slow:")
+    ensure_topics(kafka_settings, {names.input_topic: 1})
+    texts = chinese_messages(30, seed=5)
+    texts[7] = "这条消息会让模型故障"
+    produce(kafka_settings, names.input_topic, texts)
+    worker = start_worker(settings, engine=SlowEngine.from_settings(settings))
+    outputs = read_topic(kafka_settings, names.output_topic, expect=29, timeout=60)
+    dead = read_topic(kafka_settings, names.dlq_topic, expect=1, timeout=30)
+    rebalances = worker.worker.metrics.rebalances
+    assert rebalances.labels("revoked")._value.get() == 0 and rebalances.labels("assigned")._value.get() == 1
+    assert worker.stop() == 0
+    assert len(outputs) == 29 and sorted(m.parse_output(r.value)["source"]["offset"] for r in outputs) == [
+        o for o in range(30) if o != 7]
+    assert len(dead) == 1 and m.parse_dlq_headers(dead[0].headers)["error"] == m.INFERENCE_FAILED
+    assert dead[0].value == texts[7].encode()
+    assert committed_offsets(kafka_settings, names.group_id, names.input_topic) == {0: 30}
+
+
+def test_new_checkpoint_mid_stream_is_picked_up_without_loss(kafka_settings, names, worker_settings,
+                                                            start_worker, model_store, stack):
+    import shutil
+    import threading
+
+    from tests.worker.conftest import publish_tiny_model
+
+    ensure_topics(kafka_settings, {names.input_topic: 2})
+    # model_poll_s long: the Redis announcement is what makes the reload prompt
+    worker = start_worker(worker_settings(model_poll_s=30, commit_interval_ms=100))
+    v1 = checkpoint.latest_version(model_store)
+    texts = chinese_messages(400, seed=7)
+    produce(kafka_settings, names.input_topic, texts[:100])
+    assert len(read_topic(kafka_settings, names.output_topic, expect=100, timeout=60)) == 100
+
+    # a corrupt version is announced: refused, the old model keeps serving
+    bad = checkpoint.new_version_id()
+    shutil.copytree(model_store / v1, model_store / bad)
+    (model_store / bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    checkpoint.set_latest(model_store, bad)
+    checkpoint.announce(stack.redis_url, bad)
+    swaps = worker.worker.metrics.model_swaps
+    deadline = time.monotonic() + 20
+    while swaps.labels("refused")._value.get() < 1:
+        assert time.monotonic() < deadline, "corrupt version not refused"
+        time.sleep(0.1)
+
+    # a good version is announced while messages keep coming
+    def stream():
+        for i in range(100, 400, 30):
+            produce(kafka_settings, names.input_topic, texts[i:i + 30])
+            time.sleep(0.1)
+
+    producer = threading.Thread(target=stream)
+    producer.start()
+    v2 = publish_tiny_model(model_store, seed=2)
+    checkpoint.announce(stack.redis_url, v2)
+    producer.join()
+    outputs = read_topic(kafka_settings, names.output_topic, expect=400, timeout=90)
+    assert worker.stop() == 0
+
+    values = [m.parse_output(r.value) for r in outputs]
+    assert len(values) == 400 and len({(v["source"]["partition"], v["source"]["offset"]) for v in values}) == 400
+    assert {v["model_version"] for v in values} == {v1, v2}
+    assert swaps.labels("swapped")._value.get() == 1
+    for p in (0, 1):  # per partition, once v2 appears v1 never comes back
+        versions = [v["model_version"] for v in values if v["source"]["partition"] == p]
+        assert versions == sorted(versions, key=lambda v: v == v2)
