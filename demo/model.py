@@ -1,0 +1,65 @@
+"""The demo's view of the checkpoint store: is a model published, what was it trained on, and the trainer
+command lines for the first model and for the short retrain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from trainer import checkpoint
+
+
+class DemoError(RuntimeError):
+    """Something the demo cannot go on without; the message says what and where to look."""
+
+
+def published_version(store: Path) -> str | None:
+    """The version LATEST names, checked complete; None for an empty store."""
+    try:
+        version = checkpoint.latest_version(store)
+        if version is not None:
+            checkpoint.validate(store / version)
+        return version
+    except checkpoint.CheckpointError as exc:
+        raise DemoError(f"{exc} (fix or move {store}, or pass --model-dir)") from None
+
+
+def model_labels(folder: Path) -> set[str]:
+    config = json.loads((folder / "config.json").read_text())
+    return set(config["id2label"].values())
+
+
+def trained_seed(folder: Path, default: int = 0) -> int:
+    """The seed the model's data split was made with, so the demo's titles come from its held-out test split.
+    ``training_args.json`` records it (a missing or older file: the default seed)."""
+    try:
+        args = json.loads((folder / "training_args.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return default
+    for scope in (args, args.get("settings", {}), args.get("hyperparameters", {})):
+        if isinstance(scope, dict) and isinstance(scope.get("seed"), int):
+            return scope["seed"]
+    return default
+
+
+def train_command(store: Path, data: str, seed: int) -> list[str]:
+    """The trainer's demo preset (about 3 minutes on 2 CPU cores)."""
+    return [sys.executable, "-m", "trainer.run", "--quick", "--data", data, "--seed", str(seed),
+            "--output-dir", str(store)]
+
+
+def retrain_command(store: Path, data: str, seed: int, examples: int, redis_url: str) -> list[str]:
+    """A short retrain on the same split (same seed: the demo's titles stay held out), on fewer examples and
+    with one evaluation at the end. ``--force``: a weaker model must not be refused by the quality gate,
+    because the point is to show the swap; ``--redis-url``: running workers are told at once."""
+    return [*train_command(store, data, seed), "--max-train-examples", str(examples),
+            "--eval-steps", "1000000", "--early-stopping-patience", "0", "--force", "--redis-url", redis_url]
+
+
+def roll_back(store: Path, keep: str, remove: str) -> None:
+    """Point LATEST back at ``keep`` and delete version ``remove`` (one the demo published itself)."""
+    checkpoint.set_latest(store, keep)
+    if remove != keep and (store / remove).is_dir():
+        shutil.rmtree(store / remove)
