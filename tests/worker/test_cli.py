@@ -1,0 +1,65 @@
+"""The publish and tail CLIs: bad arguments exit 2 with one line; a file round-trips through the worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bert_stream.kafka import ensure_topics
+from tests.worker.conftest import produce, read_topic
+from worker import publish as publish_cli
+from worker import tail as tail_cli
+
+
+def run_cli(module: str, *args: str, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args", [["--rate", "-1"], ["--key", "a", "--key-field", "id"], ["--bogus"],
+                                  ["--rate", "fast"]])
+def test_publish_bad_args_exit_2_with_one_line(args):
+    result = run_cli("worker.publish", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "error:" in result.stderr
+
+
+def test_key_field_needs_json_lines():
+    lines = ['{"id": 1, "text": "国足"}', "", "纯文本"]
+    it = publish_cli.messages(lines, "id", None)
+    assert next(it) == (b"1", '{"id": 1, "text": "国足"}'.encode())
+    with pytest.raises(publish_cli.InputError, match="line 3"):
+        next(it)
+    assert list(publish_cli.messages(["a", "  ", "b"], None, "k")) == [(b"k", b"a"), (b"k", b"b")]
+
+
+@pytest.mark.kafka
+def test_publish_file_and_tail(kafka_settings, names, stack, tmp_path):
+    ensure_topics(kafka_settings, {names.input_topic: 1})
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"n{i}", "text": f"新闻{i}"}, ensure_ascii=False) + "\n"
+                            for i in range(20)), encoding="utf-8")
+    env = {"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers}
+    result = run_cli("worker.publish", "--input", str(path), "--topic", names.input_topic, "--key-field", "id",
+                     "--rate", "200", "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr
+    got = read_topic(kafka_settings, names.input_topic, expect=20, timeout=30)
+    assert sorted(r.key for r in got) == sorted(f"n{i}".encode() for i in range(20))
+
+    # tail formats outputs and dead letters (records shaped as the worker writes them)
+    out_value = json.dumps({"id": "n1", "label": "体育", "label_id": 0, "score": 0.91, "cached": True,
+                            "truncated": False, "model_version": "v1"}, ensure_ascii=False)
+    produce(kafka_settings, names.output_topic, [out_value])
+    produce(kafka_settings, names.dlq_topic, [b"{broken"], headers=[[("error", b"invalid_json")]])
+    shown = run_cli("worker.tail", "--output-topic", names.output_topic, "--from-beginning", "--max", "1",
+                    env=env)
+    assert shown.returncode == 0 and "体育" in shown.stdout and "cached" in shown.stdout and "id=n1" in shown.stdout
+    shown = run_cli("worker.tail", "--dlq-topic", names.dlq_topic, "--dlq", "--from-beginning", "--max", "1",
+                    "--json", env=env)
+    assert json.loads(shown.stdout)["error"] == "invalid_json"
+    assert tail_cli  # imported: the module loads without a broker

@@ -1,0 +1,116 @@
+"""``python -m worker.publish``: send lines of a text file, a JSONL file or stdin to the input topic.
+
+Each non-empty line is one message, sent as it is: the worker tells JSON objects (``{"id", "text", ...}``)
+from plain text itself. Examples::
+
+    python -m worker.publish --input titles.txt --rate 200
+    python -m worker.publish --input news.jsonl --key-field id
+    cat reviews.txt | python -m worker.publish --key shop-42
+
+Keys: ``--key-field`` takes the key from a field of each JSON line (lines must then be JSON objects);
+``--key`` gives every message the same key (all go to one partition, in order); default: no key.
+``--rate`` caps messages per second (0: as fast as the broker acknowledges). A progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+from bert_stream.kafka import KafkaSettings, make_producer
+from bert_stream.logs import configure_logging
+from bert_stream.settings import parse_settings, require, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishSettings:
+    kafka: KafkaSettings = dataclasses.field(default_factory=KafkaSettings)
+    input: str = setting("-", help="Text or JSONL file, one message per line; '-' reads stdin.")
+    topic: str = setting("bert-stream.input", env="BERT_STREAM_INPUT_TOPIC", help="Topic to send to.")
+    key_field: str | None = setting(None, help="Take each message's key from this field of its JSON line.")
+    key: str | None = setting(None, help="One key for every message (keeps them in one partition, in order).")
+    rate: float = setting(0.0, help="Messages per second at most; 0 sends as fast as the broker acknowledges.")
+    limit: int = setting(0, help="Stop after this many messages; 0 sends all lines.")
+    progress: bool = setting(True, help="Show a progress bar on stderr.")
+
+    def __post_init__(self) -> None:
+        require(not (self.key and self.key_field), "give --key or --key-field, not both")
+        require(self.rate >= 0, "--rate must not be negative")
+        require(self.limit >= 0, "--limit must not be negative")
+
+
+class InputError(ValueError):
+    pass
+
+
+def messages(lines, key_field: str | None, key: str | None) -> Iterator[tuple[bytes | None, bytes]]:
+    """(key, value) for each non-empty line; raises InputError (with the line number) on a bad line."""
+    fixed = key.encode() if key is not None else None
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if key_field is None:
+            yield fixed, line.encode()
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"line {number}: not JSON ({exc.msg}), but --key-field needs JSON lines") from None
+        if not isinstance(obj, dict) or obj.get(key_field) is None:
+            raise InputError(f"line {number}: no field {key_field!r}")
+        yield str(obj[key_field]).encode(), line.encode()
+
+
+def publish(settings: PublishSettings, lines) -> int:
+    from tqdm import tqdm
+
+    producer = make_producer(settings.kafka)
+    sent, failed, start = 0, [], time.monotonic()
+    bar = tqdm(unit="msg", disable=not settings.progress, file=sys.stderr, desc=settings.topic)
+    try:
+        for key, value in messages(lines, settings.key_field, settings.key):
+            if settings.rate:
+                delay = start + sent / settings.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            producer.send(settings.topic, key=key, value=value).add_errback(failed.append)
+            sent += 1
+            bar.update()
+            if settings.limit and sent >= settings.limit:
+                break
+        producer.flush()
+    finally:
+        bar.close()
+        producer.close()
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {sent} messages were not acknowledged: {failed[0]}")
+    return sent
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(PublishSettings, argv, prog="python -m worker.publish",
+                              description=__doc__.split("\n")[0])
+    configure_logging("WARNING")
+    prog = "python -m worker.publish"
+    try:
+        if settings.input == "-":
+            sent = publish(settings, sys.stdin)
+        else:
+            with open(settings.input, encoding="utf-8") as f:
+                sent = publish(settings, f)
+    except (OSError, UnicodeDecodeError, InputError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - broker unreachable etc.: one line, not a traceback
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {sent} messages to {settings.topic}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
