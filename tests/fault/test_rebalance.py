@@ -1,0 +1,63 @@
+"""Rebalance: a second worker joins the group mid-stream and later leaves it (SIGTERM); nothing is lost.
+
+On a revocation the worker publishes what its model holds, commits it and drops what it had not started
+(worker/run.py ``_on_revoked``), so a cooperative hand-over should publish nothing twice; duplicates are
+reported, and bounded by the uncommitted window per rebalance.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.fault import harness as h
+from tests.fault.test_crash import _topics
+
+pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
+
+SEED = 7
+RATE = 60.0  # messages per second: a stream that outlasts the second worker's start, stay and leave
+
+
+def _batches(w: h.WorkerProcess) -> int:
+    return len(w.events("batch"))
+
+
+def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, stack, workers):
+    _topics(kafka_settings, names)
+    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic)
+    env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
+                       redis_url=stack.redis_url)
+    publisher = h.RatePublisher(kafka_settings, names.input_topic, h.make_messages(20_000, seed=SEED), RATE)
+    started = time.monotonic()
+    try:
+        a = workers.start("worker-a", env)
+        a.wait_assigned()
+        publisher.start()
+        b = workers.start("worker-b", env)  # joins once its model is loaded: mid-stream
+        b.wait_assigned(timeout=120)
+        h.wait_until(lambda: _batches(b) >= 3, 90, "worker-b to process batches", workers.tails)
+        assert publisher.is_alive(), "the stream ended before the join was exercised"
+        outputs_at_leave = len(reader.by_source) if reader.poll() >= 0 else 0
+        assert b.terminate() == 0
+        # worker-a takes every partition back and goes on with the stream
+        h.wait_until(lambda: len(a.events("partitions_assigned")) >= 3, 90, "worker-a to be reassigned",
+                     workers.tails)
+        h.wait_until(lambda: reader.poll() >= 0 and len(reader.by_source) >= outputs_at_leave + 200, 120,
+                     "outputs after worker-b left", workers.tails)
+        assert publisher.is_alive(), "the stream ended before the leave was exercised"
+        sent = publisher.join_ok()
+        reader.wait_all(sent, timeout=180, diagnostics=workers.tails)
+        reader.drain()
+        assert a.terminate() == 0
+        counts = h.count(sent, reader)
+        h.report("rebalance", counts, batches_a=_batches(a), batches_b=_batches(b),
+                 assignments_a=len(a.events("partitions_assigned")), seconds=round(time.monotonic() - started, 1))
+    finally:
+        publisher.stop.set()
+        reader.close()
+
+    assert counts.lost == 0 and counts.dlq == 0 and counts.output == len(sent)
+    assert counts.duplicates <= 2 * h.uncommitted_window()
+    assert _batches(b) >= 3 and _batches(a) > 0
