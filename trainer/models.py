@@ -367,6 +367,7 @@ def _wrap_e5_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 _TRIM_ENCODE_CHUNK = 2000  # texts per encode_batch call: one progress tick, bounded memory
 _TRIM_RULES = "cjk+digits+single-ascii-punct-symbol/v1"  # change when kept_piece_ids' rules change
+_TRIM_CACHE_KEEP = 8  # trimmed folders kept in the cache (~115 MB each), least recently used go first
 
 
 def e5_trim_corpus(corpus: Iterable[str]) -> list[str]:
@@ -389,6 +390,7 @@ def trim_e5_vocab(full: Path, texts: Iterable[str], cache_dir: Path | None = Non
     root = Path(cache_dir) if cache_dir else paths.cache_dir("models")
     final = root / f"{full.name}-trim-{digest}"
     if _complete(final):
+        os.utime(final)  # recently used: the pruning below keeps it
         log.info("model.e5_trim_cached", folder=str(final))
         return final
     started = time.monotonic()
@@ -411,10 +413,20 @@ def trim_e5_vocab(full: Path, texts: Iterable[str], cache_dir: Path | None = Non
              "texts": len(texts), "kept_source_ids": keep}))
 
     _write_atomically(final, write)
+    _prune_trimmed(root, full.name, keep_newest=_TRIM_CACHE_KEEP)
     log.info("model.e5_vocab_trimmed", folder=str(final), kept=len(keep),
              source_vocab=len(tok_json["model"]["vocab"]), texts=len(texts),
              mbytes=round(_folder_bytes(final) / 2**20), seconds=round(time.monotonic() - started, 1))
     return final
+
+
+def _prune_trimmed(root: Path, source: str, keep_newest: int) -> None:
+    """Delete all but the ``keep_newest`` most recently used trimmed folders of ``source``: every new data
+    set makes one, and an unbounded cache would fill a small disk."""
+    trimmed = sorted(root.glob(f"{source}-trim-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in trimmed[keep_newest:]:
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("model.e5_trim_pruned", folder=str(old))
 
 
 def kept_piece_ids(tokenizer: Tokenizer, texts: list[str]) -> list[int]:

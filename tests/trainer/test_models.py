@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -352,3 +353,13 @@ def test_bad_local_paths_are_one_line_errors(tmp_path):
 def test_labels_must_be_distinct():
     with pytest.raises(models.ModelSourceError, match="distinct"):
         models.load_for_classification("scratch", ["a", "a"])
+
+
+def test_trimmed_cache_keeps_the_most_recently_used_folders(tmp_path):
+    for age in range(10):
+        folder = tmp_path / f"e5-x-trim-{age}"
+        folder.mkdir()
+        os.utime(folder, (1_000_000 - age, 1_000_000 - age))  # trim-0 newest
+    (tmp_path / "e5-x").mkdir()  # the full folder is never pruned
+    models._prune_trimmed(tmp_path, "e5-x", keep_newest=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e5-x", "e5-x-trim-0", "e5-x-trim-1", "e5-x-trim-2"]
