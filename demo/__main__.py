@@ -22,17 +22,19 @@ from bert_stream.logs import configure_logging
 from bert_stream.settings import from_env, parse_settings
 from deploy.local.stack import free_port
 from demo import model as models
-from demo.display import Column, Table, short_version
+from demo.display import Column, Table, display_width, short_version
 from demo.model import DemoError
 from demo.processes import Interrupted, StopFlag, http_status, run_streamed, spawn, stop, tail
 from demo.settings import DemoSettings
 from demo.stats import Result, format_summary, summarize
 from demo.stream import (MAX_MESSAGE_BYTES, Collector, DeadLetter, RunNames, Servers, malformed_messages,
                          send_raw, start_servers, write_jsonl)
-from trainer.data import DataSpec, Example, load_splits
+from trainer.data import DataSpec, load_splits
 
 # Tansu completes a group join in about half the session timeout: a short one gets the worker going sooner.
 WORKER_SESSION_TIMEOUT_MS = "6000"
+# The batch after the retrain is sent slowly (messages/s) so the swap can land in the middle of it.
+RETRAIN_BATCH_RATE = 10.0
 
 
 def say(*lines: str) -> None:
@@ -41,6 +43,14 @@ def say(*lines: str) -> None:
 
 def step(title: str) -> None:
     say("", f"== {title}")
+
+
+def results_table(labels: list[str]) -> Table:
+    """One row per result: the title gets whatever width the terminal leaves."""
+    width = max(9, *(display_width(label) for label in labels))
+    return Table([Column("#", 4, "right"), Column("text", 0), Column("predicted", width), Column("true", width + 2),
+                  Column("score", 5, "right"), Column("cache", 5), Column("ms", 6, "right"), Column("model", 15)],
+                 flex="text")
 
 
 class Demo:
@@ -65,12 +75,12 @@ class Demo:
             step("3/6 worker")
             self.names.create_topics(self.kafka)
             self.start_worker(cleanup)
-            titles = self.pick_titles(version)
+            self.pick_titles(version)
             self.collector = Collector(self.kafka, self.names, self.truth)
             cleanup.callback(self.collector.close)
             self.wait_until_ready()
             step(f"4/6 streaming {self.settings.messages} held-out news titles, then repeats and malformed messages")
-            self.stream_and_summarize(titles)
+            self.stream_and_summarize()
             if not self.settings.skip_retrain:
                 step("5/6 retraining while the worker runs (hot reload, no restart)")
                 self.retrain_and_switch(version)
@@ -91,7 +101,7 @@ class Demo:
             return version
         say(f"no model published in {self.store}: training one with the trainer's --quick preset "
             f"(about 3 minutes on 2 CPU cores; log {self.work / 'train.log'})")
-        argv = models.train_command(self.store, self.settings.data, self.settings.seed)
+        argv = models.train_command(self.store, self.settings.data)
         started = time.monotonic()
         rc = run_streamed(argv, self.child_env(), self.work / "train.log", self.flag, echo=True)
         if rc != 0:
@@ -131,9 +141,9 @@ class Demo:
         rc = stop(self.worker)
         say(f"worker exited with status {rc}")
 
-    def pick_titles(self, version: str) -> list[Example]:
+    def pick_titles(self, version: str) -> None:
         """Titles from the model's held-out test split, each with its true label (kept here, keyed by id)."""
-        seed = models.trained_seed(self.store / version, self.settings.seed)
+        seed = models.trained_seed(self.store / version)
         splits = load_splits(DataSpec(data=self.settings.data, seed=seed))
         unknown = set(splits.labels) - models.model_labels(self.store / version)
         if unknown:
@@ -145,7 +155,7 @@ class Demo:
         self.truth = {f"t{i:04d}": e.label for i, e in enumerate(picked)}
         self.texts = {f"t{i:04d}": e.text for i, e in enumerate(picked)}
         self.labels = len(splits.labels)
-        return picked
+        self.table = results_table(splits.labels)
 
     def wait_until_ready(self) -> None:
         """/readyz answers 200 once the model is loaded and the worker has its partitions."""
@@ -162,12 +172,9 @@ class Demo:
             f"http://127.0.0.1:{self.http_port}/metrics while it runs")
 
     # ---- 4. streaming ----------------------------------------------------------------------------------------
-    def stream_and_summarize(self, titles: list[Example]) -> None:
+    def stream_and_summarize(self) -> None:
         n = self.settings.messages
         main_ids = list(self.truth)[:n]
-        self.table = Table([Column("#", 4, "right"), Column("text", 0), Column("predicted", 9),
-                            Column("true", 11), Column("score", 5, "right"), Column("cache", 5),
-                            Column("ms", 6, "right"), Column("model", 15)], flex="text")
         if not self.settings.quiet_table:
             say(self.table.header())
         self.publish("titles", main_ids)
@@ -189,10 +196,11 @@ class Demo:
         if summary.dlq_total != len(bad):
             raise DemoError(f"expected {len(bad)} dead letters, got {summary.dlq_total}")
 
-    def publish(self, what: str, ids: list[str]) -> None:
-        """Send (id, text) pairs as JSONL through the project's own publisher CLI."""
+    def publish(self, what: str, ids: list[str], rate: float = 0) -> None:
+        """Send (id, text) pairs as JSONL, keyed by id, through the project's publisher CLI."""
         path = write_jsonl(self.work / f"{what}.jsonl", [(i, self.texts[i]) for i in ids])
-        argv = [sys.executable, "-m", "worker.publish", "--input-topic", self.names.input_topic, str(path)]
+        argv = [sys.executable, "-m", "worker.publish", "--input", str(path), "--topic", self.names.input_topic,
+                "--key-field", "id", "--rate", str(rate), "--no-progress"]
         rc = run_streamed(argv, self.child_env(), self.work / "publish.log", self.flag, echo=False)
         if rc != 0:
             raise DemoError(f"worker.publish exited with status {rc}:\n{tail(self.work / 'publish.log')}")
@@ -228,7 +236,7 @@ class Demo:
     # ---- 5. retrain and hot reload ---------------------------------------------------------------------------
     def retrain_and_switch(self, before: str) -> None:
         s = self.settings
-        argv = models.retrain_command(self.store, s.data, models.trained_seed(self.store / before, s.seed),
+        argv = models.retrain_command(self.store, s.data, models.trained_seed(self.store / before),
                                       s.retrain_examples, self.servers.redis_url)
         say(f"training on {s.retrain_examples} examples, published with --force and announced on Redis "
             f"(log {self.work / 'retrain.log'})")
@@ -240,7 +248,7 @@ class Demo:
         say(f"published {after}; streaming {s.retrain_messages} fresh titles while the worker swaps models")
         started = time.monotonic()
         fresh = list(self.truth)[s.messages: s.messages + s.retrain_messages]
-        self.publish("after-retrain", fresh)
+        self.publish("after-retrain", fresh, rate=RETRAIN_BATCH_RATE)
         self.collect(set(fresh), dead_letters=len(self.collector.dead_letters))
         probes, deadline = 0, time.monotonic() + self.settings.timeout_s
         while not self.served_by(after):  # the swap finished after the batch: send one title at a time

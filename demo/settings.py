@@ -39,7 +39,8 @@ class DemoSettings:
     timeout_s: float = setting(180.0, env="BERT_STREAM_DEMO_TIMEOUT_S",
                                help="Longest wait for the worker to be ready or for one phase's results before "
                                     "the demo gives up (exit 1, with the worker log's tail).")
-    seed: int = setting(0, env="BERT_STREAM_DEMO_SEED", help="Which test titles are picked.")
+    seed: int = setting(0, env="BERT_STREAM_DEMO_SEED", help="Which test titles are picked (the split itself is the "
+                                                             "model's, from its training_args.json).")
 
     def __post_init__(self) -> None:
         require(1 <= self.messages <= 100_000, "messages must be in [1, 100000]")

@@ -118,7 +118,6 @@ def test_malformed_messages_cover_each_input_failure_once():
 # ---- end to end ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.kafka
-@pytest.mark.timeout(180)
 def test_demo_runs_end_to_end_and_leaves_nothing_running(stack, trained_checkpoint, tmp_path, repo_root):
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers, "REDIS_URL": stack.redis_url,
            "LOG_FORMAT": "json"}
@@ -166,3 +165,17 @@ def test_an_interrupt_stops_the_child_before_unwinding(tmp_path):
     assert time.monotonic() - started < 10
     if marker.exists():  # the child may not even have started: either way it is gone
         assert not Path(f"/proc/{marker.read_text()}").exists()
+
+
+# ---- the trainer command lines the demo runs ------------------------------------------------------------------
+def test_the_trainer_accepts_the_demo_command_lines(tmp_path):
+    from bert_stream.settings import parse_settings
+    from demo.model import retrain_command, train_command
+    from trainer.settings import TrainSettings
+
+    first = parse_settings(TrainSettings, train_command(tmp_path, "thucnews-titles", 0)[3:], prog="t", env={})
+    assert first.quick and first.resume and first.output_dir == str(tmp_path)
+    retrain = parse_settings(TrainSettings, retrain_command(tmp_path, "thucnews-titles", 0, 600, "redis://x:1/0")[3:],
+                             prog="t", env={})
+    assert retrain.force and retrain.redis_url == "redis://x:1/0" and retrain.max_train_examples == 600
+    assert retrain.test_fraction == first.test_fraction and retrain.seed == first.seed  # same held-out test split
