@@ -245,7 +245,6 @@ class Worker:
         stack.callback(self.classifier.close)
         self.producer = make_producer(s.kafka)
         stack.callback(self.producer.close)
-        self._ensure_output_topics()
         from kafka import ConsumerRebalanceListener
 
         worker = self
@@ -259,13 +258,14 @@ class Worker:
 
         self.consumer = make_consumer(s.kafka, s.group_id)
         stack.callback(self.consumer.close, autocommit=False)
+        self._ensure_output_topics()
         self.consumer.subscribe([s.input_topic], listener=Listener())
 
     def _ensure_output_topics(self) -> None:
         """Create missing output/DLQ topics with the input's partition count (best effort: a cluster that
         forbids it has them created by its operators)."""
         s = self.settings
-        inputs = self.producer.partitions_for(s.input_topic) or set()
+        inputs = self.consumer.partitions_for_topic(s.input_topic) or set()  # None while it does not exist
         try:
             ensure_topics(s.kafka, {s.output_topic: max(1, len(inputs)), s.dlq_topic: max(1, len(inputs))})
         except Exception as exc:  # noqa: BLE001
@@ -454,7 +454,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return worker.run()
+    try:
+        return worker.run()
+    except Exception:  # a broken deployment (no model, broker unreachable): one logged error, status 1
+        log.exception("worker_failed")
+        return 1
 
 
 if __name__ == "__main__":

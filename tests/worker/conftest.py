@@ -60,11 +60,26 @@ def _tiny_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def session_model_store(request, _tiny_store) -> Path:
-    """A read-only checkpoint store shared by the session (trained when the trainer's fixture exists)."""
+    """A read-only checkpoint store shared by the session: the trainer's ``trained_checkpoint`` when that
+    fixture exists, else the tiny random one. ``BERT_STREAM_TEST_TINY_MODEL=1`` forces the tiny one (quick
+    iterations on the worker alone: no training)."""
+    if os.environ.get("BERT_STREAM_TEST_TINY_MODEL", "") not in ("", "0"):
+        return _tiny_store
     try:
         return Path(request.getfixturevalue("trained_checkpoint"))
     except pytest.FixtureLookupError:
         return _tiny_store
+
+
+@pytest.fixture(scope="session")
+def model_labels(session_model_store) -> set[str]:
+    """The label names of the session's model."""
+    import json
+
+    from trainer import checkpoint
+
+    _, folder = checkpoint.resolve(session_model_store)
+    return set(json.loads((folder / "config.json").read_text())["id2label"].values())
 
 
 @pytest.fixture

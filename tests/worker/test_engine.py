@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tests.worker.conftest import LABELS, chinese_messages, publish_tiny_model
+from tests.worker.conftest import chinese_messages, publish_tiny_model
 from trainer import checkpoint
 from worker.engine import Engine, choose_dtype, cpu_has_bf16
 
@@ -22,18 +22,19 @@ def test_dtype_follows_the_hardware():
     assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
-def test_predictions_keep_order_and_mark_truncation(model_store):
+def test_predictions_keep_order_and_mark_truncation(model_store, model_labels):
     engine = Engine(model_store, max_length=32, top_k=2, dtype="fp32").start()
     model = engine.acquire()
-    texts = chinese_messages(40, seed=3)
+    texts = chinese_messages(16, seed=3)
     preds = model.predict(texts)
     one_by_one = [model.predict([t])[0] for t in texts]  # sorting/chunking/padding must not change answers
     assert [p.label for p in preds] == [p.label for p in one_by_one]
     for p, q in zip(preds, one_by_one):
         assert p.score == pytest.approx(q.score, abs=1e-4)
-    assert all(p.label in LABELS and len(p.top_k) == 2 for p in preds)
+    assert all(p.label in model_labels and len(p.top_k) == 2 for p in preds)
     lengths = model.token_lengths(texts)
-    assert [p.truncated for p in preds] == [len(t) + 2 > 32 for t in texts]  # one token per character here
+    assert [p.truncated for p in preds] == [len(model.tokenizer(t)["input_ids"]) > 32 for t in texts]
+    assert any(p.truncated for p in preds) and not all(p.truncated for p in preds)
     assert max(lengths) == 32
 
 
