@@ -45,6 +45,13 @@ def step(title: str) -> None:
     say("", f"== {title}")
 
 
+def by_version(results: list[Result]) -> list[tuple[str, int, int]]:
+    """(version, results, correct) in order of first appearance."""
+    versions = list(dict.fromkeys(r.model_version for r in results))
+    return [(v, sum(r.model_version == v for r in results), sum(bool(r.correct) for r in results
+                                                                if r.model_version == v)) for v in versions]
+
+
 def results_table(labels: list[str]) -> Table:
     """One row per result: the title gets whatever width the terminal leaves."""
     width = max(9, *(display_width(label) for label in labels))
@@ -235,33 +242,57 @@ class Demo:
 
     # ---- 5. retrain and hot reload ---------------------------------------------------------------------------
     def retrain_and_switch(self, before: str) -> None:
+        """Half of the fresh titles go in while the trainer runs (served by the current model), the other
+        half once the new version is published: the model column shows the swap, the ids show nothing lost."""
+        s = self.settings
+        fresh = list(self.truth)[s.messages: s.messages + s.retrain_messages]
+        during, after_publish = fresh[: len(fresh) // 2], fresh[len(fresh) // 2:]
+        if during:
+            say(f"sending {len(during)} titles now: the worker serves them with the current model while "
+                "the trainer runs" + ("" if s.quiet_table else " (their rows follow the trainer's output)"))
+            self.publish("during-retrain", during)
+        after = self.retrain(before)
+        published_ms = time.time() * 1000
+        self.collect(set(during), dead_letters=0)
+        say(f"-- {len(after_publish)} titles after publishing {after} (the worker swaps models between batches)")
+        self.publish("after-retrain", after_publish, rate=RETRAIN_BATCH_RATE)
+        self.collect(set(after_publish), dead_letters=0)
+        probes = self.probe_until_served_by(after, fresh[0])
+        results = [self.collector.results[i] for i in fresh]
+        first_new = min(r.output_ms for r in self.collector.results.values() if r.model_version == after)
+        say(f"the worker switched {short_version(before)} -> {short_version(after)} without a restart (first "
+            f"answer by the new model {(first_new - published_ms) / 1000:.1f} s after its publication); "
+            f"all {len(fresh)} titles answered, none lost",
+            *(f"  {short_version(v)}: {n} results, {c}/{n} correct" for v, n, c in by_version(results)))
+        if probes:
+            say(f"  (+{probes} single probe titles until the new model answered)")
+
+    def retrain(self, before: str) -> str:
+        """Run the short retrain (output shown as it comes); returns the version it published."""
         s = self.settings
         argv = models.retrain_command(self.store, s.data, models.trained_seed(self.store / before),
                                       s.retrain_examples, self.servers.redis_url)
-        say(f"training on {s.retrain_examples} examples, published with --force and announced on Redis "
+        say(f"training on {s.retrain_examples} examples; published with --force and announced on Redis "
             f"(log {self.work / 'retrain.log'})")
         rc = run_streamed(argv, self.child_env(), self.work / "retrain.log", self.flag, echo=True)
         after = models.published_version(self.store)
         if rc != 0 or after in (None, before):
             raise DemoError(f"the retrain published nothing (exit status {rc}): see {self.work / 'retrain.log'}")
         self.retrained = (before, after)
-        say(f"published {after}; streaming {s.retrain_messages} fresh titles while the worker swaps models")
-        started = time.monotonic()
-        fresh = list(self.truth)[s.messages: s.messages + s.retrain_messages]
-        self.publish("after-retrain", fresh, rate=RETRAIN_BATCH_RATE)
-        self.collect(set(fresh), dead_letters=len(self.collector.dead_letters))
+        return after
+
+    def probe_until_served_by(self, version: str, like: str) -> int:
+        """When the swap lands after the last title, send single titles until the new model answers one."""
         probes, deadline = 0, time.monotonic() + self.settings.timeout_s
-        while not self.served_by(after):  # the swap finished after the batch: send one title at a time
+        while not self.served_by(version):
             if time.monotonic() > deadline:
-                raise DemoError(f"the worker never served {after}:\n{tail(self.worker_log)}")
+                raise DemoError(f"the worker never served {version}:\n{tail(self.worker_log)}")
             probes += 1
-            self.truth[f"probe{probes}"], self.texts[f"probe{probes}"] = self.truth[fresh[0]], self.texts[fresh[0]]
-            self.publish("probe", [f"probe{probes}"])
-            self.collect({f"probe{probes}"}, dead_letters=0)
-        versions = [self.collector.results[i].model_version for i in fresh]
-        say(f"the worker switched {short_version(before)} -> {short_version(after)} without a restart "
-            f"({time.monotonic() - started:.1f} s after publish): {versions.count(before)} results by the old "
-            f"model, {versions.count(after)} (+{probes} probes) by the new one, none lost")
+            probe = f"probe{probes}"
+            self.truth[probe], self.texts[probe] = self.truth[like], self.texts[like]
+            self.publish("probe", [probe])
+            self.collect({probe}, dead_letters=0)
+        return probes
 
     def served_by(self, version: str) -> bool:
         return any(r.model_version == version for r in self.collector.results.values())
