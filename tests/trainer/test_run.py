@@ -1,0 +1,302 @@
+"""``python -m trainer.run`` end to end on small CSVs the tests write (their own label names), with the
+``scratch`` tiny model: publish, reload with plain transformers, the quality gate, an interrupted run resumed,
+and the one-line errors. Pure pieces (sampler, gate, presets, precision choice) get fast unit tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer import checkpoint, run
+from trainer.settings import QUICK_MAX_LENGTH, TrainSettings, resolve
+
+# Three classes with disjoint characters: a tiny random BERT separates them in a couple of epochs.
+CLASSES = {"果园": "苹果香蕉橘子葡萄西瓜草莓桃梨", "交通": "汽车火车飞机轮船地铁卡单", "球场": "足球篮排网乒乓羽毛赛"}
+
+
+def write_csv(path: Path, per_class: int = 80, seed: int = 0, columns=("text", "label")) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for label, chars in CLASSES.items():
+        for i in range(per_class):
+            rows.append(("".join(rng.choice(chars) for _ in range(rng.randint(4, 14))) + f"{i}号", label))
+    rng.shuffle(rows)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--output-dir", str(out), "--model", "scratch", "--scratch-preset", "tiny",
+            "--epochs", "3", "--batch-size", "16", "--eval-steps", "6", "--log-level", "WARNING", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "tiny.csv")
+
+
+@pytest.fixture(scope="module")
+def published(tiny_csv, tmp_path_factory) -> Path:
+    """A store with one model trained by ``train_args`` (shared by the tests that only read it)."""
+    out = tmp_path_factory.mktemp("store")
+    assert run.main(train_args(tiny_csv, out)) == run.EXIT_OK
+    return out
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI surface
+
+
+def test_help_lists_every_flag_with_its_env_var(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--output-dir", "--model", "--data", "--mixed-precision", "--min-accuracy", "--min-macro-f1",
+                 "--force", "--resume", "--quick", "--early-stopping-patience", "--train-file", "--text-column"):
+        assert flag in out
+    for env in ("BERT_STREAM_MODEL_DIR", "BERT_STREAM_BASE_MODEL", "BERT_STREAM_DATA", "REDIS_URL"):
+        assert env in out
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "many"], ["--no-such-flag"], ["--mixed-precision", "fp8"],
+                                  ["--min-accuracy", "1.5"], ["--validation-file", "v.csv"]])
+def test_bad_flags_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m trainer.run: error:"), err
+
+
+def test_missing_data_file_is_one_line_exit_2(tmp_path, capsys):
+    status = run.main(["--data", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "out"),
+                       "--model", "scratch", "--log-level", "ERROR"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.csv" in err and "Traceback" not in err
+    assert checkpoint.latest_version(tmp_path / "out") is None
+
+
+def test_wrong_label_column_is_one_line_exit_2(tmp_path, capsys):
+    data = write_csv(tmp_path / "d.csv", per_class=10, columns=("text", "category"))
+    status = run.main(["--data", str(data), "--output-dir", str(tmp_path / "out"), "--model", "scratch",
+                       "--log-level", "ERROR"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "label" in err, err
+
+
+def test_unknown_model_is_one_line_exit_2(tiny_csv, tmp_path, capsys):
+    status = run.main(["--data", str(tiny_csv), "--output-dir", str(tmp_path / "out"),
+                       "--model", str(tmp_path / "no-such-model"), "--log-level", "ERROR"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-model" in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training, publishing, reloading
+
+
+@pytest.mark.slow
+def test_publishes_a_complete_checkpoint(published, tiny_csv):
+    version = checkpoint.latest_version(published)
+    assert version is not None and checkpoint.list_versions(published) == [version]
+    folder = published / version
+    config = checkpoint.validate(folder)
+    assert set(config["id2label"].values()) == set(CLASSES) and set(config["label2id"]) == set(CLASSES)
+    for name in ("model.safetensors", "tokenizer.json", "metrics.json", "training_args.json",
+                 "data_fingerprint.json", "training_curve.png", "confusion_matrix.png", "test_predictions.jsonl"):
+        assert (folder / name).stat().st_size > 0, name
+    assert not any(p.name.startswith(".staging") for p in published.iterdir())
+    assert not (published / run.RUNS_DIR).exists(), "a finished run leaves no resumable state behind"
+
+    metrics = json.loads((folder / "metrics.json").read_text())
+    fingerprint = json.loads((folder / "data_fingerprint.json").read_text())
+    assert metrics["test_fingerprint"] == fingerprint["test_fingerprint"]
+    for split in ("validation", "test"):
+        report = metrics[split]
+        assert set(report["per_class"]) == set(CLASSES)
+        assert {"precision", "recall", "f1", "support"} <= set(report["per_class"]["交通"])
+        assert len(report["confusion_matrix"]) == len(CLASSES)
+        assert sum(map(sum, report["confusion_matrix"])) == report["n"]
+    assert metrics["test"]["accuracy"] >= 0.8, metrics["test"]  # chance is 1/3
+    assert metrics["train_time_s"] > 0 and metrics["train_examples_per_s"] > 0
+    assert metrics["model"] == "scratch" and metrics["data"] == "tiny.csv"
+    args = json.loads((folder / "training_args.json").read_text())
+    assert args["hyperparameters"]["epochs"] == 3 and args["settings"]["scratch_preset"] == "tiny"
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_with_plain_transformers_and_predicts_the_same_labels(published):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = published / checkpoint.latest_version(published)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    max_length = json.loads((folder / "metrics.json").read_text())["max_length"]
+    rows = [json.loads(line) for line in (folder / "test_predictions.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        predicted = [model.config.id2label[i] for i in model(**batch).logits.argmax(-1).tolist()]
+    assert predicted == [r["predicted"] for r in rows]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+    assert accuracy == pytest.approx(metrics["test"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_worse_model_and_leaves_latest(published, tiny_csv, tmp_path, capsys):
+    store = copy_store(published, tmp_path / "store")
+    before = checkpoint.latest_version(store)
+    # A fraction of an epoch: the same test split, clearly worse than the published model.
+    status = run.main(train_args(tiny_csv, store, "--epochs", "0.1", "--log-level", "INFO"))
+    assert status == run.EXIT_REFUSED
+    assert checkpoint.latest_version(store) == before and checkpoint.list_versions(store) == [before]
+    assert len(list((store / run.REJECTED_DIR).iterdir())) == 1
+    refused = [line for line in capsys.readouterr().err.splitlines() if "gate.refused" in line]
+    assert len(refused) == 1 and "below the published" in refused[0] and "same test split" in refused[0]
+
+    status = run.main(train_args(tiny_csv, store, "--epochs", "0.1", "--force"))
+    assert status == run.EXIT_OK
+    assert checkpoint.latest_version(store) != before and len(checkpoint.list_versions(store)) == 2
+
+
+@pytest.mark.slow
+def test_min_accuracy_gate_on_an_empty_store(tiny_csv, tmp_path, capsys):
+    status = run.main(train_args(tiny_csv, tmp_path / "store", "--epochs", "0.1", "--min-accuracy", "0.99",
+                                 "--log-level", "INFO"))
+    assert status == run.EXIT_REFUSED
+    assert checkpoint.latest_version(tmp_path / "store") is None
+    assert checkpoint.list_versions(tmp_path / "store") == []
+    assert "--min-accuracy 0.99" in capsys.readouterr().err
+
+
+class InterruptingAdamW(torch.optim.AdamW):
+    """Sends this process a real SIGINT after ``stop_after`` optimizer steps (what Ctrl-C does)."""
+
+    stop_after = 0
+
+    def step(self, closure=None):
+        result = super().step(closure)
+        InterruptingAdamW.stop_after -= 1
+        if InterruptingAdamW.stop_after == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_model(published, tiny_csv, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    InterruptingAdamW.stop_after = 16  # mid-epoch 2 (12 steps per epoch), between evaluations
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "AdamW", InterruptingAdamW)
+        assert run.main(train_args(tiny_csv, store)) == run.EXIT_SIGNAL[signal.SIGINT]
+    assert checkpoint.latest_version(store) is None, "an interrupted run must not publish"
+    (state,) = (store / run.RUNS_DIR).glob("*/state")
+    assert json.loads((state / "progress.json").read_text())["step"] == 16
+
+    assert run.main(train_args(tiny_csv, store, "--resume", "--log-level", "INFO")) == run.EXIT_OK
+    resumed = [line for line in capsys.readouterr().err.splitlines() if "train.resumed" in line]
+    assert len(resumed) == 1 and '"step": 16' in resumed[0]
+    assert not (store / run.RUNS_DIR).exists()
+    # Same seed, same data, state restored exactly: the weights an uninterrupted run produced.
+    ours = load_file(store / checkpoint.latest_version(store) / "model.safetensors")
+    theirs = load_file(published / checkpoint.latest_version(published) / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_explicit_files_with_own_column_names(tmp_path):
+    train = write_csv(tmp_path / "train.csv", per_class=40, seed=1, columns=("content", "topic"))
+    test = write_csv(tmp_path / "test.csv", per_class=8, seed=2, columns=("content", "topic"))
+    store = tmp_path / "store"
+    status = run.main(["--train-file", str(train), "--test-file", str(test), "--text-column", "content",
+                       "--label-column", "topic", "--output-dir", str(store), "--model", "scratch",
+                       "--scratch-preset", "tiny", "--epochs", "1", "--log-level", "WARNING"])
+    assert status == run.EXIT_OK
+    metrics = json.loads((store / checkpoint.latest_version(store) / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 24
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_length_grouped_batches_cover_everything_once_and_group_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 200) for _ in range(1000)]
+    sampler = run.LengthGroupedBatchSampler(lengths, batch_size=16, seed=7, mega=10)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 63
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30, "batches should hold similar lengths (random batches spread ~180)"
+    assert list(sampler) == batches, "same seed and epoch: same order (what resume relies on)"
+    sampler.use_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_gate_compares_only_on_the_same_test_split(tmp_path):
+    store = tmp_path / "store"
+    version = checkpoint.new_version_id()
+    (store / version).mkdir(parents=True)
+    (store / version / "metrics.json").write_text(json.dumps(
+        {"test_fingerprint": "abc", "test": {"accuracy": 0.9, "macro_f1": 0.9}}))
+    (store / checkpoint.LATEST).write_text(version)
+    settings = TrainSettings(output_dir=str(store))
+    worse, better = {"accuracy": 0.8, "macro_f1": 0.8}, {"accuracy": 0.95, "macro_f1": 0.95}
+    assert run.gate(settings, better, "abc") == []
+    (reason,) = run.gate(settings, worse, "abc")
+    assert "below the published" in reason and version in reason
+    assert run.gate(settings, worse, "another-split") == []
+    floors = TrainSettings(output_dir=str(store), min_accuracy=0.96, min_macro_f1=0.5)
+    (reason,) = run.gate(floors, better, "abc")
+    assert "--min-accuracy" in reason
+
+
+def test_mixed_precision_auto_follows_the_cpu_flags(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with_bf16 = tmp_path / "cpuinfo-bf16"
+    with_bf16.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    without = tmp_path / "cpuinfo-old"
+    without.write_text("flags\t\t: fpu sse avx2\n")
+    assert run.cpu_has_bf16(str(with_bf16)) and not run.cpu_has_bf16(str(without))
+    monkeypatch.setattr(run, "cpu_has_bf16", lambda: False)
+    assert run.resolve_mixed_precision("auto") == "no"
+    assert run.resolve_mixed_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        run.resolve_mixed_precision("fp16")
+
+
+def test_auto_hyperparameters_and_the_quick_preset():
+    lengths = list(range(10, 110))  # p99 = 108 -> 112
+    full = resolve(TrainSettings(), token_lengths=lengths, model_max_length=512, steps_per_epoch=100)
+    assert (full.max_length, full.epochs, full.eval_steps, full.max_train_examples) == (112, 3.0, 25, None)
+    quick = resolve(TrainSettings(quick=True), token_lengths=lengths, model_max_length=512, steps_per_epoch=100)
+    assert quick.max_length == QUICK_MAX_LENGTH and quick.epochs == 1.0 and quick.max_train_examples
+    explicit = resolve(TrainSettings(quick=True, epochs=2, max_length=32, max_train_examples=100),
+                       token_lengths=lengths, model_max_length=512)
+    assert (explicit.epochs, explicit.max_length, explicit.max_train_examples) == (2, 32, 100)
+    scratch = resolve(TrainSettings(model="scratch"), token_lengths=lengths, model_max_length=64)
+    assert scratch.max_length == 64 and scratch.learning_rate > full.learning_rate

