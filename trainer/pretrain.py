@@ -42,6 +42,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,24 +50,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bert_stream.logs import configure_logging, get_logger
-from bert_stream.settings import parse_settings, public_view, require, setting
+from bert_stream.settings import SettingsError, parse_settings, public_view, require, setting
 from trainer import checkpoint, mlm
-from trainer.data import BUILTINS, DataSpec, load_splits, peoples_daily_texts
-from trainer.models import SCRATCH_PRESETS, chinese_char_tokenizer, scratch_config
+from trainer.data import BUILTINS, DataError, DataSpec, load_splits, peoples_daily_texts
+from trainer.models import SCRATCH_PRESETS, ModelSourceError, chinese_char_tokenizer, scratch_config
+from trainer.run import _readable_by_all, resolve_mixed_precision
+from trainer.settings import MIXED_PRECISION
 
 log = get_logger(__name__)
 
 PROG = "python -m trainer.pretrain"
 RUNS = ".runs"  # resumable state of unfinished runs, one folder per version id
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Settings that may differ between an interrupted run and its --resume (they do not change the model).
 _NOT_FINGERPRINTED = ("resume", "log_every", "save_every")
+
+
+class PretrainError(ValueError):
+    """Input the run cannot use (an empty or non-UTF-8 corpus, a row longer than the model); one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +180,14 @@ def read_corpus_dir(folder: Path) -> list[list[str]]:
     """Documents of every ``*.txt`` file below ``folder``, in path order; blank lines separate documents."""
     files = sorted(p for p in folder.rglob("*.txt") if p.is_file())
     if not files:
-        raise SystemExit(f"{PROG}: error: no .txt files in {folder}")
+        raise PretrainError(f"no .txt files in {folder}")
     documents: list[list[str]] = []
     for path in files:
         try:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            raise SystemExit(f"{PROG}: error: {path}:{line}: not UTF-8 ({exc.reason})") from None
+            raise PretrainError(f"{path}:{line}: not UTF-8 ({exc.reason})") from None
         doc: list[str] = []
         for line in text.splitlines():
             if line.strip():
@@ -251,7 +258,7 @@ def build_rows(docs: list[list[mlm.Line]], settings: PretrainSettings, cls_id: i
     for ids, wids in mlm.pack_lines(single, settings.max_length, cls_id, sep_id):
         rows.append(Row(ids, [0] * len(ids), wids, mlm.IGNORE_INDEX))
     if not rows:
-        raise SystemExit(f"{PROG}: error: the corpus is too small to make a single row of training data")
+        raise PretrainError("the corpus is too small to make a single row of training data")
     return rows
 
 
@@ -311,23 +318,10 @@ def build_model(settings: PretrainSettings, vocab_size: int) -> nn.Module:
 
     config = scratch_config(settings.preset, vocab_size)
     if settings.max_length > config.max_position_embeddings:
-        raise SystemExit(f"{PROG}: error: --max-length {settings.max_length} exceeds the model's "
-                         f"{config.max_position_embeddings} positions")
+        raise PretrainError(f"--max-length {settings.max_length} exceeds the model's "
+                            f"{config.max_position_embeddings} positions")
     cls = BertForPreTraining if settings.nsp else BertForMaskedLM
     return cls._from_config(config, attn_implementation="sdpa")
-
-
-def auto_mixed_precision(choice: str) -> str:
-    """bf16 where it is fast (CUDA with bf16; CPUs with AMX or AVX512-BF16), fp16 on older GPUs, else no."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "no"
 
 
 def optimizer_for(model: nn.Module, settings: PretrainSettings) -> torch.optim.AdamW:
@@ -472,7 +466,10 @@ def _masked_inputs(batch: dict, masking: mlm.MaskingConfig, generator: torch.Gen
 def pretrain(settings: PretrainSettings) -> Path:
     """Run a pretraining as ``settings`` say; return the published version folder."""
     started = time.monotonic()
-    precision = auto_mixed_precision(settings.mixed_precision)
+    precision = resolve_mixed_precision(settings.mixed_precision)
+    # A fresh accelerate state per run: it is process-wide, and tests (or a notebook) run several times.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=precision,
                               gradient_accumulation_steps=settings.gradient_accumulation_steps,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -661,6 +658,7 @@ def _write_and_publish(accelerator, objective, tokenizer, settings, progress, fi
     (staged / "pretrain_args.json").write_text(json.dumps(public_view(settings), indent=2, ensure_ascii=False))
     plot_curves(progress.history, staged / "pretraining_curve.png",
                 f"{settings.preset} BERT, {progress.step} steps, {progress.elapsed_s / 60:.1f} min")
+    _readable_by_all(staged)
     final = publish_pretrained(root, staged, progress.version)
     log.info("pretrain.published", version=progress.version, path=str(final),
              mlm_loss=round(final_eval["eval_loss"], 4), mlm_accuracy=round(final_eval["eval_accuracy"], 4),
@@ -673,7 +671,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     settings = parse_settings(PretrainSettings, argv, prog=PROG, description=__doc__.split("\n\n")[0])
     configure_logging()
     log.info("pretrain.settings", **public_view(settings))
-    return pretrain(settings)
+    try:
+        return pretrain(settings)
+    except (PretrainError, SettingsError, DataError, ModelSourceError, checkpoint.CheckpointError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

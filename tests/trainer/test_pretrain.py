@@ -123,6 +123,45 @@ def test_word_ids_follow_jieba_words():
     assert wids == sorted(wids)  # numbered in order, 0, 1, ...
 
 
+_SENTENCES = ["中华人民共和国成立以来，国民经济持续快速发展。", "我爱北京天安门", "今天的天气非常好，适合去公园散步",
+              "人工智能技术在医疗领域的应用越来越广泛", "NBA季后赛：湖人队客场战胜勇士队"]
+
+
+@pytest.fixture(scope="module")
+def jieba_rows():
+    """The corpus path of trainer.pretrain: tokenize with jieba word ids, pack into rows."""
+    import jieba
+
+    from trainer.models import chinese_char_tokenizer
+    from trainer.pretrain import tokenize_documents
+
+    tok = chinese_char_tokenizer()
+    [doc] = tokenize_documents([_SENTENCES], tok, whole_words=True)
+    rows = mlm.pack_lines(doc, 24, CLS, SEP, min_tokens=1)
+    words = {w for s in _SENTENCES for w in jieba.lcut(s)}
+    return tok, rows, words
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_whole_word_masking_masks_whole_jieba_words(jieba_rows, seed):
+    tok, rows, words = jieba_rows
+    ids = torch.tensor([r[0] + [PAD] * (24 - len(r[0])) for r in rows])
+    wids = torch.tensor([r[1] + [mlm.NO_WORD] * (24 - len(r[1])) for r in rows])
+    cfg = mlm.MaskingConfig(mask_token_id=MASK, random_low=LOW, random_high=VOCAB, mlm_probability=0.3)
+    _, labels = mlm.mask_tokens(ids, wids != mlm.NO_WORD, cfg, torch.Generator().manual_seed(seed), word_ids=wids)
+    for r in range(ids.shape[0]):
+        groups: dict[int, list[int]] = {}
+        for c, w in enumerate(wids[r].tolist()):
+            if w != mlm.NO_WORD:
+                groups.setdefault(w, []).append(c)
+        for cols in groups.values():
+            assert len({labels[r, c].item() != mlm.IGNORE_INDEX for c in cols}) == 1
+            # a group is one jieba word (or the piece of one that a row boundary cut off)
+            text = tok.decode(ids[r, cols]).replace(" ", "")
+            assert any(text in w.lower() for w in words), text
+
+
 @settings(max_examples=40, deadline=None)
 @given(lengths=st.lists(st.integers(0, 50), min_size=1, max_size=40), max_length=st.integers(8, 64))
 def test_pack_lines_cuts_the_separated_stream_into_full_rows(lengths, max_length):
@@ -209,9 +248,9 @@ def test_pretrain_interrupted_resumed_loss_falls_and_fine_tuner_loads_it(corpus_
     out = tmp_path / "pretrained"
     args = _args(corpus_dir, out, "--max-steps", "30", "--save-every", "15")
     # An interruption after training but before publishing: state from step 15 survives, LATEST is unset.
-    with mock.patch.object(pretrain, "_write_and_publish", side_effect=KeyboardInterrupt):
-        with pytest.raises(KeyboardInterrupt):
-            pretrain.main(args)
+    with mock.patch.object(pretrain, "_write_and_publish", side_effect=KeyboardInterrupt), \
+            pytest.raises(KeyboardInterrupt):
+        pretrain.main(args)
     assert latest_version(out) is None
     [run] = list((out / pretrain.RUNS).iterdir())
     assert json.loads((run / "state" / "progress.json").read_text())["step"] == 15
