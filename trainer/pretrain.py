@@ -91,11 +91,12 @@ class PretrainSettings:
     builtin_datasets: tuple[str, ...] = setting(BUILTINS, env="BERT_STREAM_BUILTIN_DATASETS",
                                                 help="Classification sets whose TRAINING texts join the "
                                                      "built-in corpus (comma-separated; empty: none).")
-    split_seed: int = setting(0, env="BERT_STREAM_SPLIT_SEED",
-                              help="Seed of the train/validation/test split of --builtin-datasets; use the "
-                                   "--seed you fine-tune with, or this corpus may hold its test texts.")
+    split_seed: int = setting(0, env="BERT_STREAM_SEED",
+                              help="Seed of the train/validation/test split of --builtin-datasets: the "
+                                   "--seed you fine-tune with (same variable), or this corpus may hold its "
+                                   "test texts.")
     # ---- model and objective ----------------------------------------------------------------------------
-    preset: str = setting("mini", env="BERT_STREAM_SCRATCH_PRESET", choices=tuple(SCRATCH_PRESETS),
+    preset: str = setting("mini", env="BERT_STREAM_PRETRAIN_PRESET", choices=tuple(SCRATCH_PRESETS),
                           help="Model size (trainer.models.SCRATCH_PRESETS): tiny for smoke tests, mini "
                                "(4x256) the default, small (6x384) ~3x mini's cost per step.")
     max_length: int = setting(128, help="Tokens per row. Longer rows give more context per [CLS] but cost "
@@ -107,26 +108,26 @@ class PretrainSettings:
                                                    "costs ~10 s per million characters up front.")
     mlm_probability: float = setting(0.15, help="Share of tokens (or words) the model must predict.")
     # ---- optimisation ---------------------------------------------------------------------------------------
-    batch_size: int = setting(64, env="BERT_STREAM_BATCH_SIZE", help="Rows per forward pass (memory).")
+    batch_size: int = setting(64, env="BERT_STREAM_PRETRAIN_BATCH_SIZE", help="Rows per forward pass (memory).")
     gradient_accumulation_steps: int = setting(1, help="Forward passes per optimizer step: effective batch = "
                                                        "batch size x this (x processes).")
-    learning_rate: float = setting(5e-4, env="BERT_STREAM_LEARNING_RATE",
+    learning_rate: float = setting(5e-4, env="BERT_STREAM_PRETRAIN_LEARNING_RATE",
                                    help="Peak AdamW learning rate. Small BERTs from scratch tolerate high "
                                         "rates; lower it if the loss spikes.")
     weight_decay: float = setting(0.01, help="AdamW weight decay (not on biases and LayerNorms).")
     warmup_fraction: float = setting(0.06, help="Share of the budget spent warming the learning rate up.")
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm (0: no clipping).")
-    epochs: float = setting(3.0, env="BERT_STREAM_EPOCHS",
+    epochs: float = setting(3.0, env="BERT_STREAM_PRETRAIN_EPOCHS",
                             help="Passes over the corpus when --max-steps is not given.")
-    max_steps: int | None = setting(None, env="BERT_STREAM_MAX_STEPS",
+    max_steps: int | None = setting(None, env="BERT_STREAM_PRETRAIN_MAX_STEPS",
                                     help="Stop after this many optimizer steps (overrides --epochs).")
-    max_minutes: float | None = setting(None, env="BERT_STREAM_MAX_MINUTES",
+    max_minutes: float | None = setting(None, env="BERT_STREAM_PRETRAIN_MAX_MINUTES",
                                         help="Stop after this much training time (resumed runs count their "
                                              "earlier time); the learning rate decays to 0 by then.")
     mixed_precision: str = setting("auto", env="BERT_STREAM_MIXED_PRECISION", choices=MIXED_PRECISION,
                                    help="auto: bf16 where the hardware has it (CUDA with bf16, or a CPU with "
                                         "AMX/AVX512-BF16: 2-4x faster), fp16 on older GPUs, else no (fp32).")
-    seed: int = setting(0, env="BERT_STREAM_SEED",
+    seed: int = setting(0, env="BERT_STREAM_PRETRAIN_SEED",
                         help="Seeds initialisation, row order, NSP pairs and masks: same seed, same run.")
     # ---- evaluation, logging, resuming ----------------------------------------------------------------------
     eval_every: int = setting(200, help="Measure held-out MLM loss/accuracy every this many steps (and at the "
@@ -134,7 +135,7 @@ class PretrainSettings:
     eval_rows: int = setting(256, help="Rows held out for that measurement (at most 5% of the corpus).")
     log_every: int = setting(20, help="Log a training line (loss, accuracy, lr, tokens/s) every N steps.")
     save_every: int = setting(200, help="Save resumable state every N steps (costs a few seconds each).")
-    resume: bool = setting(False, env="BERT_STREAM_RESUME",
+    resume: bool = setting(False, env="BERT_STREAM_PRETRAIN_RESUME",
                            help="Continue the newest unfinished run in --output-dir that has the same settings; "
                                 "start fresh when there is none.")
 
