@@ -59,7 +59,7 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
     shares = sorted(rng.uniform(lo, hi) for lo, hi in ((0.05, 0.25), (0.3, 0.5), (0.55, 0.75))[:KILLS])
     window = h.uncommitted_window()
     group = names.group_id
-    uncommitted_at_kill, kill_log = [], []
+    uncommitted_at_kill, kill_log, commits_ahead, unfinished = [], [], 0, None
     started = time.monotonic()
 
     def start(i: int) -> h.WorkerProcess:
@@ -78,7 +78,9 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
             reader.drain()  # everything the dead worker got acknowledged is on the topic now
             committed = h.committed_offsets(kafka_settings, group, names.input_topic)
             ahead = _uncovered_commits(committed, reader)
-            assert not ahead, f"kill {i + 1}: offsets committed without an output: {ahead[:10]}"
+            commits_ahead += len(ahead)
+            if ahead:
+                print(f"kill {i + 1}: offsets committed without an output: {ahead[:10]}")
             pending = _published_uncommitted(committed, reader)
             uncommitted_at_kill.append(pending)
             kill_log.append(f"kill{i + 1}@{len(reader.by_source)}:committed={sum(c or 0 for c in committed.values())}"
@@ -88,16 +90,21 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
                 h.seed_group(kafka_settings, group, names.input_topic, committed)
 
         last = start(len(shares))
-        reader.wait_all(sent, timeout=240, diagnostics=workers.tails)
+        try:
+            reader.wait_all(sent, timeout=240, diagnostics=workers.tails)
+        except AssertionError as exc:  # counted and reported below, then failed
+            unfinished = str(exc)
         reader.drain()
-        assert last.terminate() == 0
+        exit_code = last.terminate()
         counts = h.count(sent, reader)
         h.report("crash", counts, kills=len(shares), window=window, kill_points=";".join(kill_log),
-                 seconds=round(time.monotonic() - started, 1))
+                 commits_ahead_of_outputs=commits_ahead, seconds=round(time.monotonic() - started, 1))
     finally:
         reader.close()
 
-    assert counts.lost == 0
+    assert commits_ahead == 0, "offsets were committed before their outputs were published"
+    assert counts.lost == 0, unfinished
+    assert exit_code == 0
     assert counts.output == len(sent) and counts.dlq == 0
     assert all(msg_id in reader.outputs for msg_id, _ in messages)  # by id too, not only by offset
     assert all(u <= window for u in uncommitted_at_kill), (uncommitted_at_kill, window)
