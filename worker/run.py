@@ -245,15 +245,26 @@ class Worker:
         stack.callback(self.classifier.close)
         self.producer = make_producer(s.kafka)
         stack.callback(self.producer.close)
-        from kafka import ConsumerRebalanceListener
+        from kafka import AsyncConsumerRebalanceListener
 
         worker = self
 
-        class Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked):
-                worker._on_revoked(revoked)
+        class Listener(AsyncConsumerRebalanceListener):
+            # kafka-python 3 runs listeners on its I/O thread (while the main thread waits inside poll), where
+            # blocking consumer calls are refused: hence async, and the revocation commit is awaited there.
+            async def on_partitions_revoked(self, revoked):
+                offsets = worker._prepare_revocation(set(revoked))
+                if offsets:
+                    try:
+                        await worker.consumer.commit_async(_commit_request(offsets))
+                        worker.tracker.mark_committed(offsets)
+                        worker.metrics.commits.labels("ok").inc()
+                    except Exception as exc:  # noqa: BLE001 - lost membership: the next owner re-reads
+                        worker.metrics.commits.labels("failed").inc()
+                        log.warning("revocation_commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                worker._forget(set(revoked))
 
-            def on_partitions_assigned(self, assigned):
+            async def on_partitions_assigned(self, assigned):
                 worker._on_assigned(assigned)
 
         self.consumer = make_consumer(s.kafka, s.group_id)
@@ -363,7 +374,22 @@ class Worker:
         now = time.monotonic()
         if not force and now < self._next_commit and self._since_commit < self.settings.commit_every:
             return
-        self._next_commit = now + self.settings.commit_interval_ms / 1000
+        offsets = self._acknowledged()
+        if offsets:
+            try:
+                self.consumer.commit(_commit_request(offsets))
+                self.tracker.mark_committed(offsets)
+                self.metrics.commits.labels("ok").inc()
+            except Exception as exc:  # noqa: BLE001 - e.g. a rebalance in progress: committed on revocation
+                self.metrics.commits.labels("failed").inc()
+                log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        if now >= self._next_lag:
+            self._next_lag = now + LAG_EVERY_S
+            self._update_lag()
+
+    def _acknowledged(self) -> dict:
+        """Flush the producer, then the offsets whose outputs (and all before them) the broker acknowledged."""
+        self._next_commit = time.monotonic() + self.settings.commit_interval_ms / 1000
         self._since_commit = 0
         self.producer.flush()  # every record sent so far is acknowledged (or failed) after this
         while self._acks:
@@ -374,20 +400,7 @@ class Worker:
                       action="committing what was acknowledged and exiting; a restart re-delivers the rest")
             self.exit_code = 1
             self.stop.set()
-        offsets = self.tracker.committable()
-        if offsets:
-            from kafka.structs import OffsetAndMetadata
-
-            try:
-                self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
-                self.tracker.mark_committed(offsets)
-                self.metrics.commits.labels("ok").inc()
-            except Exception as exc:  # noqa: BLE001 - e.g. a rebalance in progress: the next owner re-reads
-                self.metrics.commits.labels("failed").inc()
-                log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-        if now >= self._next_lag:
-            self._next_lag = now + LAG_EVERY_S
-            self._update_lag()
+        return self.tracker.committable()
 
     def _update_lag(self) -> None:
         assigned = list(self.consumer.assignment())
@@ -405,14 +418,18 @@ class Worker:
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
 
     # ---- rebalance and shutdown ----------------------------------------------------------------------------
-    def _on_revoked(self, revoked) -> None:
-        """Before giving partitions up: publish what the model holds, commit it, drop what is not started
-        (the next owner reads it again from the committed offset)."""
-        revoked = set(revoked)
+    def _prepare_revocation(self, revoked: set) -> dict:
+        """Before giving partitions up: publish what the model holds; returns the offsets to commit."""
+        if not revoked:
+            return {}
+        self._publish(self.classifier.drain())
+        return self._acknowledged()
+
+    def _forget(self, revoked: set) -> None:
+        """Drop what was not started for the revoked partitions: the next owner reads it again from the
+        committed offset."""
         if not revoked:
             return
-        self._publish(self.classifier.drain())
-        self._maybe_commit(force=True)
         dropped = self.batcher.drop(lambda job: _tp(job.message.source.topic, job.message.source.partition)
                                     in revoked)
         self.tracker.revoke(revoked)
@@ -432,6 +449,12 @@ class Worker:
             self._submit_ready(flush=True)
             self._publish(self.classifier.completed(timeout=0.5))
         self._maybe_commit(force=True)
+
+
+def _commit_request(offsets: dict) -> dict:
+    from kafka.structs import OffsetAndMetadata
+
+    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
 
 
 def _tp(topic: str, partition: int):
