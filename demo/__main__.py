@@ -274,7 +274,8 @@ class Demo:
                                       s.retrain_examples, self.servers.redis_url)
         say(f"training on {s.retrain_examples} examples; published with --force and announced on Redis "
             f"(log {self.work / 'retrain.log'})")
-        rc = run_streamed(argv, self.child_env(), self.work / "retrain.log", self.flag, echo=True)
+        with models.discard_unfinished_runs(self.store):
+            rc = run_streamed(argv, self.child_env(), self.work / "retrain.log", self.flag, echo=True)
         after = models.published_version(self.store)
         if rc != 0 or after in (None, before):
             raise DemoError(f"the retrain published nothing (exit status {rc}): see {self.work / 'retrain.log'}")

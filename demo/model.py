@@ -3,12 +3,16 @@ command lines for the first model and for the short retrain."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from trainer import checkpoint
+
+RUNS_DIR = ".runs"  # trainer.run.RUNS_DIR, the resumable state of unfinished runs (not imported: it loads torch)
 
 
 class DemoError(RuntimeError):
@@ -69,3 +73,16 @@ def roll_back(store: Path, keep: str, remove: str) -> None:
     checkpoint.set_latest(store, keep)
     if remove != keep and (store / remove).is_dir():
         shutil.rmtree(store / remove)
+
+
+@contextlib.contextmanager
+def discard_unfinished_runs(store: Path) -> Iterator[None]:
+    """Delete the resumable state a run started inside this block leaves behind (an interrupted or failed
+    short retrain: nobody resumes it, and an e5-small state is ~450 MB). A finished run removes its own."""
+    runs = store / RUNS_DIR
+    existing = set(runs.iterdir()) if runs.is_dir() else set()
+    try:
+        yield
+    finally:
+        for leftover in (set(runs.iterdir()) if runs.is_dir() else set()) - existing:
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -179,3 +179,22 @@ def test_the_trainer_accepts_the_demo_command_lines(tmp_path):
                              prog="t", env={})
     assert retrain.force and retrain.redis_url == "redis://x:1/0" and retrain.max_train_examples == 600
     assert retrain.test_fraction == first.test_fraction and retrain.seed == first.seed  # same held-out test split
+
+
+def test_an_interrupted_retrain_leaves_no_resumable_state_behind(tmp_path):
+    from demo.model import RUNS_DIR, discard_unfinished_runs
+
+    kept = tmp_path / RUNS_DIR / "someone-elses-run"
+    kept.mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt), discard_unfinished_runs(tmp_path):
+        (tmp_path / RUNS_DIR / "the-retrain" / "state").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert [p.name for p in (tmp_path / RUNS_DIR).iterdir()] == ["someone-elses-run"]
+
+
+@pytest.mark.slow  # imports torch
+def test_the_runs_folder_name_matches_the_trainer():
+    from demo.model import RUNS_DIR
+    from trainer.run import RUNS_DIR as TRAINER_RUNS_DIR
+
+    assert RUNS_DIR == TRAINER_RUNS_DIR
