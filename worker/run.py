@@ -245,32 +245,10 @@ class Worker:
         stack.callback(self.classifier.close)
         self.producer = make_producer(s.kafka)
         stack.callback(self.producer.close)
-        from kafka import AsyncConsumerRebalanceListener
-
-        worker = self
-
-        class Listener(AsyncConsumerRebalanceListener):
-            # kafka-python 3 runs listeners on its I/O thread (while the main thread waits inside poll), where
-            # blocking consumer calls are refused: hence async, and the revocation commit is awaited there.
-            async def on_partitions_revoked(self, revoked):
-                offsets = worker._prepare_revocation(set(revoked))
-                if offsets:
-                    try:
-                        await worker.consumer.commit_async(_commit_request(offsets))
-                        worker.tracker.mark_committed(offsets)
-                        worker.metrics.commits.labels("ok").inc()
-                    except Exception as exc:  # noqa: BLE001 - lost membership: the next owner re-reads
-                        worker.metrics.commits.labels("failed").inc()
-                        log.warning("revocation_commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-                worker._forget(set(revoked))
-
-            async def on_partitions_assigned(self, assigned):
-                worker._on_assigned(assigned)
-
         self.consumer = make_consumer(s.kafka, s.group_id)
         stack.callback(self.consumer.close, autocommit=False)
         self._ensure_output_topics()
-        self.consumer.subscribe([s.input_topic], listener=Listener())
+        self.consumer.subscribe([s.input_topic], listener=rebalance_listener(self))
 
     def _ensure_output_topics(self) -> None:
         """Create missing output/DLQ topics with the input's partition count (best effort: a cluster that
@@ -449,6 +427,31 @@ class Worker:
             self._submit_ready(flush=True)
             self._publish(self.classifier.completed(timeout=0.5))
         self._maybe_commit(force=True)
+
+
+def rebalance_listener(worker: Worker):
+    """Commit what was published before partitions are given up. kafka-python 3 runs listeners on its I/O
+    thread (the main thread waits inside poll meanwhile), where blocking consumer calls are refused: hence
+    an async listener that awaits the commit."""
+    from kafka import AsyncConsumerRebalanceListener
+
+    class Listener(AsyncConsumerRebalanceListener):
+        async def on_partitions_revoked(self, revoked):
+            offsets = worker._prepare_revocation(set(revoked))
+            if offsets:
+                try:
+                    await worker.consumer.commit_async(_commit_request(offsets))
+                    worker.tracker.mark_committed(offsets)
+                    worker.metrics.commits.labels("ok").inc()
+                except Exception as exc:  # noqa: BLE001 - membership already lost: the next owner re-reads
+                    worker.metrics.commits.labels("failed").inc()
+                    log.warning("revocation_commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            worker._forget(set(revoked))
+
+        async def on_partitions_assigned(self, assigned):
+            worker._on_assigned(assigned)
+
+    return Listener()
 
 
 def _commit_request(offsets: dict) -> dict:

@@ -134,9 +134,11 @@ def produce(kafka_settings, topic: str, values, keys=None, headers=None) -> None
         producer.close()
 
 
-def read_topic(kafka_settings, topic: str, expect: int, timeout: float = 60.0, settle: float = 0.0) -> list:
+def read_topic(kafka_settings, topic: str, expect: int, timeout: float = 60.0, settle: float = 0.0,
+               distinct=None) -> list:
     """Every record of ``topic`` from the beginning, once at least ``expect`` arrived (or the timeout);
-    then ``settle`` seconds more to catch extras (duplicates)."""
+    then ``settle`` seconds more to catch extras (duplicates). ``distinct(record)``: count distinct values
+    of it instead of records (duplicates do not count)."""
     import time
 
     from kafka import TopicPartition
@@ -156,7 +158,7 @@ def read_topic(kafka_settings, topic: str, expect: int, timeout: float = 60.0, s
         while time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=300).values():
                 out.extend(records)
-            if len(out) >= expect:
+            if (len(out) if distinct is None else len(set(map(distinct, out)))) >= expect:
                 settle_until = settle_until or time.monotonic() + settle
                 if time.monotonic() >= settle_until:
                     break
