@@ -47,6 +47,7 @@ from collections import deque
 from bert_stream.kafka import JOIN_POLL_TIMEOUT_MS, ensure_topics, make_consumer, make_producer
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import parse_settings, public_view
+from trainer.checkpoint import CheckpointError
 from worker.batcher import Batch, Batcher
 from worker.cache import ResultCache
 from worker.engine import Engine, ModelWatcher
@@ -482,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return worker.run()
-    except Exception:  # a broken deployment (no model, broker unreachable): one logged error, status 1
+    except CheckpointError as exc:  # no usable model yet: say so in one line
+        log.error("worker_failed", error=str(exc))
+        return 1
+    except Exception:  # a broken deployment (broker unreachable, ...): one logged error, status 1
         log.exception("worker_failed")
         return 1
 
