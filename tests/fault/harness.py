@@ -462,18 +462,20 @@ class TopicReader:
                 self.poll(500)
                 if self.have_all(sent):
                     return
-                missing = sum(1 for s in sent.sources if s not in self.by_source)
+                missing = [s for s in sent.sources if s not in self.by_source]
                 extra = f"\n{diagnostics()}" if diagnostics else ""
-                raise AssertionError(f"the worker died with {missing} of {len(sent)} inputs unanswered{extra}")
+                raise AssertionError(f"the worker died with {len(missing)} of {len(sent)} inputs unanswered "
+                                     f"(partition, offset): {missing[:20]}{extra}")
             now = time.monotonic()
             done = len(self.by_source)
             if done != seen:
                 seen, last_progress = done, now
             if now >= deadline or now - last_progress >= stall_s:
-                missing = sum(1 for s in sent.sources if s not in self.by_source)
+                missing = [s for s in sent.sources if s not in self.by_source]
                 why = "timed out" if now >= deadline else f"no progress for {stall_s:.0f} s"
                 extra = f"\n{diagnostics()}" if diagnostics else ""
-                raise AssertionError(f"{why}: {missing} of {len(sent)} inputs have no output or dead letter{extra}")
+                raise AssertionError(f"{why}: {len(missing)} of {len(sent)} inputs have no output or dead letter "
+                                     f"(partition, offset): {missing[:20]}{extra}")
             time.sleep(0.1)
 
     def close(self) -> None:

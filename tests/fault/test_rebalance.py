@@ -1,8 +1,14 @@
 """Rebalance: a second worker joins the group mid-stream and later leaves it (SIGTERM); nothing is lost.
 
 On a revocation the worker publishes what its model holds, commits it and drops what it had not started
-(worker/run.py ``_on_revoked``), so a cooperative hand-over should publish nothing twice; duplicates are
-reported, and bounded by the uncommitted window per rebalance.
+(worker/run.py ``_on_revoked``), so a cooperative hand-over should publish nothing twice. Duplicates are
+reported and bounded by the uncommitted window per rebalance (a broker may refuse a commit during a
+rebalance: noida bumps the generation as soon as a member joins); a revocation commit that fails because of
+how the client is used (a blocking call from kafka-python's IO thread) is a worker bug and fails the test.
+
+noida-db quirk: a member that joins can get an empty SyncGroup assignment, which kafka-python 3.0.12 cannot
+decode (``struct.error: unpack requires a buffer of 2 bytes``); the process exits 1 (a supervisor restarts
+it). On noida the joining worker is restarted once in that case, and the restart is reported.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import time
 
 import pytest
 
+from tests.conftest import BROKER
 from tests.fault import harness as h
 from tests.fault.test_crash import _topics
 
@@ -30,13 +37,20 @@ def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, 
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
                        redis_url=stack.redis_url)
     publisher = h.RatePublisher(kafka_settings, names.input_topic, h.make_messages(20_000, seed=SEED), RATE)
-    started = time.monotonic()
+    started, b_restarts = time.monotonic(), 0
     try:
         a = workers.start("worker-a", env)
         a.wait_assigned()
         publisher.start()
         b = workers.start("worker-b", env)  # joins once its model is loaded: mid-stream
-        b.wait_assigned(timeout=120)
+        try:
+            b.wait_assigned(timeout=120)
+        except AssertionError:
+            if not (BROKER == "noida" and "unpack requires a buffer" in b.log_text()):
+                raise
+            b_restarts += 1
+            b = workers.start("worker-b2", env)
+            b.wait_assigned(timeout=120)
         h.wait_until(lambda: _batches(b) >= 3, 90, "worker-b to process batches", workers.tails)
         assert publisher.is_alive(), "the stream ended before the join was exercised"
         outputs_at_leave = len(reader.by_source) if reader.poll() >= 0 else 0
@@ -52,12 +66,17 @@ def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, 
         reader.drain()
         assert a.terminate() == 0
         counts = h.count(sent, reader)
+        failed_commits = [e["error"] for w in (a, b) for name in ("commit_failed", "revocation_commit_failed")
+                          for e in w.events(name)]
         h.report("rebalance", counts, batches_a=_batches(a), batches_b=_batches(b),
-                 assignments_a=len(a.events("partitions_assigned")), seconds=round(time.monotonic() - started, 1))
+                 assignments_a=len(a.events("partitions_assigned")), failed_commits=len(failed_commits),
+                 b_restarts=b_restarts, seconds=round(time.monotonic() - started, 1))
     finally:
         publisher.stop.set()
         reader.close()
 
     assert counts.lost == 0 and counts.dlq == 0 and counts.output == len(sent)
+    misuse = [e for e in failed_commits if e.startswith("RuntimeError")]
+    assert not misuse, f"the commit on revocation cannot work as written: {misuse[0][:300]}"
     assert counts.duplicates <= 2 * h.uncommitted_window()
     assert _batches(b) >= 3 and _batches(a) > 0
