@@ -107,6 +107,9 @@ class PretrainSettings:
                                                    "harder task that teaches word-level context. Segmenting "
                                                    "costs ~10 s per million characters up front.")
     mlm_probability: float = setting(0.15, help="Share of tokens (or words) the model must predict.")
+    dropout: float = setting(0.0, help="Dropout while pretraining (hidden and attention). 0 is ~30% faster on "
+                                       "CPU (no random masks; fused attention) and loses nothing in a run of a "
+                                       "few epochs; the saved config keeps the preset's dropout for fine-tuning.")
     # ---- optimisation ---------------------------------------------------------------------------------------
     batch_size: int = setting(64, env="BERT_STREAM_PRETRAIN_BATCH_SIZE", help="Rows per forward pass (memory).")
     gradient_accumulation_steps: int = setting(1, help="Forward passes per optimizer step: effective batch = "
@@ -147,6 +150,7 @@ class PretrainSettings:
         require(not unknown, f"unknown --builtin-datasets {sorted(unknown)}; choose from {', '.join(BUILTINS)}")
         require(8 <= self.max_length <= 512, "--max-length must be between 8 and 512 (the position table)")
         require(0 < self.mlm_probability < 1, "--mlm-probability must be between 0 and 1")
+        require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
         for name in ("batch_size", "gradient_accumulation_steps", "eval_every", "log_every", "save_every",
                      "eval_rows"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
@@ -321,8 +325,12 @@ def build_model(settings: PretrainSettings, vocab_size: int) -> nn.Module:
     if settings.max_length > config.max_position_embeddings:
         raise PretrainError(f"--max-length {settings.max_length} exceeds the model's "
                             f"{config.max_position_embeddings} positions")
+    for_fine_tuning = (config.hidden_dropout_prob, config.attention_probs_dropout_prob)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = settings.dropout
     cls = BertForPreTraining if settings.nsp else BertForMaskedLM
-    return cls._from_config(config, attn_implementation="sdpa")
+    model = cls._from_config(config, attn_implementation="sdpa")
+    model.dropout_for_fine_tuning = for_fine_tuning  # written into the saved config (see _write_and_publish)
+    return model
 
 
 def optimizer_for(model: nn.Module, settings: PretrainSettings) -> torch.optim.AdamW:
@@ -641,6 +649,7 @@ def _write_and_publish(accelerator, objective, tokenizer, settings, progress, fi
                        precision, n_params, wall_s, root, batches_per_epoch) -> Path:
     staged = checkpoint.staging_dir(root, progress.version)
     model = accelerator.unwrap_model(objective).model
+    model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob = model.dropout_for_fine_tuning
     model.save_pretrained(staged)  # safetensors: the only format transformers writes by default
     tokenizer.save_pretrained(staged)
     train_points = [h for h in progress.history if "loss" in h]
@@ -650,7 +659,9 @@ def _write_and_publish(accelerator, objective, tokenizer, settings, progress, fi
         "final_train_mlm_loss": train_points[-1]["loss"] if train_points else None,
         "final_train_mlm_accuracy": train_points[-1]["accuracy"] if train_points else None,
         "steps": progress.step, "epochs": round(progress.micro_step / max(1, batches_per_epoch), 3),
-        "tokens": progress.tokens, "tokens_per_s": progress.tokens / max(progress.elapsed_s, 1e-9),
+        # tokens are counted per process; the shards are equal, so the total is that x processes
+        "tokens": progress.tokens * accelerator.num_processes,
+        "tokens_per_s": progress.tokens * accelerator.num_processes / max(progress.elapsed_s, 1e-9),
         "train_time_s": round(progress.elapsed_s, 1), "wall_time_s": round(wall_s, 1),
         "params": n_params, "preset": settings.preset, "precision": precision,
         "processes": accelerator.num_processes, "corpus": corpus_info, "history": progress.history,

@@ -233,7 +233,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 def _args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["--corpus-dir", str(corpus), "--no-builtin-corpus", "--preset", "tiny", "--max-length", "64",
-            "--batch-size", "16", "--learning-rate", "1e-3", "--eval-every", "15", "--log-every", "5",
+            "--batch-size", "16", "--learning-rate", "1e-3", "--eval-every", "10", "--log-every", "5",
             "--output-dir", str(out), *extra]
 
 
@@ -246,25 +246,27 @@ def test_pretrain_interrupted_resumed_loss_falls_and_fine_tuner_loads_it(corpus_
     from trainer.models import load_for_classification
 
     out = tmp_path / "pretrained"
-    args = _args(corpus_dir, out, "--max-steps", "30", "--save-every", "15")
-    # An interruption after training but before publishing: state from step 15 survives, LATEST is unset.
+    args = _args(corpus_dir, out, "--max-steps", "20", "--save-every", "10")
+    # An interruption after training but before publishing: state from step 10 survives, LATEST is unset.
     with mock.patch.object(pretrain, "_write_and_publish", side_effect=KeyboardInterrupt), \
             pytest.raises(KeyboardInterrupt):
         pretrain.main(args)
     assert latest_version(out) is None
     [run] = list((out / pretrain.RUNS).iterdir())
-    assert json.loads((run / "state" / "progress.json").read_text())["step"] == 15
+    assert json.loads((run / "state" / "progress.json").read_text())["step"] == 10
 
     folder = pretrain.main([*args, "--resume"])
     assert latest_version(out) == folder.name == run.name  # the resumed run keeps its version id
     assert not (out / pretrain.RUNS).exists()  # finished: no resumable state left behind
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["steps"] == 30
-    assert metrics["final_mlm_loss"] < metrics["initial_mlm_loss"] - 0.5, metrics["history"]
-    assert {h["step"] for h in metrics["history"] if "eval_loss" in h} == {0, 15, 30}
+    assert metrics["steps"] == 20
+    assert metrics["final_mlm_loss"] < metrics["initial_mlm_loss"] - 0.3, metrics["history"]
+    assert {h["step"] for h in metrics["history"] if "eval_loss" in h} == {0, 10, 20}
     for name in ("config.json", "model.safetensors", "tokenizer.json", "pretraining_curve.png", "pretrain_args.json"):
         assert (folder / name).is_file(), name
-    assert json.loads((folder / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["BertForMaskedLM"]
+    assert config["hidden_dropout_prob"] == 0.1  # pretrained without dropout, saved with the fine-tuning one
 
     labels = ["体育", "财经", "科技"]
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3)
