@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,14 +36,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = "thucnews-titles"
 
 
+LOADS: dict[str, list[float]] = {}  # phase -> 1-minute load average before and after: flags a shared CPU
+
+
 def run_cli(args: list[str], log_path: Path) -> float:
     """Run ``python -m <args>`` with its log in ``log_path``; return its wall time; fail loudly."""
+    load_before = os.getloadavg()[0]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               check=False)
     wall = time.monotonic() - started
+    LOADS[log_path.stem] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(f"[{wall / 60:5.1f} min] python -m {' '.join(args)} -> exit {proc.returncode} (log {log_path})",
           file=sys.stderr)
     if proc.returncode != 0:
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["e5_small"] = {"folder": str(e5_folder), "test_accuracy": m["test"]["accuracy"],
                               "test_macro_f1": m["test"]["macro_f1"], "train_time_s": m["train_time_s"]}
     result["baseline_accuracy"] = baseline_accuracy()
+    result["load_average"] = LOADS  # well above the core count means the times above are inflated
+    result["cpu_count"] = os.cpu_count()
     if not opts.skip_inference:
         result["inference"] = inference_speed(opts, Path(result["pretrained"]["folder"]), e5_folder)
     (work / "pretrain_compare.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
