@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["load_average"] = LOADS  # well above the core count means the times above are inflated
     result["cpu_count"] = os.cpu_count()
     if not opts.skip_inference:
+        load_before = os.getloadavg()[0]
         result["inference"] = inference_speed(opts, Path(result["pretrained"]["folder"]), e5_folder)
+        LOADS["inference"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     (work / "pretrain_compare.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(table(result))
     return result
