@@ -20,15 +20,23 @@ from pathlib import Path
 from bert_stream.kafka import KafkaSettings
 from bert_stream.logs import configure_logging
 from bert_stream.settings import from_env, parse_settings
-from deploy.local.stack import free_port
 from demo import model as models
 from demo.display import Column, Table, display_width, short_version
 from demo.model import DemoError
 from demo.processes import Interrupted, StopFlag, http_status, run_streamed, spawn, stop, tail
 from demo.settings import DemoSettings
 from demo.stats import Result, format_summary, summarize
-from demo.stream import (MAX_MESSAGE_BYTES, Collector, DeadLetter, RunNames, Servers, malformed_messages,
-                         send_raw, start_servers, write_jsonl)
+from demo.stream import (
+    MAX_MESSAGE_BYTES,
+    Collector,
+    DeadLetter,
+    RunNames,
+    malformed_messages,
+    send_raw,
+    start_servers,
+    write_jsonl,
+)
+from deploy.local.stack import free_port
 from trainer.data import DataSpec, load_splits
 
 # Tansu completes a group join in about half the session timeout: a short one gets the worker going sooner.
@@ -47,17 +55,20 @@ def step(title: str) -> None:
 
 def by_version(results: list[Result]) -> list[tuple[str, int, int]]:
     """(version, results, correct) in order of first appearance."""
-    versions = list(dict.fromkeys(r.model_version for r in results))
-    return [(v, sum(r.model_version == v for r in results), sum(bool(r.correct) for r in results
-                                                                if r.model_version == v)) for v in versions]
+    out = []
+    for version in dict.fromkeys(r.model_version for r in results):
+        mine = [r for r in results if r.model_version == version]
+        out.append((version, len(mine), sum(bool(r.correct) for r in mine)))
+    return out
 
 
 def results_table(labels: list[str]) -> Table:
     """One row per result: the title gets whatever width the terminal leaves."""
     width = max(9, *(display_width(label) for label in labels))
-    return Table([Column("#", 4, "right"), Column("text", 0), Column("predicted", width), Column("true", width + 2),
-                  Column("score", 5, "right"), Column("cache", 5), Column("ms", 6, "right"), Column("model", 15)],
-                 flex="text")
+    columns = [Column("#", 4, "right"), Column("text", 0), Column("predicted", width),
+               Column("true", width + 2), Column("score", 5, "right"), Column("cache", 5),
+               Column("ms", 6, "right"), Column("model", 15)]
+    return Table(columns, flex="text")
 
 
 class Demo:
@@ -86,7 +97,7 @@ class Demo:
             self.collector = Collector(self.kafka, self.names, self.truth)
             cleanup.callback(self.collector.close)
             self.wait_until_ready()
-            step(f"4/6 streaming {self.settings.messages} held-out news titles, then repeats and malformed messages")
+            step(f"4/6 streaming {self.settings.messages} held-out news titles, repeats, malformed messages")
             self.stream_and_summarize()
             if not self.settings.skip_retrain:
                 step("5/6 retraining while the worker runs (hot reload, no restart)")
@@ -95,16 +106,17 @@ class Demo:
         self.say_where()
         return 0
 
-    # ---- 1. servers ------------------------------------------------------------------------------------------
+    # ---- 1. servers ----------------------------------------------------------------------------------------
     def describe_servers(self) -> None:
         started = ", ".join(self.servers.started) or "nothing (both given by the environment)"
         say(f"broker {self.servers.bootstrap_servers}, Redis {self.servers.redis_url}; started: {started}")
 
-    # ---- 2. model --------------------------------------------------------------------------------------------
+    # ---- 2. model ------------------------------------------------------------------------------------------
     def ensure_model(self) -> str:
         version = models.published_version(self.store)
         if version:
-            say(f"using the published model {self.store / version} (delete it or pass --model-dir to retrain)")
+            say(f"using the published model {self.store / version} (move it away, or pass --model-dir, "
+                "to train a new one)")
             return version
         say(f"no model published in {self.store}: training one with the trainer's --quick preset "
             f"(about 3 minutes on 2 CPU cores; log {self.work / 'train.log'})")
@@ -125,7 +137,7 @@ class Demo:
         return {**env, "KAFKA_BOOTSTRAP_SERVERS": self.servers.bootstrap_servers,
                 "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"), "PYTHONUNBUFFERED": "1", **extra}
 
-    # ---- 3. worker and titles --------------------------------------------------------------------------------
+    # ---- 3. worker and titles ------------------------------------------------------------------------------
     def start_worker(self, cleanup: ExitStack) -> None:
         self.http_port = free_port()
         self.worker_log = self.work / "worker.log"
@@ -142,6 +154,9 @@ class Demo:
         say(f"worker pid {self.worker.pid}: topics {self.names.input_topic} -> {self.names.output_topic} "
             f"(+ {self.names.dlq_topic}), log {self.worker_log}")
 
+    def worker_died(self) -> DemoError:
+        return DemoError(f"the worker exited with status {self.worker.returncode}:\n{tail(self.worker_log)}")
+
     def stop_worker(self) -> None:
         if self.worker.poll() is None:
             say(f"stopping the worker (SIGTERM to pid {self.worker.pid}: finish the batch, commit, exit)")
@@ -154,9 +169,10 @@ class Demo:
         splits = load_splits(DataSpec(data=self.settings.data, seed=seed))
         unknown = set(splits.labels) - models.model_labels(self.store / version)
         if unknown:
-            raise DemoError(f"the model in {self.store / version} does not know the labels {sorted(unknown)} of "
-                            f"{self.settings.data}: pass --model-dir with a {self.settings.data} model")
-        wanted = self.settings.messages + (0 if self.settings.skip_retrain else self.settings.retrain_messages)
+            raise DemoError(f"the model in {self.store / version} does not know the labels {sorted(unknown)} "
+                            f"of {self.settings.data}: pass --model-dir with a {self.settings.data} model")
+        s = self.settings
+        wanted = s.messages + (0 if s.skip_retrain else s.retrain_messages)
         picked = random.Random(self.settings.seed).sample(splits.test, min(wanted, len(splits.test)))
         picked += [picked[i % len(picked)] for i in range(wanted - len(picked))]  # tiny test split: repeat
         self.truth = {f"t{i:04d}": e.label for i, e in enumerate(picked)}
@@ -170,7 +186,7 @@ class Demo:
         deadline, started = time.monotonic() + self.settings.timeout_s, time.monotonic()
         while http_status(url) != 200:
             if self.worker.poll() is not None:
-                raise DemoError(f"the worker exited with status {self.worker.returncode}:\n{tail(self.worker_log)}")
+                raise self.worker_died()
             if time.monotonic() > deadline:
                 raise DemoError(f"the worker was not ready after {self.settings.timeout_s:.0f} s:\n"
                                 f"{tail(self.worker_log)}")
@@ -178,7 +194,7 @@ class Demo:
         say(f"worker ready in {time.monotonic() - started:.1f} s; metrics at "
             f"http://127.0.0.1:{self.http_port}/metrics while it runs")
 
-    # ---- 4. streaming ----------------------------------------------------------------------------------------
+    # ---- 4. streaming --------------------------------------------------------------------------------------
     def stream_and_summarize(self) -> None:
         n = self.settings.messages
         main_ids = list(self.truth)[:n]
@@ -206,8 +222,8 @@ class Demo:
     def publish(self, what: str, ids: list[str], rate: float = 0) -> None:
         """Send (id, text) pairs as JSONL, keyed by id, through the project's publisher CLI."""
         path = write_jsonl(self.work / f"{what}.jsonl", [(i, self.texts[i]) for i in ids])
-        argv = [sys.executable, "-m", "worker.publish", "--input", str(path), "--topic", self.names.input_topic,
-                "--key-field", "id", "--rate", str(rate), "--no-progress"]
+        argv = [sys.executable, "-m", "worker.publish", "--input", str(path), "--topic",
+                self.names.input_topic, "--key-field", "id", "--rate", str(rate), "--no-progress"]
         rc = run_streamed(argv, self.child_env(), self.work / "publish.log", self.flag, echo=False)
         if rc != 0:
             raise DemoError(f"worker.publish exited with status {rc}:\n{tail(self.work / 'publish.log')}")
@@ -220,10 +236,11 @@ class Demo:
                    and (until is None or until())):
             self.flag.check()
             if self.worker.poll() is not None:
-                raise DemoError(f"the worker exited with status {self.worker.returncode}:\n{tail(self.worker_log)}")
+                raise self.worker_died()
             if time.monotonic() > deadline:
                 missing = len(ids - self.collector.results.keys())
-                raise DemoError(f"{missing} results missing after {self.settings.timeout_s:.0f} s; worker log "
+                raise DemoError(f"{missing} results missing after {self.settings.timeout_s:.0f} s; "
+                                f"worker log "
                                 f"{self.worker_log}:\n{tail(self.worker_log)}")
             for item in self.collector.poll(timeout_ms=300):
                 self.show(item)
@@ -240,7 +257,7 @@ class Demo:
                            f"{item.score:.2f}", "hit" if item.cached else "", str(item.latency_ms),
                            short_version(item.model_version)))
 
-    # ---- 5. retrain and hot reload ---------------------------------------------------------------------------
+    # ---- 5. retrain and hot reload -------------------------------------------------------------------------
     def retrain_and_switch(self, before: str) -> None:
         """Half of the fresh titles go in while the trainer runs (served by the current model), the other
         half once the new version is published: the model column shows the swap, the ids show nothing lost."""
@@ -254,7 +271,8 @@ class Demo:
         after = self.retrain(before)
         published_ms = time.time() * 1000
         self.collect(set(during), dead_letters=0)
-        say(f"-- {len(after_publish)} titles after publishing {after} (the worker swaps models between batches)")
+        say(f"-- {len(after_publish)} titles after publishing {after} "
+            "(the worker swaps models between batches)")
         self.publish("after-retrain", after_publish, rate=RETRAIN_BATCH_RATE)
         self.collect(set(after_publish), dead_letters=0)
         probes = self.probe_until_served_by(after, fresh[0])
@@ -270,15 +288,17 @@ class Demo:
     def retrain(self, before: str) -> str:
         """Run the short retrain (output shown as it comes); returns the version it published."""
         s = self.settings
-        argv = models.retrain_command(self.store, s.data, models.trained_seed(self.store / before),
-                                      s.retrain_examples, self.servers.redis_url)
-        say(f"training on {s.retrain_examples} examples; published with --force and announced on Redis "
-            f"(log {self.work / 'retrain.log'})")
+        base = self.store / before
+        argv = models.retrain_command(self.store, base, s.data, models.trained_seed(base), s.retrain_examples,
+                                      self.servers.redis_url)
+        say(f"fine-tuning the current model further on {s.retrain_examples} examples; published with --force "
+            f"and announced on Redis (log {self.work / 'retrain.log'})")
         with models.discard_unfinished_runs(self.store):
             rc = run_streamed(argv, self.child_env(), self.work / "retrain.log", self.flag, echo=True)
         after = models.published_version(self.store)
         if rc != 0 or after in (None, before):
-            raise DemoError(f"the retrain published nothing (exit status {rc}): see {self.work / 'retrain.log'}")
+            raise DemoError(f"the retrain published nothing (exit status {rc}): "
+                            f"see {self.work / 'retrain.log'}")
         self.retrained = (before, after)
         return after
 
@@ -299,13 +319,14 @@ class Demo:
         return any(r.model_version == version for r in self.collector.results.values())
 
     def undo_retrain(self) -> None:
-        """After the worker has stopped: LATEST back to the model the demo started with (see --keep-retrained)."""
+        """After the worker has stopped: LATEST back to the model the demo started with (--keep-retrained)."""
         if self.retrained and not self.settings.keep_retrained:
             before, after = self.retrained
             models.roll_back(self.store, keep=before, remove=after)
-            say(f"LATEST points back at {before}; the retrained {after} was removed (--keep-retrained keeps it)")
+            say(f"LATEST points back at {before}; the retrained {after} was removed "
+                "(--keep-retrained keeps it)")
 
-    # ---- 6. where things are ---------------------------------------------------------------------------------
+    # ---- 6. where things are -------------------------------------------------------------------------------
     def say_where(self) -> None:
         say("", "everything stopped. Where things are:",
             f"  checkpoint  {self.store / (models.published_version(self.store) or '')}",

@@ -63,7 +63,8 @@ class Table:
     def row(self, *cells: str) -> str:
         if len(cells) != len(self.columns):
             raise ValueError(f"expected {len(self.columns)} cells, got {len(cells)}")
-        return self.gap.join(fit(str(v), c.width, align=c.align) for v, c in zip(cells, self.columns)).rstrip()
+        fitted = (fit(str(value), c.width, align=c.align) for value, c in zip(cells, self.columns))
+        return self.gap.join(fitted).rstrip()
 
     def header(self) -> str:
         titles = self.row(*(c.title for c in self.columns))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from trainer import checkpoint
 
-RUNS_DIR = ".runs"  # trainer.run.RUNS_DIR, the resumable state of unfinished runs (not imported: it loads torch)
+# trainer.run.RUNS_DIR: resumable state of unfinished runs (not imported: trainer.run loads torch)
+RUNS_DIR = ".runs"
 
 
 class DemoError(RuntimeError):
@@ -59,13 +60,17 @@ def train_command(store: Path, data: str, seed: int = 0) -> list[str]:
     return [*_trainer(store, data, seed), "--resume"]
 
 
-def retrain_command(store: Path, data: str, seed: int, examples: int, redis_url: str) -> list[str]:
-    """A short retrain: fewer examples, one evaluation at the end, on a smaller validation split. The test
-    split is carved out first, so the same seed keeps the same test split (the demo's titles stay held out)
-    whatever the validation fraction. ``--force``: a weaker model must not be refused by the quality gate,
-    since the point is to show the swap; ``--redis-url``: running workers are told at once."""
-    return [*_trainer(store, data, seed), "--max-train-examples", str(examples), "--validation-fraction", "0.02",
-            "--eval-steps", "1000000", "--early-stopping-patience", "0", "--force", "--redis-url", redis_url]
+def retrain_command(store: Path, base: Path, data: str, seed: int, examples: int,
+                    redis_url: str) -> list[str]:
+    """A short retrain that continues from the published model ``base`` (what a team does when new labelled
+    data arrives): a low learning rate on a few hundred examples, one evaluation at the end, a smaller
+    validation split. The test split is carved out first, so the same seed keeps the same test split (the
+    demo's titles stay held out) whatever the validation fraction. ``--force``: a model a little worse on the
+    test split must not be refused by the quality gate, since the point is to show the swap;
+    ``--redis-url``: running workers are told at once."""
+    return [*_trainer(store, data, seed), "--model", str(base), "--max-train-examples", str(examples),
+            "--learning-rate", "2e-5", "--validation-fraction", "0.02", "--eval-steps", "1000000",
+            "--early-stopping-patience", "0", "--force", "--redis-url", redis_url]
 
 
 def roll_back(store: Path, keep: str, remove: str) -> None:

@@ -94,7 +94,8 @@ def _read(fd: int) -> bytes:
         return b""
 
 
-def run_streamed(argv: Sequence[str], env: Mapping[str, str], log: Path, flag: StopFlag, *, echo: bool) -> int:
+def run_streamed(argv: Sequence[str], env: Mapping[str, str], log: Path, flag: StopFlag, *,
+                 echo: bool) -> int:
     """Run a child to completion, copying its output to ``log`` and (``echo``) to our stdout as it comes,
     carriage returns included, so progress bars draw in place. Ctrl-C stops the child before unwinding."""
     read_end, write_end = _output_channel(echo and sys.stdout.isatty())

@@ -69,7 +69,8 @@ def summarize(results: Iterable[Result], dlq_reasons: Iterable[str] = ()) -> Sum
     results = list(results)
     scored = [r for r in results if r.correct is not None]
     latencies = [r.latency_ms for r in results]
-    span_s = (max((r.output_ms for r in results), default=0) - min((r.produced_ms for r in results), default=0)) / 1000
+    first_ms = min((r.produced_ms for r in results), default=0)
+    span_s = (max((r.output_ms for r in results), default=0) - first_ms) / 1000
     return Summary(
         results=len(results),
         scored=len(scored),

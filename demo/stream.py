@@ -13,8 +13,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bert_stream.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
-from deploy.local.stack import LocalStack, kafka_answers, redis_answers
 from demo.stats import Result
+from deploy.local.stack import LocalStack, kafka_answers
 from worker.messages import EMPTY_TEXT, INVALID_JSON, INVALID_UTF8, TOO_LARGE, parse_dlq_headers, parse_output
 
 # Titles are short; a small limit lets the oversize example stay small too.
@@ -37,7 +37,7 @@ def _answers(bootstrap: str | None) -> bool:
 
 def start_servers(state_dir: Path, cleanup: ExitStack) -> Servers:
     """Use the broker and Redis named by KAFKA_BOOTSTRAP_SERVERS / REDIS_URL when they answer; start a local
-    broker and/or Redis (deploy.local) for whatever does not. Whatever was started is stopped by ``cleanup``."""
+    broker and/or Redis (deploy.local) for whatever does not; ``cleanup`` stops what was started."""
     stale = LocalStack.load(state_dir)
     if stale:  # a previous demo killed before its cleanup: stop what it left
         stale.down()

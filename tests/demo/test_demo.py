@@ -25,7 +25,8 @@ def test_display_width_counts_wide_and_fullwidth_as_two_cells(text, width):
     assert display_width(text) == width
 
 
-@pytest.mark.parametrize("text", ["短", "中国足球队3:0胜泰国", "Apple 发布 iPhone 新品，售价 5999 元起", "plain ascii"])
+@pytest.mark.parametrize("text", ["短", "中国足球队3:0胜泰国", "Apple 发布 iPhone 新品，售价 5999 元起",
+                                  "plain ascii"])
 @pytest.mark.parametrize("width", [1, 2, 5, 10, 17])
 def test_fit_is_exactly_width_cells(text, width):
     out = fit(text, width)
@@ -48,7 +49,8 @@ def test_fit_right_aligns_and_flattens_newlines():
 
 
 def test_table_rows_align_in_cells_whatever_the_script():
-    table = Table([Column("#", 3, "right"), Column("text", 0), Column("label", 6)], flex="text", total_width=40)
+    columns = [Column("#", 3, "right"), Column("text", 0), Column("label", 6)]
+    table = Table(columns, flex="text", total_width=40)
     rows = [table.row("1", "中国足球队3:0胜泰国，晋级下一轮", "体育"), table.row("22", "stocks fall", "财经")]
     # every column starts at the same cell offset: the label column begins at 40 - 6
     for row in rows:
@@ -61,7 +63,7 @@ def test_short_version():
     assert short_version("local-model") == "local-model"
 
 
-# ---- statistics ----------------------------------------------------------------------------------------------
+# ---- statistics --------------------------------------------------------------------------------------------
 def test_percentile_matches_linear_interpolation():
     values = [15, 20, 35, 40, 50]
     assert percentile(values, 0) == 15
@@ -115,7 +117,7 @@ def test_malformed_messages_cover_each_input_failure_once():
     assert sorted(reasons) == ["empty_text", "invalid_json", "invalid_utf8", "too_large"]
 
 
-# ---- end to end ------------------------------------------------------------------------------------------------
+# ---- end to end --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.kafka
 def test_demo_runs_end_to_end_and_leaves_nothing_running(stack, trained_checkpoint, tmp_path, repo_root):
@@ -124,7 +126,8 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(stack, trained_checkpoi
     argv = [sys.executable, "-m", "demo", "--messages", "40", "--duplicates", "5", "--skip-retrain",
             "--model-dir", str(trained_checkpoint), "--work-dir", str(tmp_path / "demo"), "--timeout-s", "90"]
     started = time.monotonic()
-    done = subprocess.run(argv, env=env, cwd=repo_root, capture_output=True, text=True, timeout=170)
+    done = subprocess.run(argv, env=env, cwd=repo_root, capture_output=True, text=True, timeout=170,
+                          check=False)
     elapsed = time.monotonic() - started
     out = done.stdout
     assert done.returncode == 0, f"demo failed:\n{out[-3000:]}\n{done.stderr[-3000:]}"
@@ -140,12 +143,13 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(stack, trained_checkpoi
     assert elapsed < 120, f"the demo took {elapsed:.0f} s"
 
 
-# ---- child processes -------------------------------------------------------------------------------------------
+# ---- child processes ---------------------------------------------------------------------------------------
 def test_run_streamed_copies_output_to_the_log_and_returns_the_status(tmp_path):
     from demo.processes import StopFlag, run_streamed
 
     code = "import sys; print('训练 progress\\r50%\\r100%'); sys.exit(3)"
-    rc = run_streamed([sys.executable, "-c", code], os.environ, tmp_path / "child.log", StopFlag(), echo=False)
+    log = tmp_path / "child.log"
+    rc = run_streamed([sys.executable, "-c", code], os.environ, log, StopFlag(), echo=False)
     assert rc == 3
     assert (tmp_path / "child.log").read_bytes().decode() == "训练 progress\r50%\r100%\n"
 
@@ -167,7 +171,7 @@ def test_an_interrupt_stops_the_child_before_unwinding(tmp_path):
         assert not Path(f"/proc/{marker.read_text()}").exists()
 
 
-# ---- the trainer command lines the demo runs ------------------------------------------------------------------
+# ---- the trainer command lines the demo runs ---------------------------------------------------------------
 def test_the_trainer_accepts_the_demo_command_lines(tmp_path):
     from bert_stream.settings import parse_settings
     from demo.model import retrain_command, train_command
@@ -175,10 +179,12 @@ def test_the_trainer_accepts_the_demo_command_lines(tmp_path):
 
     first = parse_settings(TrainSettings, train_command(tmp_path, "thucnews-titles", 0)[3:], prog="t", env={})
     assert first.quick and first.resume and first.output_dir == str(tmp_path)
-    retrain = parse_settings(TrainSettings, retrain_command(tmp_path, "thucnews-titles", 0, 600, "redis://x:1/0")[3:],
-                             prog="t", env={})
+    argv = retrain_command(tmp_path, tmp_path / "v1", "thucnews-titles", 0, 600, "redis://x:1/0")
+    retrain = parse_settings(TrainSettings, argv[3:], prog="t", env={})
     assert retrain.force and retrain.redis_url == "redis://x:1/0" and retrain.max_train_examples == 600
-    assert retrain.test_fraction == first.test_fraction and retrain.seed == first.seed  # same held-out test split
+    assert retrain.model == str(tmp_path / "v1")
+    # the same held-out test split
+    assert retrain.test_fraction == first.test_fraction and retrain.seed == first.seed
 
 
 def test_an_interrupted_retrain_leaves_no_resumable_state_behind(tmp_path):
