@@ -1,0 +1,237 @@
+"""Part 1b: what could beat plain batched bf16 on this CPU, measured side by side through the engine's path.
+
+``python -m bench.alternatives [--seconds 2] [--skip compile,onnx]``
+
+Every variant runs inside :meth:`worker.engine.LoadedModel.predict` (the worker's tokenisation, length
+sorting, chunking and top-k), with only the forward pass swapped, on the same batches, interleaved in
+rounds so the machine's noise hits all of them alike:
+
+- ``bf16`` (the engine's choice on AMX/AVX512-BF16 CPUs) and ``fp32``: eager PyTorch, SDPA attention.
+- ``bf16 chunk=N``: the engine's ``CHUNK_TOKENS`` (padded tokens per forward pass) raised from 2048.
+- ``bf16 torch.compile``: inductor with weight freezing (oneDNN prepacked bf16 linears); compile time is
+  reported apart. Shapes vary per batch, so ``dynamic=True``.
+- ``int8 dynamic (torch)``: ``torch.ao.quantization.quantize_dynamic`` of the fp32 model's Linear layers
+  (int8 weights, activations quantised per batch; the x86 engine, VNNI/AMX int8 where available).
+- ``onnxruntime fp32`` / ``onnxruntime int8``: the fp32 model exported to ONNX, run by ONNX Runtime's CPU
+  provider with all graph optimisations (fused attention, GELU, LayerNorm), and its dynamic int8
+  quantisation (``onnxruntime.quantization.quantize_dynamic``, QInt8 weights, MLAS int8 kernels).
+
+Each variant's labels are compared with fp32's on the same texts (agreement), so a fast variant that
+changes answers is visible. Variants whose optional packages (onnx, onnxruntime) are missing are skipped
+and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import time
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench import common
+from bench.model_only import batches_of, load_engines, time_predict, worker_batches
+
+VARIANTS = ("bf16", "fp32", "bf16 chunk=8192", "bf16 torch.compile", "int8 dynamic (torch)",
+            "onnxruntime fp32", "onnxruntime int8")
+
+
+class _Logits(types.SimpleNamespace):
+    logits: object
+
+
+class OrtForward:
+    """An ONNX Runtime session called like a transformers model (``model(input_ids=, attention_mask=).logits``)."""
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no spinning between calls: idle ORT threads would steal the CPU from the variants interleaved with it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids.numpy(),
+                                                  "attention_mask": attention_mask.numpy()})
+        return _Logits(logits=torch.from_numpy(logits))
+
+
+def export_onnx(model, path: Path) -> Path:
+    """The fp32 model as ONNX with dynamic batch and sequence axes (TorchScript exporter: no extra deps)."""
+    import torch
+
+    ids = torch.ones((2, 16), dtype=torch.long)
+    with torch.inference_mode():
+        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                        "attention_mask": {0: "batch", 1: "sequence"}})
+    return path
+
+
+def with_forward(loaded, forward) -> object:
+    """A shallow copy of a LoadedModel whose forward pass is ``forward`` (tokenizer, labels shared)."""
+    clone = copy.copy(loaded)
+    clone.model = forward
+    return clone
+
+
+@contextlib.contextmanager
+def chunk_tokens(n: int):
+    """Temporarily change the engine's padded-tokens-per-forward-pass constant (read at call time)."""
+    import worker.engine as engine_module
+
+    saved = engine_module.CHUNK_TOKENS
+    engine_module.CHUNK_TOKENS = n
+    try:
+        yield
+    finally:
+        engine_module.CHUNK_TOKENS = saved
+
+
+def build_variants(engines: dict, work_dir: Path, skip: Sequence[str], sample: Sequence[str]) -> tuple[dict, dict]:
+    """name -> predict(texts) callable, and name -> setup notes (build seconds, or why it was skipped)."""
+    import torch
+
+    fp32, bf16 = engines["fp32"].current, engines["bf16"].current
+    predicts: dict[str, Callable] = {"bf16": bf16.predict, "fp32": fp32.predict}
+    notes: dict[str, dict] = {"bf16": {}, "fp32": {}}
+
+    def chunked(texts):
+        with chunk_tokens(8192):
+            return bf16.predict(texts)
+
+    predicts["bf16 chunk=8192"] = chunked
+    notes["bf16 chunk=8192"] = {}
+
+    def add(name: str, build: Callable[[], Callable]) -> None:
+        if any(s and s in name for s in skip):
+            notes[name] = {"skipped": "--skip"}
+            return
+        t0 = time.perf_counter()
+        try:
+            predict = build()
+            predict(list(sample[:64]))  # first call: compilation / kernel selection, not measured
+        except Exception as exc:  # noqa: BLE001 - a variant that does not build is reported, not fatal
+            notes[name] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
+            return
+        predicts[name] = predict
+        notes[name] = {"build_s": time.perf_counter() - t0}
+
+    def compiled():
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights become constants: oneDNN prepacks the bf16 linears
+        model = copy.copy(bf16.model)
+        return with_forward(bf16, torch.compile(model, dynamic=True)).predict
+
+    def int8_torch():
+        torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32.model), {torch.nn.Linear}, dtype=torch.qint8)
+        return with_forward(fp32, q).predict
+
+    onnx_path = work_dir / "model-fp32.onnx"
+
+    def ort_fp32():
+        export_onnx(fp32.model, onnx_path)
+        return with_forward(fp32, OrtForward(onnx_path, torch.get_num_threads())).predict
+
+    def ort_int8():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        if not onnx_path.exists():
+            export_onnx(fp32.model, onnx_path)
+        q_path = work_dir / "model-int8.onnx"
+        quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8)
+        return with_forward(fp32, OrtForward(q_path, torch.get_num_threads())).predict
+
+    add("bf16 torch.compile", compiled)
+    add("int8 dynamic (torch)", int8_torch)
+    add("onnxruntime fp32", ort_fp32)
+    add("onnxruntime int8", ort_int8)
+    return predicts, notes
+
+
+def agreement(predicts: dict, texts: Sequence[str], reference: str = "fp32") -> dict:
+    """Share of ``texts`` on which each variant's label equals the reference variant's."""
+    labels = {}
+    for name, predict in predicts.items():
+        out = []
+        for i in range(0, len(texts), 64):
+            out += [p.label_id for p in predict(list(texts[i:i + 64]))]
+        labels[name] = out
+    ref = labels[reference]
+    return {name: sum(a == b for a, b in zip(ls, ref)) / len(ref) for name, ls in labels.items()}
+
+
+def run(ws: common.Workspace | None = None, *, model_dir=None, engines: dict | None = None, seconds: float = 2.0,
+        rounds: int = 2, skip: Sequence[str] = (), stream: Sequence[str] | None = None,
+        agreement_texts: int = 400) -> dict:
+    import torch
+
+    model_dir = model_dir or ws.model_dir
+    engines = engines or load_engines(model_dir)
+    titles = common.dataset_texts("titles")
+    stream = list(stream or common.stream_texts(4000))
+    work_dir = (ws.work_dir if ws else common.WORK_DIR)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    predicts, notes = build_variants(engines, work_dir, skip, titles)
+
+    workloads = {"titles, batch 64": batches_of(titles, 64, count=16),
+                 "e2e stream, worker batches": worker_batches(engines["bf16"], stream[:2000])}
+    totals: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        order = list(predicts) if r % 2 == 0 else list(reversed(predicts))  # no variant always goes first
+        for wl_name, batches in workloads.items():
+            for name in order:
+                msgs, secs = time_predict(predicts[name], batches, seconds / rounds)
+                acc = totals.setdefault((wl_name, name), [0, 0.0])
+                acc[0] += msgs
+                acc[1] += secs
+    rates = {wl: {name: totals[(wl, name)][0] / totals[(wl, name)][1] for name in predicts} for wl in workloads}
+    # agreement on held-out-ish texts: the tail of the titles (the stream's texts are what workers see)
+    agree = agreement(predicts, titles[-agreement_texts:] + stream[:agreement_texts // 2])
+    result = {"threads": torch.get_num_threads(), "rates_msgs_per_s": rates, "agreement_with_fp32": agree,
+              "notes": notes,
+              "speedup_over_bf16": {wl: {n: v / rates[wl]["bf16"] for n, v in by.items()} for wl, by in rates.items()}}
+    rows = []
+    for name in VARIANTS:
+        if name in predicts:
+            rows.append([name, *(rates[wl][name] for wl in workloads),
+                         *(f"{rates[wl][name] / rates[wl]['bf16']:.2f}x" for wl in workloads),
+                         f"{agree[name]:.2%}", notes[name].get("build_s")])
+        else:
+            rows.append([name, *("-" for _ in workloads), *("-" for _ in workloads), "-",
+                         "skipped: " + notes.get(name, {}).get("skipped", "?")[:60]])
+    common.print_table("Beyond plain bf16: model-only through the engine's path (msgs/s)",
+                       ["variant", *workloads, *(f"vs bf16 ({w.split(',')[0]})" for w in workloads),
+                        "labels = fp32", "build s"], rows)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.alternatives", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per variant and workload")
+    parser.add_argument("--skip", default="", help="comma-separated substrings of variant names to skip")
+    parser.add_argument("--output", default=str(common.WORK_DIR / "alternatives.json"), help="JSON written here")
+    args = parser.parse_args(argv)
+    from bert_stream.logs import configure_logging
+
+    configure_logging("WARNING")
+    model_dir = common.ensure_checkpoint(args.model_dir or common.DEFAULT_STORE)
+    result = run(model_dir=model_dir, seconds=args.seconds, skip=[s for s in args.skip.split(",") if s])
+    common.save_json(Path(args.output), result)
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Where the worker's time goes: py-spy samples of a worker draining a backlog, summed by pipeline step.
+
+``python -m bench.profile [--messages 6000] [--cached] [--torch-threads N]``
+
+Not part of ``make bench`` (py-spy is not a project dependency: ``pip install py-spy``). It publishes the
+stream, starts one worker, attaches ``py-spy record --threads --format raw`` to it for the drain, and sums the
+samples per thread into the steps of the worker loop (Kafka poll, decode, tokenisation, cache, model forward,
+publish, commit, ...). ``--cached`` profiles a second pass over the same stream served from Redis (what
+bounds the cached throughput). Writes the raw collapsed stacks and a JSON summary into the work dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench import common, e2e
+
+# first match wins, tested innermost frame first, so a forward pass called from predict counts as "model"
+CATEGORIES = (
+    ("model forward", ("torch/nn/modules", "modeling_bert", "sdpa_attention", "torch/nn/functional")),
+    ("tokenize", ("tokenization_utils", "tokenizers", "token_lengths", "_batch_encode", "__call__ (transformers")),
+    ("redis cache", ("redis/", "worker/cache.py")),
+    ("kafka poll/fetch", ("kafka/consumer", "kafka/client_async", "kafka/protocol", "kafka/record", "kafka/conn",
+                          "kafka/cluster", "kafka/coordinator", "selectors.py")),
+    ("kafka produce", ("kafka/producer",)),
+    ("decode input", ("worker/messages.py (decode", "parse_value", "normalize_text", "json/decoder")),
+    ("encode output", ("output_value", "json/encoder")),
+    ("batcher/offsets", ("worker/batcher.py", "worker/offsets.py")),
+    ("metrics/logging", ("prometheus_client", "structlog", "logging/")),
+    ("queue wait", ("threading.py", "queue.py")),
+)
+
+
+def categorize(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for name, needles in CATEGORIES:
+            if any(n in frame for n in needles):
+                return name
+    return "other"
+
+
+def summarize(raw: Path) -> dict:
+    """{thread: {category: share of that thread's samples}} plus sample counts, from py-spy's raw format."""
+    per_thread: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in raw.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        stack, _, count = line.rpartition(" ")
+        thread = stack.split(";", 1)[0]
+        per_thread[thread][categorize(stack)] += int(count)
+    out = {}
+    for thread, counter in per_thread.items():
+        total = sum(counter.values())
+        out[thread] = {"samples": total, "shares": {k: v / total for k, v in counter.most_common()}}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
+    parser.add_argument("--messages", type=int, default=6000, help="backlog size")
+    parser.add_argument("--cached", action="store_true", help="profile the second, fully cached pass")
+    parser.add_argument("--torch-threads", type=int, default=0, help="the worker's --torch-threads (0: default)")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    args = parser.parse_args(argv)
+    pyspy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        parser.exit(2, "bench.profile: py-spy is not installed (pip install py-spy)\n")
+    texts = common.stream_texts(args.messages)
+    extra = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+    with common.open_workspace(args.model_dir) as ws:
+        prefix = f"bench:{ws.run_id}:profile:"
+        if args.cached:
+            e2e.run_stream(ws, texts, tag="profile-fill", cache_prefix=prefix, worker_args=extra)
+        tag = "profile-cached" if args.cached else "profile"
+        topic = ws.name(tag)
+        common.create_topics(ws, {topic: 1})
+        common.publish(ws, topic, texts, id_prefix=f"{tag}-")
+        worker = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=prefix,
+                                      tag=tag, extra=extra)
+        raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
+        with common.running_workers([worker]):
+            while worker.handled() == 0:  # attach once the drain has started
+                worker.check_alive()
+                time.sleep(0.05)
+            spy = subprocess.Popen([pyspy, "record", "--pid", str(worker.proc.pid), "--threads", "--format", "raw",
+                                    "--rate", str(args.rate), "--output", str(raw), "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            common.wait_handled([worker], len(texts), 600)
+            spy.terminate()  # py-spy writes its output on SIGTERM/SIGINT
+            spy.wait(30)
+        outputs = common.read_outputs(ws, worker.output_topic, len(texts))
+    summary = {"messages": len(texts), "cached": args.cached, "torch_threads": args.torch_threads or None,
+               **common.stream_throughput(outputs), "threads": summarize(raw), "raw": str(raw)}
+    common.save_json(ws.work_dir / f"{tag}.json", summary)
+    print(f"{tag}: {summary['msgs_per_s']:,.0f} msgs/s over {summary['messages']:,} messages")
+    for thread, x in summary["threads"].items():
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in x["shares"].items() if v >= 0.01)
+        print(f"  {thread} ({x['samples']} samples): {shares}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Fast unit tests of the benchmark's pure helpers: percentiles, FLOP counting, throughput windows, targets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench import common
+from bench.run import _target
+
+E5_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 1536,
+            "id2label": {str(i): f"l{i}" for i in range(10)}}
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 75, 95, 99, 100])
+def test_percentile_matches_numpy_linear(q):
+    np = pytest.importorskip("numpy")
+    rng = random.Random(q)
+    values = [rng.expovariate(1 / 30) for _ in range(257)]
+    assert common.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edges():
+    assert common.percentile([5.0], 99) == 5.0
+    assert common.percentile([1, 2, 3, 4], 50) == 2.5
+    with pytest.raises(ValueError):
+        common.percentile([], 50)
+    with pytest.raises(ValueError):
+        common.percentile([1], 101)
+
+
+def test_latency_summary():
+    s = common.latency_summary([float(i) for i in range(1, 101)])
+    assert s["n"] == 100 and s["max"] == 100
+    assert s["p50"] == pytest.approx(50.5) and s["p99"] == pytest.approx(99.01)
+    assert common.latency_summary([]) == {"n": 0}
+
+
+def test_model_shape_from_config():
+    shape = common.ModelShape.from_config(E5_SMALL)
+    assert (shape.hidden, shape.layers, shape.heads, shape.intermediate, shape.labels) == (384, 12, 12, 1536, 10)
+    # 4 H^2 + 2 H I per layer: 589,824 + 1,179,648
+    assert shape.layer_params == 1_769_472
+    assert shape.params_nonembedding == 12 * 1_769_472
+    assert shape.gemm_shapes(100) == [(100, 384, 384)] * 4 + [(100, 384, 1536), (100, 1536, 384)]
+
+
+def test_flops_per_message_by_hand():
+    shape = common.ModelShape.from_config(E5_SMALL)
+    tokens = 20
+    dense = 2 * 12 * 1_769_472 * tokens
+    attention = 12 * 4 * tokens * tokens * 384
+    head = 2 * (384 * 384 + 384 * 10)
+    assert common.flops_per_message(shape, tokens) == dense + attention + head
+    # the dense term dominates short messages: ~0.85 GFLOP for a 20-token title
+    assert 0.8e9 < common.flops_per_message(shape, tokens) < 0.9e9
+
+
+def test_flops_grow_faster_than_linear_with_length():
+    shape = common.ModelShape.from_config(E5_SMALL)
+    f = [common.flops_per_message(shape, n) for n in (16, 32, 64, 128)]
+    assert all(b > 2 * a - 1e6 for a, b in zip(f, f[1:]))  # attention is quadratic
+    assert common.mean_flops_per_message(shape, [16, 128]) == pytest.approx((f[0] + f[3]) / 2)
+    with pytest.raises(ValueError):
+        common.flops_per_message(shape, 0)
+
+
+def _out(i, ts, queue=0.0, infer=0.0, cached=False):
+    return common.OutputRecord(f"m{i}", ts, cached, queue, infer, "x")
+
+
+def test_stream_throughput_counts_from_the_first_poll():
+    # 100 outputs between t=1,000 and t=2,000 ms; the first was polled 100 ms before its output
+    outputs = [_out(i, 1000 + i * 10, queue=60, infer=40) for i in range(101)]
+    t = common.stream_throughput(outputs)
+    assert t["messages"] == 101
+    assert t["seconds"] == pytest.approx(1.1)
+    assert t["msgs_per_s"] == pytest.approx(101 / 1.1)
+    assert common.stream_throughput([])["msgs_per_s"] == 0
+
+
+def test_latencies_take_the_first_output_of_an_id():
+    sent = {"m0": 1000, "m1": 1005}
+    outputs = [_out(0, 1030), _out(1, 1050), _out(0, 1500)]  # m0 re-delivered later: not its latency
+    assert sorted(common.latencies_ms(outputs, sent)) == [30.0, 45.0]
+
+
+def test_targets():
+    assert _target(7.0, 6, ">=")["met"] is True
+    assert _target(0.2, 0.15, "<=")["met"] is False
+    assert _target(None, 5000, ">=")["met"] is None
+    assert common.ratio(10, 0) is None and common.ratio(10, 4) == 2.5
+
+
+def test_cpu_description_reads_flags():
+    info = common.cpu_description("model name\t: Test CPU\nflags\t\t: fpu avx2 amx_bf16 avx512_bf16\n")
+    assert info["flags"]["amx_bf16"] and info["flags"]["avx2"] and not info["flags"]["amx_int8"]
+
+
+def test_message_encoding_is_the_workers_json():
+    from worker.messages import parse_value
+
+    value = common.encode_message("id-1", "北京 今天  晴")
+    assert parse_value(value, "auto", 65_536) == ("id-1", "北京 今天 晴")

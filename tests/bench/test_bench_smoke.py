@@ -1,0 +1,52 @@
+"""The benchmark end to end at toy sizes, against the session's stack and trained model: every part runs, and
+results.json holds every headline key with a positive number (the figures themselves mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import common, report
+from bench.run import run_all, summarize
+
+pytestmark = [pytest.mark.slow, pytest.mark.kafka]
+
+
+def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_path):
+    with common.open_workspace(trained_checkpoint, tmp_path / "work", stack=stack) as ws:
+        results = run_all(ws, messages=120, steady_seconds=2.0, pipeline_seconds=2.0, scale_messages=40,
+                          seconds_per_point=0.02, alt_seconds=0.05, skip_alternatives=["compile", "onnx"],
+                          batch_sizes=[1, 16], scale=0.02,
+                          parts={"model_only", "alternatives", "e2e", "pipeline_baseline", "cache", "scale_out"})
+        settings = {"model_version": ws.checkpoint_folder()[0], "broker": ws.broker, "messages": 120}
+    assert results["errors"] == {}
+    summary = summarize(results, settings, common.machine_info())
+    summary.update(started_at="now", duration_s=1.0)
+    out = tmp_path / "out"
+    report.write_all(summary, out)
+
+    data = json.loads((out / "results.json").read_text())
+    for key in report.HEADLINE:
+        assert isinstance(data[key], (int, float)) and data[key] > 0, key
+    assert data["machine"]["cpu"]["flags"] and data["machine"]["versions"]["torch"]
+    assert data["parts"]["cache"]["cached"]["cached_fraction"] == 1.0
+    assert data["parts"]["e2e"]["backlog"]["cached_fraction"] == 0.0
+    assert set(data["parts"]["scale_out"]["variants"]) == {"1", "2"}
+    md = (out / "RESULTS.md").read_text()
+    assert "## Targets" in md and "e2e_msgs_per_s" in md
+    assert (out / "model_only.png").stat().st_size > 0
+    assert json.loads((out / "gpu_inputs.json").read_text())["token_lengths"]["titles"]
+
+
+def test_gpu_sweep_script_runs_on_cpu(tmp_path):
+    """The GPU script itself, on the CPU at toy sizes: it must work the first time it meets an H200."""
+    from bench import gpu_sweep
+
+    out = tmp_path / "gpu.json"
+    assert gpu_sweep.main(["--device", "cpu", "--batch-sizes", "1,4", "--dtypes", "bf16,fp32",
+                           "--seconds-per-point", "0.02", "--rounds", "1", "--gemm-tokens", "256", "--inputs", str(tmp_path / "none.json"),
+                           "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["sweep"]["titles"]["bf16"]["4"]["msgs_per_s"] > 0
+    assert data["gemm_tflops"]["fp32"] > 0
