@@ -155,22 +155,28 @@ def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, na
             keys += [key if key is not None or value is not None else b"tombstone", gid.encode()]
             kinds += [(name, want), ("good", {"output"})]
         mixed = h.publish(kafka_settings, names.input_topic, values, ids=ids, keys=keys)
-        reader.wait_all(mixed, timeout=240, diagnostics=workers.tails, stall_s=45, alive=w.alive)
-
-        # 3. good messages after all of it: the worker still serves
-        after = h.publish_messages(kafka_settings, names.input_topic, [_good(10_000 + i) for i in range(10)])
-        reader.wait_all(after, timeout=60, diagnostics=workers.tails, stall_s=45, alive=w.alive)
+        after, stopped = h.Sent(), None
+        try:
+            reader.wait_all(mixed, timeout=240, diagnostics=workers.tails, stall_s=45, alive=w.alive)
+            # 3. good messages after all of it: the worker still serves
+            after = h.publish_messages(kafka_settings, names.input_topic, [_good(10_000 + i) for i in range(10)])
+            reader.wait_all(after, timeout=60, diagnostics=workers.tails, stall_s=45, alive=w.alive)
+        except AssertionError as exc:  # counted and reported below, then failed
+            stopped = str(exc)
         reader.drain()
-        assert w.alive(), f"the worker died\n{w.tail()}"
-        assert w.get("/healthz")[0] == 200
         everything = h.Sent(clean.ids + mixed.ids + after.ids, clean.sources + mixed.sources + after.sources)
         counts = h.count(everything, reader)
-        outcomes = [_outcome(reader.by_source[s]) for s in mixed.sources]
+        outcomes = [_outcome(reader.by_source[s]) if s in reader.by_source else "none" for s in mixed.sources]
         hostile_outcomes = [o for o, (name, _) in zip(outcomes, kinds) if name != "good"]
+        unanswered = [name for o, (name, _) in zip(outcomes, kinds) if o == "none" and name != "good"]
         h.report("hostile-input", counts, hostile=len(hostile), hand_picked=len(picked), hypothesis=len(drawn),
                  hostile_to_output=hostile_outcomes.count("output"),
-                 hostile_to_dlq=len(hostile_outcomes) - hostile_outcomes.count("output"),
+                 hostile_to_dlq=len(hostile_outcomes) - hostile_outcomes.count("output") - len(unanswered),
+                 worker_alive=w.alive(), unanswered_hostile=",".join(unanswered[:3]) or None,
                  seconds=round(time.monotonic() - started, 1))
+        assert stopped is None, stopped
+        assert w.alive(), f"the worker died\n{w.tail()}"
+        assert w.get("/healthz")[0] == 200
         assert w.terminate() == 0
     finally:
         reader.close()
