@@ -55,9 +55,10 @@ def _trainer(store: Path, data: str, seed: int) -> list[str]:
 
 
 def train_command(store: Path, data: str, seed: int = 0) -> list[str]:
-    """The trainer's demo preset (about 3 minutes on 2 CPU cores). ``--resume``: a first demo stopped with
-    Ctrl-C during training continues from the trainer's last evaluation next time."""
-    return [*_trainer(store, data, seed), "--resume"]
+    """The trainer's demo preset (about 3 minutes on 2 CPU cores). With ``--resume`` when a run was left
+    unfinished: a first demo stopped with Ctrl-C during training continues from its last evaluation."""
+    unfinished = (store / RUNS_DIR).is_dir() and any((store / RUNS_DIR).iterdir())
+    return [*_trainer(store, data, seed), *(["--resume"] if unfinished else [])]
 
 
 def retrain_command(store: Path, base: Path, data: str, seed: int, examples: int,

@@ -178,7 +178,9 @@ def test_the_trainer_accepts_the_demo_command_lines(tmp_path):
     from trainer.settings import TrainSettings
 
     first = parse_settings(TrainSettings, train_command(tmp_path, "thucnews-titles", 0)[3:], prog="t", env={})
-    assert first.quick and first.resume and first.output_dir == str(tmp_path)
+    assert first.quick and not first.resume and first.output_dir == str(tmp_path)
+    (tmp_path / ".runs" / "interrupted").mkdir(parents=True)
+    assert "--resume" in train_command(tmp_path, "thucnews-titles")
     argv = retrain_command(tmp_path, tmp_path / "v1", "thucnews-titles", 0, 600, "redis://x:1/0")
     retrain = parse_settings(TrainSettings, argv[3:], prog="t", env={})
     assert retrain.force and retrain.redis_url == "redis://x:1/0" and retrain.max_train_examples == 600
