@@ -66,7 +66,10 @@ log = get_logger("trainer.run")
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(TrainSettings, argv, prog=PROG, description=__doc__.split("\n\n")[0])
     configure_logging(settings.log_level)
+    threads = torch.get_num_threads()
     try:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         return train(settings)
     except (DataError, ModelSourceError, SettingsError, checkpoint.CheckpointError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -74,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last saved state is still resumable
         log.warning("train.interrupted", saved="last evaluation's state", resume=f"{PROG} --resume")
         return EXIT_SIGNAL[signal.SIGINT]
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests): leave torch as it was
 
 
 def train(settings: TrainSettings) -> int:
@@ -121,9 +126,9 @@ def train(settings: TrainSettings) -> int:
         with contextlib.suppress(OSError):
             run.parent.rmdir()  # .runs/ itself, when no other run is unfinished
     accelerator.wait_for_everyone()
-    status = broadcast_object_list([status])[0]
-    accelerator.end_training()
-    return status
+    # No end_training(): it destroys the process group while the DDP model still holds it, and rank 0
+    # then hung at exit under torchrun (gloo); the launcher tears the group down when the processes end.
+    return broadcast_object_list([status])[0]
 
 
 def _main_logger(accelerator: Accelerator):

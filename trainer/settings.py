@@ -74,8 +74,8 @@ class TrainSettings:
                                              "0 disables.")
     max_length: int | None = setting(None, env="BERT_STREAM_MAX_LENGTH",
                                      help="Tokens per text; longer ones are truncated. Unset: the 99th "
-                                          "percentile of the training texts' lengths (rounded up to 8, at "
-                                          "most the model's limit; --quick: at most 64). Cost grows with it.")
+                                          "percentile of the training texts' lengths rounded up to 8, at most "
+                                          "128 (the worker's default; --quick: 64). Cost grows with it.")
     mixed_precision: str = setting("auto", env="BERT_STREAM_MIXED_PRECISION", choices=MIXED_PRECISION,
                                    help="auto: bf16 where the hardware has it (CUDA with bf16, or a CPU with "
                                         "AMX/AVX512-BF16: 2-4x faster), fp16 on older GPUs, else no (fp32).")
@@ -86,7 +86,8 @@ class TrainSettings:
     # ---- evaluation, early stopping, resuming -----------------------------------------------------------
     eval_steps: int | None = setting(None, env="BERT_STREAM_EVAL_STEPS",
                                      help="Evaluate on validation (and save resumable state) every this many "
-                                          "optimizer steps, and at each epoch end. Unset: 4 times per epoch.")
+                                          "optimizer steps, and at each epoch end. Unset: 4 times per epoch "
+                                          "(--quick: 2).")
     early_stopping_patience: int = setting(3, env="BERT_STREAM_EARLY_STOPPING_PATIENCE",
                                            help="Stop after this many evaluations without a better validation "
                                                 "macro-F1 (the best weights are kept either way); 0 disables.")
@@ -111,6 +112,10 @@ class TrainSettings:
     quick: bool = setting(False, env="BERT_STREAM_QUICK",
                           help="Demo preset: a useful model in under 3 minutes on 2 CPU cores (1 epoch on a "
                                "4000-example subsample, texts cut to 64 tokens). Explicit flags still win.")
+    torch_threads: int = setting(0, env="BERT_STREAM_TORCH_THREADS",
+                                 help="CPU threads for torch; 0 keeps torch's default (all cores). On a machine "
+                                      "shared with other busy processes (a worker, tests) use 1: torch's "
+                                      "threads wait on each other at every op and a step can get 10x slower.")
     log_level: str = setting("INFO", env="LOG_LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                              help="Log level of the structured (JSON or console) event log on stderr.")
 
@@ -136,6 +141,7 @@ class TrainSettings:
         require(self.max_length is None or 8 <= self.max_length <= 8192, "max_length must be in [8, 8192]")
         require(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be at least 1")
         require(self.early_stopping_patience >= 0, "early_stopping_patience must not be negative")
+        require(self.torch_threads >= 0, "torch_threads must not be negative (0: torch's default)")
         for name in ("min_accuracy", "min_macro_f1"):
             value = getattr(self, name)
             require(value is None or 0 <= value <= 1, f"{name} must be in [0, 1]")
@@ -163,10 +169,12 @@ class Hyperparameters:
 QUICK_EPOCHS = 1.0
 QUICK_MAX_TRAIN_EXAMPLES = 4000
 QUICK_MAX_LENGTH = 64
+AUTO_MAX_LENGTH = 128  # the worker's default max_length: train on what it will be served
 DEFAULT_EPOCHS = 3.0
 PRETRAINED_LR = 8e-5
 SCRATCH_LR = 5e-4
 EVALS_PER_EPOCH = 4
+QUICK_EVALS_PER_EPOCH = 2  # each evaluation + state snapshot costs ~10% of a quick run
 
 
 def max_train_examples(settings: TrainSettings) -> int | None:
@@ -185,9 +193,8 @@ def resolve(settings: TrainSettings, *, token_lengths: list[int], model_max_leng
     else:
         ordered = sorted(token_lengths) or [8]
         p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-        max_length = min(max(16, 8 * math.ceil(p99 / 8)), model_max_length)
-        if settings.quick:
-            max_length = min(max_length, QUICK_MAX_LENGTH)
+        cap = QUICK_MAX_LENGTH if settings.quick else AUTO_MAX_LENGTH
+        max_length = min(max(16, 8 * math.ceil(p99 / 8)), cap, model_max_length)
     if settings.epochs is not None:
         epochs = settings.epochs
     else:
@@ -199,7 +206,8 @@ def resolve(settings: TrainSettings, *, token_lengths: list[int], model_max_leng
     if settings.eval_steps is not None:
         eval_steps = settings.eval_steps
     else:
-        eval_steps = max(1, math.ceil((steps_per_epoch or 1) / EVALS_PER_EPOCH))
+        per_epoch = QUICK_EVALS_PER_EPOCH if settings.quick else EVALS_PER_EPOCH
+        eval_steps = max(1, math.ceil((steps_per_epoch or 1) / per_epoch))
     return Hyperparameters(
         epochs=epochs, learning_rate=learning_rate, batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps, warmup_ratio=settings.warmup_ratio,

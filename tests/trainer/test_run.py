@@ -39,7 +39,8 @@ def write_csv(path: Path, per_class: int = 80, seed: int = 0, columns=("text", "
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(data), "--output-dir", str(out), "--model", "scratch", "--scratch-preset", "tiny",
-            "--epochs", "3", "--batch-size", "16", "--eval-steps", "6", "--log-level", "WARNING", *extra]
+            "--epochs", "3", "--batch-size", "16", "--eval-steps", "6", "--torch-threads", "1",
+            "--log-level", "WARNING", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def test_explicit_files_with_own_column_names(tmp_path):
     store = tmp_path / "store"
     status = run.main(["--train-file", str(train), "--test-file", str(test), "--text-column", "content",
                        "--label-column", "topic", "--output-dir", str(store), "--model", "scratch",
-                       "--scratch-preset", "tiny", "--epochs", "1", "--log-level", "WARNING"])
+                       "--scratch-preset", "tiny", "--epochs", "1", "--torch-threads", "1", "--log-level", "WARNING"])
     assert status == run.EXIT_OK
     metrics = json.loads((store / checkpoint.latest_version(store) / "metrics.json").read_text())
     assert metrics["test"]["n"] == 24
@@ -298,5 +299,7 @@ def test_auto_hyperparameters_and_the_quick_preset():
     explicit = resolve(TrainSettings(quick=True, epochs=2, max_length=32, max_train_examples=100),
                        token_lengths=lengths, model_max_length=512)
     assert (explicit.epochs, explicit.max_length, explicit.max_train_examples) == (2, 32, 100)
+    long_texts = resolve(TrainSettings(), token_lengths=list(range(10, 1000)), model_max_length=512)
+    assert long_texts.max_length == 128, "auto stops at the worker's default length"
     scratch = resolve(TrainSettings(model="scratch"), token_lengths=lengths, model_max_length=64)
     assert scratch.max_length == 64 and scratch.learning_rate > full.learning_rate
