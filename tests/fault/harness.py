@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bert_stream.kafka import KafkaSettings, make_consumer, make_producer
@@ -49,7 +49,7 @@ MAX_WAIT_MS = 10
 
 def _in_flight_batches() -> int:
     """worker.run.MAX_IN_FLIGHT_BATCHES, read from the source (importing worker.run would import torch)."""
-    found = re.search(r"^MAX_IN_FLIGHT_BATCHES\s*=\s*(\d+)", (REPO / "worker" / "run.py").read_text(), re.M)
+    found = re.search(r"^MAX_IN_FLIGHT_BATCHES\s*=\s*(\d+)", (REPO / "worker" / "run.py").read_text(), re.MULTILINE)
     return int(found.group(1)) if found else 2
 
 
@@ -594,10 +594,3 @@ def seed_group(settings: KafkaSettings, group_id: str, topic: str, offsets: dict
         consumer.commit(todo)
     finally:
         consumer.close(autocommit=False)
-
-
-def sources_by_partition(sources: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = defaultdict(list)
-    for p, o in sources:
-        out[p].append(o)
-    return {p: sorted(v) for p, v in out.items()}

@@ -71,7 +71,7 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
         for i, share in enumerate(shares):
             w = start(i)
             target = int(share * CRASH_MESSAGES)
-            h.wait_until(lambda: reader.poll() >= 0 and len(reader.by_source) >= target, 180,
+            h.wait_until(lambda t=target: reader.poll() >= 0 and len(reader.by_source) >= t, 180,
                          f"{target} outputs before kill {i + 1}", workers.tails)
             time.sleep(rng.uniform(0.0, 0.4))
             w.kill9()
@@ -111,7 +111,7 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
     # a duplicate is a re-delivery of something published but not committed when a worker died
     assert counts.duplicates <= sum(uncommitted_at_kill), (counts.duplicates, uncommitted_at_kill)
     # every output record is a correct one for its input
-    for msg_id, records in reader.outputs.items():
+    for records in reader.outputs.values():
         assert len({(r["label"], r["model_version"]) for r in records}) == 1, records
 
 
