@@ -14,34 +14,37 @@ from __future__ import annotations
 import argparse
 import collections
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 from bench import common, e2e
 
-# first match wins, tested innermost frame first, so a forward pass called from predict counts as "model"
+# Priority order: the first category with a needle anywhere in the stack wins, so the worker's own steps
+# (its function names) decide, and a wait inside a step counts for that step (a sync commit's round trip is
+# commit time, not idle time).
 CATEGORIES = (
-    ("model forward", ("torch/nn/modules", "modeling_bert", "sdpa_attention", "torch/nn/functional")),
-    ("tokenize", ("tokenization_utils", "tokenizers", "token_lengths", "_batch_encode", "__call__ (transformers")),
-    ("redis cache", ("redis/", "worker/cache.py")),
-    ("kafka poll/fetch", ("kafka/consumer", "kafka/client_async", "kafka/protocol", "kafka/record", "kafka/conn",
-                          "kafka/cluster", "kafka/coordinator", "selectors.py")),
-    ("kafka produce", ("kafka/producer",)),
-    ("decode input", ("worker/messages.py (decode", "parse_value", "normalize_text", "json/decoder")),
-    ("encode output", ("output_value", "json/encoder")),
-    ("batcher/offsets", ("worker/batcher.py", "worker/offsets.py")),
-    ("metrics/logging", ("prometheus_client", "structlog", "logging/")),
-    ("queue wait", ("threading.py", "queue.py")),
+    ("model forward", ("LoadedModel._forward",)),
+    ("tokenize", ("tokenization_utils", "tokenizers", "token_lengths")),
+    ("redis cache", ("worker/cache.py", "redis/")),
+    ("commit (producer flush + sync commit)", ("Worker._maybe_commit", "_on_revoked")),
+    ("publish outputs (JSON + producer.send)", ("Worker._publish", "Worker._send")),
+    ("decode input", ("Worker._route",)),
+    ("kafka poll", ("Worker._poll",)),
+    ("batcher + submit", ("Worker._submit_ready", "worker/batcher.py")),
+    ("backpressure", ("Worker._backpressure",)),
+    ("predict bookkeeping", ("LoadedModel.predict", "Classifier.classify", "_infer")),
+    ("kafka client I/O thread", ("kafka/",)),
+    ("logging/metrics", ("structlog", "logging/", "prometheus_client", "http/server")),
+    ("waiting", ("threading.py", "queue.py", "selectors.py")),
 )
 
 
 def categorize(stack: str) -> str:
-    frames = stack.split(";")
-    for frame in reversed(frames):
-        for name, needles in CATEGORIES:
-            if any(n in frame for n in needles):
-                return name
+    for name, needles in CATEGORIES:
+        if any(n in stack for n in needles):
+            return name
     return "other"
 
 
@@ -89,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             while worker.handled() == 0:  # attach once the drain has started
                 worker.check_alive()
                 time.sleep(0.05)
-            spy = subprocess.Popen([pyspy, "record", "--pid", str(worker.proc.pid), "--threads", "--format", "raw",
-                                    "--rate", str(args.rate), "--output", str(raw), "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            common.wait_handled([worker], len(texts), 600)
-            spy.terminate()  # py-spy writes its output on SIGTERM/SIGINT
-            spy.wait(30)
+            with open(raw.with_suffix(".log"), "wb") as spy_log:
+                spy = subprocess.Popen([pyspy, "record", "--pid", str(worker.proc.pid), "--threads", "--format",
+                                        "raw", "--rate", str(args.rate), "--output", str(raw), "--nonblocking"],
+                                       stdout=spy_log, stderr=subprocess.STDOUT)
+                common.wait_handled([worker], len(texts), 600)
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+                spy.wait(60)
         outputs = common.read_outputs(ws, worker.output_topic, len(texts))
     summary = {"messages": len(texts), "cached": args.cached, "torch_threads": args.torch_threads or None,
                **common.stream_throughput(outputs), "threads": summarize(raw), "raw": str(raw)}
