@@ -23,7 +23,7 @@ class DemoSettings:
         help="Fresh titles sent around the retrain (half while it trains, half after it publishes), to show "
              "the worker switching to the new model version without a restart.")
     retrain_examples: int = setting(
-        600, env="BERT_STREAM_DEMO_RETRAIN_EXAMPLES",
+        400, env="BERT_STREAM_DEMO_RETRAIN_EXAMPLES",
         help="Training examples of the short retrain (continuing from the current model): fewer is faster. "
              "It is published with --force, past the quality gate.")
     skip_retrain: bool = setting(False, env="BERT_STREAM_DEMO_SKIP_RETRAIN",
