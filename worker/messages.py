@@ -117,9 +117,14 @@ def parse_value(value: bytes | None, input_format: str, max_message_bytes: int) 
 
 def _parse_json(decoded: str) -> tuple[str, str | None]:
     try:
-        obj = json.loads(decoded)
+        return _fields(json.loads(decoded))
     except json.JSONDecodeError as exc:
         raise DecodeError(INVALID_JSON, str(exc)) from None
+    except RecursionError:  # deeply nested arrays/objects: json and str() recurse per level
+        raise DecodeError(INVALID_JSON, "nested too deeply") from None
+
+
+def _fields(obj: Any) -> tuple[str, str | None]:
     if not isinstance(obj, dict):
         raise DecodeError(INVALID_JSON, f"expected a JSON object, got {type(obj).__name__}")
     if "text" not in obj or obj["text"] is None:

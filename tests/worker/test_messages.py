@@ -71,3 +71,17 @@ def test_decode_never_raises(value, fmt):
 @given(st.text(max_size=50))
 def test_normalize_is_idempotent(text):
     assert m.normalize_text(m.normalize_text(text)) == m.normalize_text(text)
+
+
+def test_deeply_nested_json_is_a_dead_letter_not_a_crash():
+    import pytest
+
+    from worker.messages import DecodeError, parse_value
+
+    deep = b'{"text":' + b"[" * 20000 + b"]" * 20000 + b"}"
+    with pytest.raises(DecodeError) as exc:
+        parse_value(deep, "auto", 65536)
+    assert exc.value.reason == "invalid_json"
+    deep_id = b'{"text":"\xe4\xbd\xa0\xe5\xa5\xbd","id":' + b"[" * 900 + b"]" * 900 + b"}"
+    msg_id, text = parse_value(deep_id, "auto", 65536)  # parses (under the recursion limit): a string id
+    assert text == "你好" and msg_id.startswith("[[")
