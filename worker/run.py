@@ -208,6 +208,7 @@ class Worker:
         self._next_commit = 0.0
         self._since_commit = 0
         self._next_lag = 0.0
+        self._rewind: dict = {}             # tp -> first offset dropped at revocation (see _forget)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -411,6 +412,11 @@ class Worker:
             return
         dropped = self.batcher.drop(lambda job: _tp(job.message.source.topic, job.message.source.partition)
                                     in revoked)
+        # kafka-python keeps a partition's fetch position when the same consumer is given it back, so what
+        # was dropped here would never be read again: rewind those partitions on reassignment.
+        for job in dropped:
+            tp = _tp(job.message.source.topic, job.message.source.partition)
+            self._rewind[tp] = min(job.message.source.offset, self._rewind.get(tp, job.message.source.offset))
         self.tracker.revoke(revoked)
         self.health.assigned = 0
         self.metrics.rebalances.labels("revoked").inc()
@@ -418,6 +424,10 @@ class Worker:
                  dropped=len(dropped))
 
     def _on_assigned(self, assigned) -> None:
+        for tp in assigned:
+            if tp in self._rewind:
+                self.consumer.seek(tp, self._rewind[tp])  # no I/O: sets the next fetch position
+        self._rewind.clear()  # partitions that went elsewhere are read by their new owner from the commit
         self.health.assigned = len(assigned)
         self.metrics.rebalances.labels("assigned").inc()
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
