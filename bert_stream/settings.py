@@ -236,9 +236,23 @@ def public_view(obj: Any) -> dict[str, Any]:
             out.update(public_view(value))
         elif f.metadata.get("secret"):
             out[f.name] = "***" if value else value
+        elif isinstance(value, str) and "://" in value and "@" in value:
+            out[f.name] = mask_url_password(value)  # redis://:password@host, rediss://user:password@host
         else:
             out[f.name] = str(value) if isinstance(value, Path) else value
     return out
+
+
+def mask_url_password(url: str) -> str:
+    """``scheme://user:***@host/...``: a URL's password replaced, everything else kept for the logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def require(condition: bool, message: str) -> None:

@@ -92,3 +92,14 @@ def test_kafka_client_config_carries_security():
     assert config["bootstrap_servers"] == ["a:1", "b:2"]
     assert (config["sasl_mechanism"], config["sasl_plain_username"], config["ssl_cafile"]) == ("SCRAM-SHA-512", "u",
                                                                                               "/ca.pem")
+
+
+def test_passwords_in_urls_are_masked():
+    @dataclasses.dataclass(frozen=True)
+    class WithUrl:
+        url: str | None = setting(None, env="X_URL", help="a url")
+
+    view = public_view(from_env(WithUrl, env={"X_URL": "redis://:s3cret@cache:6379/0"}))
+    assert view["url"] == "redis://:***@cache:6379/0"
+    assert public_view(from_env(WithUrl, env={"X_URL": "rediss://u:pw@h/1"}))["url"] == "rediss://u:***@h/1"
+    assert public_view(from_env(WithUrl, env={"X_URL": "redis://cache:6379/0"}))["url"] == "redis://cache:6379/0"
