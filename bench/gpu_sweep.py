@@ -34,14 +34,22 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script: `python bench/gpu_sweep.py`
     sys.path.insert(0, str(REPO))
 
-from bench.common import ModelShape, mean_flops_per_message, package_versions, percentile  # noqa: E402
+from bench.common import ModelShape, mean_flops_per_message, package_versions, percentile
 
 DEFAULT_INPUTS = REPO / "bench" / "gpu_inputs.json"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # multilingual-e5-small with the vocabulary trimmed to the data, 10 THUCNews labels: used when no inputs file
-FALLBACK_CONFIG = {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
-                   "intermediate_size": 1536, "vocab_size": 20334, "max_position_embeddings": 512,
-                   "type_vocab_size": 2, "id2label": {str(i): f"label{i}" for i in range(10)}}
+FALLBACK_CONFIG = {
+    "model_type": "bert",
+    "hidden_size": 384,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "vocab_size": 20334,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "id2label": {str(i): f"label{i}" for i in range(10)},
+}
 
 
 def load_inputs(path: Path) -> tuple[dict, dict[str, list[int]]]:
@@ -50,8 +58,10 @@ def load_inputs(path: Path) -> tuple[dict, dict[str, list[int]]]:
         return data["config"], data["token_lengths"]
     print(f"gpu_sweep: {path} not found; using e5-small's shape and typical lengths", file=sys.stderr)
     rng = random.Random(0)
-    return FALLBACK_CONFIG, {"titles": [rng.randint(12, 32) for _ in range(2000)],
-                             "reviews": [min(128, max(5, int(rng.lognormvariate(3.9, 0.6)))) for _ in range(2000)]}
+    return FALLBACK_CONFIG, {
+        "titles": [rng.randint(12, 32) for _ in range(2000)],
+        "reviews": [min(128, max(5, int(rng.lognormvariate(3.9, 0.6)))) for _ in range(2000)],
+    }
 
 
 def build_model(config: dict, model_dir: str | None, dtype, device):
@@ -59,7 +69,9 @@ def build_model(config: dict, model_dir: str | None, dtype, device):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if model_dir:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa"
+        )
     else:
         cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures",)})
         cfg.num_labels = len(config.get("id2label") or {}) or 2
@@ -114,8 +126,10 @@ def time_batches(model, batches, device, budget_s: float) -> tuple[int, float]:
 def gemm_rate(shape: ModelShape, dtype, device, tokens: int, budget_s: float = 0.3) -> float:
     import torch
 
-    pairs = [(torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device))
-             for m, k, n in shape.gemm_shapes(tokens)]
+    pairs = [
+        (torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device))
+        for m, k, n in shape.gemm_shapes(tokens)
+    ]
     flops = sum(2 * m * k * n for m, k, n in shape.gemm_shapes(tokens))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for x, w in pairs:
@@ -134,14 +148,22 @@ def gemm_rate(shape: ModelShape, dtype, device, tokens: int, budget_s: float = 0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/gpu_sweep.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--inputs", default=str(DEFAULT_INPUTS), help="model config + real token lengths (JSON)")
+    parser.add_argument(
+        "--inputs", default=str(DEFAULT_INPUTS), help="model config + real token lengths (JSON)"
+    )
     parser.add_argument("--model", default=None, help="checkpoint folder for real weights (optional)")
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (for a quick check of the script)")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda, cuda:N, or cpu (for a quick check of the script)"
+    )
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)), help="comma-separated")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
-    parser.add_argument("--seconds-per-point", type=float, default=0.6, help="device time per point, all rounds")
+    parser.add_argument(
+        "--seconds-per-point", type=float, default=0.6, help="device time per point, all rounds"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all points")
-    parser.add_argument("--gemm-tokens", default="2048,16384,65536", help="token rows the GEMM rate is timed at")
+    parser.add_argument(
+        "--gemm-tokens", default="2048,16384,65536", help="token rows the GEMM rate is timed at"
+    )
     parser.add_argument("--output", default=str(REPO / "bench" / "gpu_sweep.json"), help="JSON written here")
     args = parser.parse_args(argv)
 
@@ -176,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             for bs in batch_sizes:
                 batches = make_batches(ls, bs, 4, vocab, seed=1000 * r + bs)
                 for d in chosen:
-                    msgs, secs = time_batches(models[d], batches, device, args.seconds_per_point / args.rounds)
+                    msgs, secs = time_batches(
+                        models[d], batches, device, args.seconds_per_point / args.rounds
+                    )
                     acc = totals.setdefault((name, d, bs), [0, 0.0])
                     acc[0] += msgs
                     acc[1] += secs
@@ -184,32 +208,55 @@ def main(argv: list[str] | None = None) -> int:
     for (name, d, bs), (msgs, secs) in totals.items():
         rate = msgs / secs
         limit = gemm[d] / flops[name]
-        sweep.setdefault(name, {}).setdefault(d, {})[str(bs)] = {"msgs_per_s": rate, "efficiency": rate / limit,
-                                                                  "batch_ms": 1000 * secs / (msgs / bs)}
+        sweep.setdefault(name, {}).setdefault(d, {})[str(bs)] = {
+            "msgs_per_s": rate,
+            "efficiency": rate / limit,
+            "batch_ms": 1000 * secs / (msgs / bs),
+        }
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "weights": args.model or "random (same shape; throughput does not depend on the values)",
         "versions": package_versions(("torch", "transformers")),
-        "model": {"hidden": shape.hidden, "layers": shape.layers, "heads": shape.heads,
-                  "intermediate": shape.intermediate, "labels": shape.labels},
-        "token_lengths": {n: {"mean": sum(ls) / len(ls), "p95": percentile(ls, 95)} for n, ls in lengths.items()},
+        "model": {
+            "hidden": shape.hidden,
+            "layers": shape.layers,
+            "heads": shape.heads,
+            "intermediate": shape.intermediate,
+            "labels": shape.labels,
+        },
+        "token_lengths": {
+            n: {"mean": sum(ls) / len(ls), "p95": percentile(ls, 95)} for n, ls in lengths.items()
+        },
         "gemm_tflops": {d: v / 1e12 for d, v in gemm.items()},
         "limit_msgs_per_s": {n: {d: gemm[d] / f for d in chosen} for n, f in flops.items()},
         "sweep": sweep,
-        "best": {n: {d: max(((int(bs), v["msgs_per_s"], v["efficiency"]) for bs, v in by.items()), key=lambda x: x[1])
-                     for d, by in per.items()} for n, per in sweep.items()},
+        "best": {
+            n: {
+                d: max(
+                    ((int(bs), v["msgs_per_s"], v["efficiency"]) for bs, v in by.items()), key=lambda x: x[1]
+                )
+                for d, by in per.items()
+            }
+            for n, per in sweep.items()
+        },
         "seconds": time.perf_counter() - t_start,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"device {result['device']}; GEMM TFLOP/s " + ", ".join(f"{d} {v:.1f}" for d, v in
-                                                                  result["gemm_tflops"].items()))
+    print(
+        f"device {result['device']}; GEMM TFLOP/s "
+        + ", ".join(f"{d} {v:.1f}" for d, v in result["gemm_tflops"].items())
+    )
     for name, per in sweep.items():
         print(f"\n{name} (mean {result['token_lengths'][name]['mean']:.1f} tokens): msgs/s (efficiency)")
         print("batch | " + " | ".join(per))
         for bs in map(str, batch_sizes):
-            print(f"{bs:>5} | " + " | ".join(f"{per[d][bs]['msgs_per_s']:>10,.0f} ({per[d][bs]['efficiency']:.0%})"
-                                             for d in per))
+            print(
+                f"{bs:>5} | "
+                + " | ".join(
+                    f"{per[d][bs]['msgs_per_s']:>10,.0f} ({per[d][bs]['efficiency']:.0%})" for d in per
+                )
+            )
     print(f"\nwrote {args.output} in {result['seconds']:.0f} s")
     return 0
 

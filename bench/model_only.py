@@ -45,8 +45,17 @@ def load_engines(model_dir, dtypes: Sequence[str] = DTYPES) -> dict:
     from worker.engine import Engine
 
     s = worker_settings()
-    return {d: Engine(model_dir, device="cpu", dtype=d, max_length=s.max_length, top_k=s.top_k,
-                      torch_threads=s.torch_threads).start() for d in dtypes}
+    return {
+        d: Engine(
+            model_dir,
+            device="cpu",
+            dtype=d,
+            max_length=s.max_length,
+            top_k=s.top_k,
+            torch_threads=s.torch_threads,
+        ).start()
+        for d in dtypes
+    }
 
 
 def model_shape(engine) -> common.ModelShape:
@@ -78,8 +87,10 @@ def gemm_rate(shape: common.ModelShape, dtype: str, tokens: int, budget_s: float
     import torch
 
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    pairs = [(torch.randn(m, k, dtype=tdtype), torch.randn(k, n, dtype=tdtype))
-             for m, k, n in shape.gemm_shapes(tokens)]
+    pairs = [
+        (torch.randn(m, k, dtype=tdtype), torch.randn(k, n, dtype=tdtype))
+        for m, k, n in shape.gemm_shapes(tokens)
+    ]
     flops = sum(2 * m * k * n for m, k, n in shape.gemm_shapes(tokens))
     for x, w in pairs:  # warm-up: oneDNN picks and caches its kernels on the first call of a shape
         torch.matmul(x, w)
@@ -93,8 +104,9 @@ def gemm_rate(shape: common.ModelShape, dtype: str, tokens: int, budget_s: float
     return flops * reps / elapsed
 
 
-def measure_gemm(shape: common.ModelShape, dtypes: Sequence[str] = DTYPES, rounds: int = 2,
-                 budget_s: float = 0.4) -> dict:
+def measure_gemm(
+    shape: common.ModelShape, dtypes: Sequence[str] = DTYPES, rounds: int = 2, budget_s: float = 0.4
+) -> dict:
     """Best FLOP/s per dtype over GEMM_TOKENS, interleaved; the best is the limit (a generous limit makes
     the efficiency an honest one)."""
     rates: dict[str, dict[int, float]] = {d: {} for d in dtypes}
@@ -103,13 +115,23 @@ def measure_gemm(shape: common.ModelShape, dtypes: Sequence[str] = DTYPES, round
             for d in dtypes:
                 rate = gemm_rate(shape, d, tokens, budget_s)
                 rates[d][tokens] = max(rate, rates[d].get(tokens, 0.0))
-    return {d: {"gflops_by_tokens": {str(t): r / 1e9 for t, r in rates[d].items()},
-                "gflops": max(rates[d].values()) / 1e9} for d in dtypes}
+    return {
+        d: {
+            "gflops_by_tokens": {str(t): r / 1e9 for t, r in rates[d].items()},
+            "gflops": max(rates[d].values()) / 1e9,
+        }
+        for d in dtypes
+    }
 
 
 # ---- the sweep -------------------------------------------------------------------------------------------
-def sweep(engines: dict, sets: dict[str, list[str]], batch_sizes: Sequence[int], seconds_per_point: float,
-          rounds: int = 2) -> dict:
+def sweep(
+    engines: dict,
+    sets: dict[str, list[str]],
+    batch_sizes: Sequence[int],
+    seconds_per_point: float,
+    rounds: int = 2,
+) -> dict:
     """msgs/s per (set, dtype, batch size), the dtypes interleaved on the same texts."""
     totals: dict[tuple[str, str, int], list[float]] = {}
     per_round = seconds_per_point / rounds
@@ -142,9 +164,17 @@ def worker_batches(engine, texts: Sequence[str]) -> list[list[str]]:
     return out
 
 
-def run(ws: common.Workspace | None = None, *, model_dir=None, stream: Sequence[str] | None = None,
-        batch_sizes: Sequence[int] = BATCH_SIZES, seconds_per_point: float = 1.0, stream_seconds: float = 15.0,
-        gemm_seconds: float = 0.4, max_texts: int = 4000) -> dict:
+def run(
+    ws: common.Workspace | None = None,
+    *,
+    model_dir=None,
+    stream: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    seconds_per_point: float = 1.0,
+    stream_seconds: float = 15.0,
+    gemm_seconds: float = 0.4,
+    max_texts: int = 4000,
+) -> dict:
     """Part 1. ``stream``: the e2e messages (default: 4,000 of :func:`bench.common.stream_texts`)."""
     model_dir = model_dir or ws.model_dir
     engines = load_engines(model_dir)
@@ -159,13 +189,9 @@ def run(ws: common.Workspace | None = None, *, model_dir=None, stream: Sequence[
 
     gemm = measure_gemm(shape, budget_s=gemm_seconds)
     measured = sweep(engines, sets, batch_sizes, seconds_per_point)
-    gemm_after = measure_gemm(shape, rounds=1, budget_s=gemm_seconds)  # the GEMM rate again at the end: did the machine change?
-
-    limits = {name: {d: gemm[d]["gflops"] * 1e9 / flops[name] for d in engines} for name in flops}
-    efficiency = {name: {d: {bs: v / limits[name][d] for bs, v in by_bs.items()}
-                         for d, by_bs in by_dtype.items()} for name, by_dtype in measured.items()}
-    best = {name: {d: max(by_bs.items(), key=lambda kv: kv[1]) for d, by_bs in by_dtype.items()}
-            for name, by_dtype in measured.items()}
+    gemm_after = measure_gemm(
+        shape, rounds=1, budget_s=gemm_seconds
+    )  # the GEMM rate again at the end: did the machine change?
 
     # the worker's batches over the e2e stream, in the worker's dtype: what overhead is measured against
     wb = worker_batches(serving, stream)
@@ -173,36 +199,85 @@ def run(ws: common.Workspace | None = None, *, model_dir=None, stream: Sequence[
     stream_rate = msgs / secs
     s = worker_settings()
     result = {
-        "model": {"folder": str(serving.current.folder), "version": serving.current.version,
-                  "hidden": shape.hidden, "layers": shape.layers, "heads": shape.heads,
-                  "intermediate": shape.intermediate, "labels": shape.labels,
-                  "params_nonembedding": shape.params_nonembedding,
-                  "params_total": sum(p.numel() for p in serving.current.model.parameters())},
+        "model": {
+            "folder": str(serving.current.folder),
+            "version": serving.current.version,
+            "hidden": shape.hidden,
+            "layers": shape.layers,
+            "heads": shape.heads,
+            "intermediate": shape.intermediate,
+            "labels": shape.labels,
+            "params_nonembedding": shape.params_nonembedding,
+            "params_total": sum(p.numel() for p in serving.current.model.parameters()),
+        },
         "worker_dtype": worker_dtype(engines),
-        "batch_settings": {"max_batch_size": s.max_batch_size, "max_batch_tokens": s.max_batch_tokens,
-                           "max_wait_ms": s.max_wait_ms, "max_length": s.max_length},
-        "token_lengths": {name: {"mean": sum(ls) / len(ls), "p50": common.percentile(ls, 50),
-                                 "p95": common.percentile(ls, 95), "max": max(ls), "n": len(ls)}
-                          for name, ls in lengths.items()},
+        "batch_settings": {
+            "max_batch_size": s.max_batch_size,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_wait_ms": s.max_wait_ms,
+            "max_length": s.max_length,
+        },
+        "token_lengths": {
+            name: {
+                "mean": sum(ls) / len(ls),
+                "p50": common.percentile(ls, 50),
+                "p95": common.percentile(ls, 95),
+                "max": max(ls),
+                "n": len(ls),
+            }
+            for name, ls in lengths.items()
+        },
         "flops_per_message": flops,
         "gemm": gemm,
         "gemm_after_sweep": gemm_after,
-        "limit_msgs_per_s": limits,
         "sweep_msgs_per_s": measured,
-        "efficiency": efficiency,
-        "best": {name: {d: {"batch_size": int(bs), "msgs_per_s": v, "efficiency": v / limits[name][d]}
-                        for d, (bs, v) in by_d.items()} for name, by_d in best.items()},
-        "bf16_over_fp32": {name: {bs: measured[name]["bf16"][bs] / measured[name]["fp32"][bs]
-                                  for bs in measured[name]["bf16"]} for name in measured}
-        if {"bf16", "fp32"} <= set(engines) else {},
-        "stream": {"messages": msgs, "seconds": secs, "msgs_per_s": stream_rate,
-                   "batches": len(wb), "mean_batch": sum(map(len, wb)) / len(wb),
-                   "limit_msgs_per_s": limits["stream"][worker_dtype(engines)],
-                   "efficiency": stream_rate / limits["stream"][worker_dtype(engines)]},
+        "stream": {
+            "messages": msgs,
+            "seconds": secs,
+            "msgs_per_s": stream_rate,
+            "batches": len(wb),
+            "mean_batch": sum(map(len, wb)) / len(wb),
+        },
     }
-    result["gpu_inputs"] = {"config": json.loads(serving.current.model.config.to_json_string()),
-                            "token_lengths": {name: lengths[name][:2000] for name in common.DATASETS}}
+    derive(result)
+    result["gpu_inputs"] = {
+        "config": json.loads(serving.current.model.config.to_json_string()),
+        "token_lengths": {name: lengths[name][:2000] for name in common.DATASETS},
+    }
     print_tables(result)
+    return result
+
+
+def derive(result: dict) -> dict:
+    """Limits, efficiencies, bests and ratios from the raw measurements (in place; also run on a saved
+    result). The limit is the best GEMM rate measured before or after the sweep: if the machine got quieter
+    or busier meanwhile, the generous figure keeps the efficiency an honest (low) one."""
+    gemm_best = {
+        d: max(result["gemm"][d]["gflops"], result["gemm_after_sweep"][d]["gflops"]) for d in result["gemm"]
+    }
+    measured, flops, dtype = result["sweep_msgs_per_s"], result["flops_per_message"], result["worker_dtype"]
+    limits = {name: {d: g * 1e9 / f for d, g in gemm_best.items()} for name, f in flops.items()}
+    result["gemm_limit_gflops"] = gemm_best
+    result["limit_msgs_per_s"] = limits
+    result["efficiency"] = {
+        name: {d: {bs: v / limits[name][d] for bs, v in by_bs.items()} for d, by_bs in by_dtype.items()}
+        for name, by_dtype in measured.items()
+    }
+    result["best"] = {
+        name: {
+            d: {"batch_size": int(bs), "msgs_per_s": v, "efficiency": v / limits[name][d]}
+            for d, (bs, v) in ((d, max(by_bs.items(), key=lambda kv: kv[1])) for d, by_bs in by_dtype.items())
+        }
+        for name, by_dtype in measured.items()
+    }
+    result["bf16_over_fp32"] = {
+        name: {bs: by["bf16"][bs] / by["fp32"][bs] for bs in by["bf16"]}
+        for name, by in measured.items()
+        if {"bf16", "fp32"} <= set(by)
+    }
+    stream = result["stream"]
+    stream["limit_msgs_per_s"] = limits["stream"][dtype]
+    stream["efficiency"] = stream["msgs_per_s"] / limits["stream"][dtype]
     return result
 
 
@@ -217,10 +292,19 @@ def worker_dtype(engines: dict) -> str:
 
 
 def print_tables(r: dict) -> None:
-    common.print_table("GEMM rate at the model's shapes (GFLOP/s, this run)", ["dtype", *map(str, GEMM_TOKENS),
-                       "best", "best again after the sweep"],
-                       [[d, *(g["gflops_by_tokens"].get(str(t)) for t in GEMM_TOKENS), g["gflops"],
-                         r["gemm_after_sweep"][d]["gflops"]] for d, g in r["gemm"].items()])
+    common.print_table(
+        "GEMM rate at the model's shapes (GFLOP/s, this run)",
+        ["dtype", *map(str, GEMM_TOKENS), "best", "best again after the sweep"],
+        [
+            [
+                d,
+                *(g["gflops_by_tokens"].get(str(t)) for t in GEMM_TOKENS),
+                g["gflops"],
+                r["gemm_after_sweep"][d]["gflops"],
+            ]
+            for d, g in r["gemm"].items()
+        ],
+    )
     for name, by_dtype in r["sweep_msgs_per_s"].items():
         bss = list(next(iter(by_dtype.values())).keys())
         rows = []
@@ -230,29 +314,53 @@ def print_tables(r: dict) -> None:
         if r["bf16_over_fp32"]:
             rows.append(["bf16/fp32", *(f"{r['bf16_over_fp32'][name][b]:.2f}x" for b in bss)])
         tl = r["token_lengths"][name]
-        common.print_table(f"Model-only, {name} (mean {tl['mean']:.1f} tokens; limit fp32 "
-                           f"{r['limit_msgs_per_s'][name].get('fp32', 0):,.0f} / bf16 "
-                           f"{r['limit_msgs_per_s'][name].get('bf16', 0):,.0f} msgs/s)", ["batch size", *bss], rows)
+        common.print_table(
+            f"Model-only, {name} (mean {tl['mean']:.1f} tokens; limit fp32 "
+            f"{r['limit_msgs_per_s'][name].get('fp32', 0):,.0f} / bf16 "
+            f"{r['limit_msgs_per_s'][name].get('bf16', 0):,.0f} msgs/s)",
+            ["batch size", *bss],
+            rows,
+        )
     st = r["stream"]
-    common.print_table("Model-only at the worker's batch setting over the e2e stream", [
-        "dtype", "msgs/s", "mean batch", "limit msgs/s", "efficiency"],
-        [[r["worker_dtype"], st["msgs_per_s"], st["mean_batch"], st["limit_msgs_per_s"], f"{st['efficiency']:.0%}"]])
+    common.print_table(
+        "Model-only at the worker's batch setting over the e2e stream",
+        ["dtype", "msgs/s", "mean batch", "limit msgs/s", "efficiency"],
+        [
+            [
+                r["worker_dtype"],
+                st["msgs_per_s"],
+                st["mean_batch"],
+                st["limit_msgs_per_s"],
+                f"{st['efficiency']:.0%}",
+            ]
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model_only", description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", default=None, help="checkpoint store or model folder (default: checkpoints/,"
-                                                          " trained --quick when empty)")
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="checkpoint store or model folder (default: checkpoints/, trained --quick when empty)",
+    )
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)), help="comma-separated")
-    parser.add_argument("--seconds-per-point", type=float, default=1.0, help="time per (set, dtype, batch size)")
-    parser.add_argument("--output", default=str(common.WORK_DIR / "model_only.json"), help="JSON written here")
+    parser.add_argument(
+        "--seconds-per-point", type=float, default=1.0, help="time per (set, dtype, batch size)"
+    )
+    parser.add_argument(
+        "--output", default=str(common.WORK_DIR / "model_only.json"), help="JSON written here"
+    )
     args = parser.parse_args(argv)
     from bert_stream.logs import configure_logging
 
     configure_logging("WARNING")
     model_dir = common.ensure_checkpoint(args.model_dir or common.DEFAULT_STORE)
-    result = run(model_dir=model_dir, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                 seconds_per_point=args.seconds_per_point)
+    result = run(
+        model_dir=model_dir,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        seconds_per_point=args.seconds_per_point,
+    )
     result["machine"] = common.machine_info()
     common.save_json(Path(args.output), result)
     print(f"\nwrote {args.output}")

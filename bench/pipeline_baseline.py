@@ -31,8 +31,11 @@ def consume(args: argparse.Namespace) -> int:
     from bert_stream.kafka import KafkaSettings, make_consumer, make_producer
 
     pipe = pipeline("text-classification", model=args.model, tokenizer=args.model, device="cpu")
-    kafka = KafkaSettings(bootstrap_servers=args.bootstrap_servers, session_timeout_ms=common.BENCH_SESSION_TIMEOUT_MS,
-                          max_poll_interval_ms=120_000)
+    kafka = KafkaSettings(
+        bootstrap_servers=args.bootstrap_servers,
+        session_timeout_ms=common.BENCH_SESSION_TIMEOUT_MS,
+        max_poll_interval_ms=120_000,
+    )
     consumer = make_consumer(kafka, args.group_id, args.input_topic, enable_auto_commit=True)
     producer = make_producer(kafka)
     stop = []
@@ -48,9 +51,19 @@ def consume(args: argparse.Namespace) -> int:
                     msg = json.loads(record.value)
                     pred = pipe(msg["text"], truncation=True, max_length=args.max_length)[0]
                     infer_ms = (time.time() - received) * 1000
-                    producer.send(args.output_topic, key=record.key, value=json.dumps(
-                        {"id": msg["id"], "label": pred["label"], "score": pred["score"],
-                         "timing": {"queue_ms": 0.0, "infer_ms": infer_ms}}, ensure_ascii=False).encode())
+                    producer.send(
+                        args.output_topic,
+                        key=record.key,
+                        value=json.dumps(
+                            {
+                                "id": msg["id"],
+                                "label": pred["label"],
+                                "score": pred["score"],
+                                "timing": {"queue_ms": 0.0, "infer_ms": infer_ms},
+                            },
+                            ensure_ascii=False,
+                        ).encode(),
+                    )
                     done += 1
                     if time.time() - first > args.seconds or done >= args.limit:
                         break
@@ -64,8 +77,9 @@ def consume(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(ws: common.Workspace, *, seconds: float = 30.0, messages: int = 4000,
-        stream: Sequence[str] | None = None) -> dict:
+def run(
+    ws: common.Workspace, *, seconds: float = 30.0, messages: int = 4000, stream: Sequence[str] | None = None
+) -> dict:
     from bench.model_only import worker_settings
 
     texts = list(stream or common.stream_texts(messages))[:messages]
@@ -74,29 +88,59 @@ def run(ws: common.Workspace, *, seconds: float = 30.0, messages: int = 4000,
     common.publish(ws, topic, texts, id_prefix="pipeline-")
     _, folder = ws.checkpoint_folder()
     log = ws.work_dir / f"pipeline-{ws.run_id}.log"
-    argv = [sys.executable, "-m", "bench.pipeline_baseline", "--consume", "--model", str(folder),
-            "--bootstrap-servers", ws.bootstrap_servers, "--input-topic", topic, "--output-topic", f"{topic}-out",
-            "--group-id", ws.name("pipeline-group"), "--seconds", str(seconds), "--limit", str(len(texts)),
-            "--max-length", str(worker_settings().max_length)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.pipeline_baseline",
+        "--consume",
+        "--model",
+        str(folder),
+        "--bootstrap-servers",
+        ws.bootstrap_servers,
+        "--input-topic",
+        topic,
+        "--output-topic",
+        f"{topic}-out",
+        "--group-id",
+        ws.name("pipeline-group"),
+        "--seconds",
+        str(seconds),
+        "--limit",
+        str(len(texts)),
+        "--max-length",
+        str(worker_settings().max_length),
+    ]
     with open(log, "ab") as out:
-        proc = subprocess.run(argv, cwd=common.REPO, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=seconds + 180)
+        proc = subprocess.run(  # noqa: PLW1510 - the exit status is checked below, with the log
+            argv, cwd=common.REPO, stdout=out, stderr=subprocess.STDOUT, timeout=seconds + 180
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"pipeline baseline failed (exit {proc.returncode}); see {log}")
     outputs = common.read_outputs(ws, f"{topic}-out", len(texts), timeout_s=5.0)
-    result = {"published": len(texts), "time_box_s": seconds, **common.stream_throughput(outputs),
-              "dtype": "fp32 (pipeline default)", "log": str(log)}
-    common.print_table("Per-message transformers pipeline in a consumer loop (time-boxed)",
-                       ["messages", "seconds", "msgs/s"], [[result["messages"], result["seconds"],
-                                                           result["msgs_per_s"]]])
+    result = {
+        "published": len(texts),
+        "time_box_s": seconds,
+        **common.stream_throughput(outputs),
+        "dtype": "fp32 (pipeline default)",
+        "log": str(log),
+    }
+    common.print_table(
+        "Per-message transformers pipeline in a consumer loop (time-boxed)",
+        ["messages", "seconds", "msgs/s"],
+        [[result["messages"], result["seconds"], result["msgs_per_s"]]],
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pipeline_baseline", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline_baseline", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
     parser.add_argument("--seconds", type=float, default=30.0, help="time box from the first message")
-    parser.add_argument("--messages", type=int, default=4000, help="messages published (more than it gets to)")
+    parser.add_argument(
+        "--messages", type=int, default=4000, help="messages published (more than it gets to)"
+    )
     parser.add_argument("--output", default=str(common.WORK_DIR / "pipeline_baseline.json"), help="JSON here")
     # the consumer subprocess
     parser.add_argument("--consume", action="store_true", help=argparse.SUPPRESS)

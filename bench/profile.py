@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
     parser.add_argument("--messages", type=int, default=6000, help="backlog size")
     parser.add_argument("--cached", action="store_true", help="profile the second, fully cached pass")
-    parser.add_argument("--torch-threads", type=int, default=0, help="the worker's --torch-threads (0: default)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="the worker's --torch-threads (0: default)"
+    )
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
@@ -85,23 +87,45 @@ def main(argv: list[str] | None = None) -> int:
         topic = ws.name(tag)
         common.create_topics(ws, {topic: 1})
         common.publish(ws, topic, texts, id_prefix=f"{tag}-")
-        worker = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=prefix,
-                                      tag=tag, extra=extra)
+        worker = common.WorkerProcess(
+            ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=prefix, tag=tag, extra=extra
+        )
         raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
         with common.running_workers([worker]):
             while worker.handled() == 0:  # attach once the drain has started
                 worker.check_alive()
                 time.sleep(0.05)
             with open(raw.with_suffix(".log"), "wb") as spy_log:
-                spy = subprocess.Popen([pyspy, "record", "--pid", str(worker.proc.pid), "--threads", "--format",
-                                        "raw", "--rate", str(args.rate), "--output", str(raw), "--nonblocking"],
-                                       stdout=spy_log, stderr=subprocess.STDOUT)
+                spy = subprocess.Popen(
+                    [
+                        pyspy,
+                        "record",
+                        "--pid",
+                        str(worker.proc.pid),
+                        "--threads",
+                        "--format",
+                        "raw",
+                        "--rate",
+                        str(args.rate),
+                        "--output",
+                        str(raw),
+                        "--nonblocking",
+                    ],
+                    stdout=spy_log,
+                    stderr=subprocess.STDOUT,
+                )
                 common.wait_handled([worker], len(texts), 600)
                 spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
                 spy.wait(60)
         outputs = common.read_outputs(ws, worker.output_topic, len(texts))
-    summary = {"messages": len(texts), "cached": args.cached, "torch_threads": args.torch_threads or None,
-               **common.stream_throughput(outputs), "threads": summarize(raw), "raw": str(raw)}
+    summary = {
+        "messages": len(texts),
+        "cached": args.cached,
+        "torch_threads": args.torch_threads or None,
+        **common.stream_throughput(outputs),
+        "threads": summarize(raw),
+        "raw": str(raw),
+    }
     common.save_json(ws.work_dir / f"{tag}.json", summary)
     print(f"{tag}: {summary['msgs_per_s']:,.0f} msgs/s over {summary['messages']:,} messages")
     for thread, x in summary["threads"].items():

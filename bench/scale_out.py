@@ -24,24 +24,54 @@ from bench import common, e2e
 PARTITIONS = 4
 
 
-def run(ws: common.Workspace, *, messages: int = 6000, rounds: int = 1,
-        stream: Sequence[str] | None = None) -> dict:
+def run(
+    ws: common.Workspace, *, messages: int = 6000, rounds: int = 1, stream: Sequence[str] | None = None
+) -> dict:
     texts = list(stream or common.stream_texts(messages))[:messages]
     cores = os.cpu_count() or 2
     variants = {1: [], 2: []}
     for r in range(rounds):
-        for n in variants:
+        for n, runs in variants.items():
             threads = ["--torch-threads", str(max(1, cores // n))]
-            variants[n].append(e2e.run_stream(ws, texts, tag=f"scale{n}w-r{r}", workers=n, partitions=PARTITIONS,
-                                              prepublish=False, worker_args=threads))
-    summary = {str(n): {"msgs_per_s": sum(x["msgs_per_s"] for x in runs) / len(runs),
-                        "threads_per_worker": max(1, cores // n), "runs": runs} for n, runs in variants.items()}
-    result = {"messages": len(texts), "partitions": PARTITIONS, "cores": cores, "variants": summary,
-              "two_over_one": common.ratio(summary["2"]["msgs_per_s"], summary["1"]["msgs_per_s"])}
-    common.print_table(f"Scale-out on a {PARTITIONS}-partition topic ({cores} cores: mostly contention)",
-                       ["workers", "threads each", "msgs/s", "ratio to 1 worker"],
-                       [[n, v["threads_per_worker"], v["msgs_per_s"],
-                         f"{v['msgs_per_s'] / summary['1']['msgs_per_s']:.2f}x"] for n, v in summary.items()])
+            runs.append(
+                e2e.run_stream(
+                    ws,
+                    texts,
+                    tag=f"scale{n}w-r{r}",
+                    workers=n,
+                    partitions=PARTITIONS,
+                    prepublish=False,
+                    worker_args=threads,
+                )
+            )
+    summary = {
+        str(n): {
+            "msgs_per_s": sum(x["msgs_per_s"] for x in runs) / len(runs),
+            "threads_per_worker": max(1, cores // n),
+            "runs": runs,
+        }
+        for n, runs in variants.items()
+    }
+    result = {
+        "messages": len(texts),
+        "partitions": PARTITIONS,
+        "cores": cores,
+        "variants": summary,
+        "two_over_one": common.ratio(summary["2"]["msgs_per_s"], summary["1"]["msgs_per_s"]),
+    }
+    common.print_table(
+        f"Scale-out on a {PARTITIONS}-partition topic ({cores} cores: mostly contention)",
+        ["workers", "threads each", "msgs/s", "ratio to 1 worker"],
+        [
+            [
+                n,
+                v["threads_per_worker"],
+                v["msgs_per_s"],
+                f"{v['msgs_per_s'] / summary['1']['msgs_per_s']:.2f}x",
+            ]
+            for n, v in summary.items()
+        ],
+    )
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -9,8 +10,13 @@ import pytest
 from bench import common
 from bench.run import _target
 
-E5_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 1536,
-            "id2label": {str(i): f"l{i}" for i in range(10)}}
+E5_SMALL = {
+    "hidden_size": 384,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "id2label": {str(i): f"l{i}" for i in range(10)},
+}
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 75, 95, 99, 100])
@@ -39,7 +45,13 @@ def test_latency_summary():
 
 def test_model_shape_from_config():
     shape = common.ModelShape.from_config(E5_SMALL)
-    assert (shape.hidden, shape.layers, shape.heads, shape.intermediate, shape.labels) == (384, 12, 12, 1536, 10)
+    assert (shape.hidden, shape.layers, shape.heads, shape.intermediate, shape.labels) == (
+        384,
+        12,
+        12,
+        1536,
+        10,
+    )
     # 4 H^2 + 2 H I per layer: 589,824 + 1,179,648
     assert shape.layer_params == 1_769_472
     assert shape.params_nonembedding == 12 * 1_769_472
@@ -60,7 +72,7 @@ def test_flops_per_message_by_hand():
 def test_flops_grow_faster_than_linear_with_length():
     shape = common.ModelShape.from_config(E5_SMALL)
     f = [common.flops_per_message(shape, n) for n in (16, 32, 64, 128)]
-    assert all(b > 2 * a - 1e6 for a, b in zip(f, f[1:]))  # attention is quadratic
+    assert all(b > 2 * a - 1e6 for a, b in itertools.pairwise(f))  # attention is quadratic
     assert common.mean_flops_per_message(shape, [16, 128]) == pytest.approx((f[0] + f[3]) / 2)
     with pytest.raises(ValueError):
         common.flops_per_message(shape, 0)

@@ -15,10 +15,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
 def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_path):
     with common.open_workspace(trained_checkpoint, tmp_path / "work", stack=stack) as ws:
-        results = run_all(ws, messages=120, steady_seconds=2.0, pipeline_seconds=2.0, scale_messages=40,
-                          seconds_per_point=0.02, alt_seconds=0.05, skip_alternatives=["compile", "onnx"],
-                          batch_sizes=[1, 16], scale=0.02,
-                          parts={"model_only", "alternatives", "e2e", "pipeline_baseline", "cache", "scale_out"})
+        results = run_all(
+            ws,
+            messages=120,
+            steady_seconds=2.0,
+            pipeline_seconds=2.0,
+            scale_messages=40,
+            seconds_per_point=0.02,
+            alt_seconds=0.05,
+            skip_alternatives=["compile", "onnx"],
+            batch_sizes=[1, 16],
+            scale=0.02,
+            parts={"model_only", "alternatives", "e2e", "pipeline_baseline", "cache", "scale_out"},
+        )
         settings = {"model_version": ws.checkpoint_folder()[0], "broker": ws.broker, "messages": 120}
     assert results["errors"] == {}
     summary = summarize(results, settings, common.machine_info())
@@ -44,9 +53,29 @@ def test_gpu_sweep_script_runs_on_cpu(tmp_path):
     from bench import gpu_sweep
 
     out = tmp_path / "gpu.json"
-    assert gpu_sweep.main(["--device", "cpu", "--batch-sizes", "1,4", "--dtypes", "bf16,fp32",
-                           "--seconds-per-point", "0.02", "--rounds", "1", "--gemm-tokens", "256", "--inputs", str(tmp_path / "none.json"),
-                           "--output", str(out)]) == 0
+    assert (
+        gpu_sweep.main(
+            [
+                "--device",
+                "cpu",
+                "--batch-sizes",
+                "1,4",
+                "--dtypes",
+                "bf16,fp32",
+                "--seconds-per-point",
+                "0.02",
+                "--rounds",
+                "1",
+                "--gemm-tokens",
+                "256",
+                "--inputs",
+                str(tmp_path / "none.json"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["sweep"]["titles"]["bf16"]["4"]["msgs_per_s"] > 0
     assert data["gemm_tflops"]["fp32"] > 0
