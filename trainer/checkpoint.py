@@ -54,12 +54,14 @@ def staging_dir(root: Path | str, version: str) -> Path:
     return path
 
 
-def publish(root: Path | str, staged: Path, version: str, *, update_latest: bool = True) -> Path:
-    """Move a fully written staging folder into place as ``version``, then point ``LATEST`` at it."""
+def publish(root: Path | str, staged: Path, version: str, *, update_latest: bool = True,
+            classifier: bool = True) -> Path:
+    """Move a fully written staging folder into place as ``version``, then point ``LATEST`` at it.
+    ``classifier=False`` publishes a model without labels (a pretrained encoder for fine-tuning)."""
     root = Path(root)
     if not VERSION_RE.match(version):
         raise CheckpointError(f"not a version id: {version!r}")
-    validate(staged)
+    validate(staged, classifier=classifier)
     final = root / version
     if final.exists():
         raise CheckpointError(f"version {version} already exists in {root}")
@@ -111,7 +113,7 @@ def resolve(path: Path | str) -> tuple[str, Path]:
     return version, path / version
 
 
-def validate(folder: Path | str) -> dict:
+def validate(folder: Path | str, *, classifier: bool = True) -> dict:
     """Check a version folder is complete and loadable without loading the weights; returns its config.
 
     Refuses: missing files, a config without labels, a safetensors file whose header does not parse or
@@ -124,7 +126,7 @@ def validate(folder: Path | str) -> dict:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder}/config.json is not valid JSON: {exc}") from None
-    if not config.get("id2label"):
+    if classifier and not config.get("id2label"):
         raise CheckpointError(f"{folder}/config.json has no id2label")
     _check_safetensors(folder / "model.safetensors")
     return config

@@ -402,20 +402,6 @@ def save_run_state(accelerator: Accelerator, run_dir: Path, progress: Progress) 
     accelerator.wait_for_everyone()
 
 
-def publish_pretrained(root: Path, staged: Path, version: str) -> Path:
-    """``trainer.checkpoint.publish`` minus its classifier check (a pretrained model has no id2label):
-    rename the complete staging folder into place, then replace ``LATEST``."""
-    for name in ("config.json", "model.safetensors"):
-        if not (staged / name).is_file():
-            raise checkpoint.CheckpointError(f"{staged} is incomplete: {name} is missing")
-    final = root / version
-    if final.exists():
-        raise checkpoint.CheckpointError(f"version {version} already exists in {root}")
-    os.replace(staged, final)
-    checkpoint.set_latest(root, version)
-    return final
-
-
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -671,7 +657,7 @@ def _write_and_publish(accelerator, objective, tokenizer, settings, progress, fi
     plot_curves(progress.history, staged / "pretraining_curve.png",
                 f"{settings.preset} BERT, {progress.step} steps, {progress.elapsed_s / 60:.1f} min")
     _readable_by_all(staged)
-    final = publish_pretrained(root, staged, progress.version)
+    final = checkpoint.publish(root, staged, progress.version, classifier=False)
     log.info("pretrain.published", version=progress.version, path=str(final),
              mlm_loss=round(final_eval["eval_loss"], 4), mlm_accuracy=round(final_eval["eval_accuracy"], 4),
              steps=progress.step, train_min=round(progress.elapsed_s / 60, 2),
