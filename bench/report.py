@@ -2,8 +2,10 @@
 re-renders RESULTS.md and the plots from an existing results.json, e.g. after a GPU sweep was added).
 
 RESULTS.md is generated: headline figures, targets, one table per part. Hand-written analysis (profiles,
-explanations of misses, recommendations) lives in ``bench/ANALYSIS.md`` and is appended verbatim, headed
-by the run it was written for, so a re-run never silently rewrites a conclusion.
+explanations of misses, recommendations) lives in ``bench/ANALYSIS.md``, and the model-quality figures of
+the trainer and the pretrainer (taken by their own commands, not by ``make bench``) in ``bench/TRAINING.md``;
+both are appended verbatim, each headed by the runs it was written for, so a re-run never silently rewrites
+a conclusion.
 """
 
 from __future__ import annotations
@@ -238,9 +240,10 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
     out += ["", *_gpu_md(s.get("gpu_sweep"))]
     if plots:
         out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
-    analysis = out_dir / "ANALYSIS.md"
-    if analysis.exists():
-        out += ["", analysis.read_text().rstrip()]
+    for hand_written in ("ANALYSIS.md", "TRAINING.md"):  # kept across regenerations, appended verbatim
+        path = out_dir / hand_written
+        if path.exists():
+            out += ["", path.read_text().rstrip()]
     return "\n".join(out) + "\n"
 
 
