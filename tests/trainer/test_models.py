@@ -297,6 +297,25 @@ def test_scratch_classifier_round_trips_through_save_pretrained(tmp_path, monkey
     assert torch.allclose(model(**batch).logits, again(**batch).logits)
 
 
+def test_a_base_model_without_a_pooler_gets_an_identity_pooler_and_a_trained_one_keeps_its_own(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    mlm, tokenizer = models.scratch_masked_lm("tiny")  # what MLM pretraining saves: no pooler weights
+    mlm.save_pretrained(tmp_path / "mlm")
+    tokenizer.save_pretrained(tmp_path / "mlm")
+    model, _ = models.load_for_classification(str(tmp_path / "mlm"), ["a", "b"])
+    dense = model.bert.pooler.dense
+    assert torch.equal(dense.weight, torch.eye(dense.weight.shape[0])) and not dense.bias.any()
+
+    with torch.no_grad():
+        dense.weight.normal_()  # a classifier's trained pooler is loaded as it is
+    model.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    again, _ = models.load_for_classification(str(tmp_path / "clf"), ["a", "b"])
+    assert torch.equal(again.bert.pooler.dense.weight, dense.weight)
+
+
 def test_scratch_presets_build_masked_lm_models():
     for name in models.SCRATCH_PRESETS:
         config = models.scratch_config(name, 21128)
