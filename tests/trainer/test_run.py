@@ -296,6 +296,7 @@ def test_auto_hyperparameters_and_the_quick_preset():
     assert (full.max_length, full.epochs, full.eval_steps, full.max_train_examples) == (112, 3.0, 25, None)
     quick = resolve(TrainSettings(quick=True), token_lengths=lengths, model_max_length=512, steps_per_epoch=100)
     assert quick.max_length == QUICK_MAX_LENGTH and quick.epochs == 1.0 and quick.max_train_examples
+    assert quick.learning_rate > full.learning_rate, "one short epoch gets a higher rate"
     explicit = resolve(TrainSettings(quick=True, epochs=2, max_length=32, max_train_examples=100),
                        token_lengths=lengths, model_max_length=512)
     assert (explicit.epochs, explicit.max_length, explicit.max_train_examples) == (2, 32, 100)
