@@ -1,4 +1,4 @@
-"""Part 1b: what could beat plain batched bf16 on this CPU, measured side by side through the engine's path.
+"""Part 1b: what could beat the worker's plain batched model on this CPU, side by side through the engine's path.
 
 ``python -m bench.alternatives [--seconds 2] [--skip compile,onnx]``
 
@@ -6,9 +6,11 @@ Every variant runs inside :meth:`worker.engine.LoadedModel.predict` (the worker'
 sorting, chunking and top-k), with only the forward pass swapped, on the same batches, interleaved in
 rounds so the machine's noise hits all of them alike:
 
-- ``bf16`` (the engine's choice on AMX/AVX512-BF16 CPUs) and ``fp32``: eager PyTorch, SDPA attention.
-- ``bf16 chunk=N``: the engine's ``CHUNK_TOKENS`` (padded tokens per forward pass) raised from 2048.
-- ``bf16 torch.compile``: inductor with weight freezing (oneDNN prepacked bf16 linears); compile time is
+- the *base*: the worker's dtype here, ``bf16`` on AMX/AVX512-BF16 CPUs, else ``fp32`` (on AVX2-only CPUs
+  torch emulates bf16 far slower than fp32, see :func:`bench.model_only.native_dtypes`); and ``fp32``
+  beside a bf16 base. Eager PyTorch, SDPA attention.
+- ``<base> chunk=N``: the engine's ``CHUNK_TOKENS`` (padded tokens per forward pass) raised from 2048.
+- ``<base> torch.compile``: inductor with weight freezing (oneDNN prepacked linears); compile time is
   reported apart. Shapes vary per batch, so ``dynamic=True``.
 - ``int8 dynamic (torch)``: ``torch.ao.quantization.quantize_dynamic`` of the fp32 model's Linear layers
   (int8 weights, activations quantised per batch; the x86 engine, VNNI/AMX int8 where available).
@@ -34,15 +36,21 @@ from pathlib import Path
 from bench import common
 from bench.model_only import batches_of, load_engines, time_predict, worker_batches
 
-VARIANTS = (
-    "bf16",
-    "fp32",
-    "bf16 chunk=8192",
-    "bf16 torch.compile",
-    "int8 dynamic (torch)",
-    "onnxruntime fp32",
-    "onnxruntime int8",
-)
+def variant_names(base: str) -> tuple[str, ...]:
+    """The variants in table order, for a base dtype (``bf16`` or ``fp32``)."""
+    return tuple(dict.fromkeys((
+        base,
+        "fp32",
+        f"{base} chunk=8192",
+        f"{base} torch.compile",
+        "int8 dynamic (torch)",
+        "onnxruntime fp32",
+        "onnxruntime int8",
+    )))
+
+
+def base_dtype(engines: dict) -> str:
+    return "bf16" if "bf16" in engines else "fp32"
 
 
 class _Logits(types.SimpleNamespace):
@@ -119,16 +127,17 @@ def build_variants(
     """name -> predict(texts) callable, and name -> setup notes (build seconds, or why it was skipped)."""
     import torch
 
-    fp32, bf16 = engines["fp32"].current, engines["bf16"].current
-    predicts: dict[str, Callable] = {"bf16": bf16.predict, "fp32": fp32.predict}
-    notes: dict[str, dict] = {"bf16": {}, "fp32": {}}
+    base = base_dtype(engines)
+    fp32, served = engines["fp32"].current, engines[base].current
+    predicts: dict[str, Callable] = {base: served.predict, "fp32": fp32.predict}
+    notes: dict[str, dict] = {base: {}, "fp32": {}}
 
     def chunked(texts):
         with chunk_tokens(8192):
-            return bf16.predict(texts)
+            return served.predict(texts)
 
-    predicts["bf16 chunk=8192"] = chunked
-    notes["bf16 chunk=8192"] = {}
+    predicts[f"{base} chunk=8192"] = chunked
+    notes[f"{base} chunk=8192"] = {}
 
     def add(name: str, build: Callable[[], Callable]) -> None:
         if any(s and s in name for s in skip):
@@ -147,9 +156,9 @@ def build_variants(
     def compiled():
         import torch._inductor.config as inductor_config
 
-        inductor_config.freezing = True  # weights become constants: oneDNN prepacks the bf16 linears
-        model = copy.copy(bf16.model)
-        return with_forward(bf16, torch.compile(model, dynamic=True)).predict
+        inductor_config.freezing = True  # weights become constants: oneDNN prepacks the linears
+        model = copy.copy(served.model)
+        return with_forward(served, torch.compile(model, dynamic=True)).predict
 
     def int8_torch():
         torch.backends.quantized.engine = (
@@ -175,7 +184,7 @@ def build_variants(
         quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8)
         return with_forward(fp32, OrtForward(q_path, torch.get_num_threads())).predict
 
-    add("bf16 torch.compile", compiled)
+    add(f"{base} torch.compile", compiled)
     add("int8 dynamic (torch)", int8_torch)
     add("onnxruntime fp32", ort_fp32)
     add("onnxruntime int8", ort_int8)
@@ -215,10 +224,11 @@ def run(
     work_dir = ws.work_dir if ws else common.WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     predicts, notes = build_variants(engines, work_dir, skip, titles)
+    base = base_dtype(engines)
 
     workloads = {
         "titles, batch 64": batches_of(titles, 64, count=16),
-        "e2e stream, worker batches": worker_batches(engines["bf16"], stream[:2000]),
+        "e2e stream, worker batches": worker_batches(engines[base], stream[:2000]),
     }
     for batches in workloads.values():  # untimed warm-up on the shapes to come: a compiled variant compiles
         for predict in predicts.values():  # (or recompiles) here, not inside the timed rounds
@@ -243,16 +253,17 @@ def run(
         "rates_msgs_per_s": rates,
         "agreement_with_fp32": agree,
         "notes": notes,
-        "speedup_over_bf16": {wl: {n: v / by["bf16"] for n, v in by.items()} for wl, by in rates.items()},
+        "base": base,
+        "speedup_over_base": {wl: {n: v / by[base] for n, v in by.items()} for wl, by in rates.items()},
     }
     rows = []
-    for name in VARIANTS:
+    for name in variant_names(base):
         if name in predicts:
             rows.append(
                 [
                     name,
                     *(rates[wl][name] for wl in workloads),
-                    *(f"{rates[wl][name] / rates[wl]['bf16']:.2f}x" for wl in workloads),
+                    *(f"{rates[wl][name] / rates[wl][base]:.2f}x" for wl in workloads),
                     f"{agree[name]:.2%}",
                     notes[name].get("build_s"),
                 ]
@@ -268,11 +279,11 @@ def run(
                 ]
             )
     common.print_table(
-        "Beyond plain bf16: model-only through the engine's path (msgs/s)",
+        f"Beyond plain {base}: model-only through the engine's path (msgs/s)",
         [
             "variant",
             *workloads,
-            *(f"vs bf16 ({w.split(',')[0]})" for w in workloads),
+            *(f"vs {base} ({w.split(',')[0]})" for w in workloads),
             "labels = fp32",
             "build s",
         ],

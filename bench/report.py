@@ -111,8 +111,8 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
                     _pct(s["ratios"]["model_only_over_limit"]),
                 ],
                 *[
-                    [f"bf16 efficiency at best batch size, {n}", _pct(x)]
-                    for n, x in s["ratios"]["bf16_best_efficiency"].items()
+                    [f"{_served(s)} efficiency at best batch size, {n}", _pct(x)]
+                    for n, x in _best_efficiency(s["ratios"]).items()
                 ],
                 ["2 workers / 1 worker (4 partitions)", _x(s["ratios"]["two_workers_over_one"])],
             ],
@@ -294,6 +294,22 @@ def _fmt_target(name: str, value) -> str:
     return f"{value:,.0f} msgs/s"
 
 
+def _served(s: dict) -> str:
+    """The dtype the efficiency target is judged in: the worker's (bf16 on AMX/AVX512-BF16, else fp32)."""
+    return s["ratios"].get("served_dtype", "bf16")
+
+
+def _best_efficiency(ratios: dict) -> dict:
+    return ratios.get("best_efficiency") or ratios.get("bf16_best_efficiency") or {}
+
+
+def _no_bf16_note(dtypes) -> str:
+    if "bf16" in dtypes:
+        return ""
+    return (" (no bf16: this CPU has no AMX or AVX512-BF16 units, torch would emulate bf16 about 50x slower "
+            "than fp32, and the worker serves fp32 here)")
+
+
 def _model_only_md(mo: dict) -> list[str]:
     g = mo["gemm"]
     lines = [
@@ -301,7 +317,8 @@ def _model_only_md(mo: dict) -> list[str]:
         "",
         (
             "`worker.engine.LoadedModel.predict` (tokenize, sort by length, chunk, pad, forward, softmax, top-k), "
-            "fp32 and bf16 interleaved on the same texts. The limit is the GEMM rate measured in this run "
+            f"{' and '.join(g)} interleaved on the same texts{_no_bf16_note(g)}. The limit is the GEMM rate "
+            "measured in this run "
             "(`torch.matmul` at one layer's shapes, the best of before and after the sweep) divided by the FLOPs "
             "a message needs "
             "(2 x non-embedding parameters x real tokens + attention 4 x layers x tokens^2 x hidden + head; "
@@ -364,6 +381,7 @@ def _model_only_md(mo: dict) -> list[str]:
 
 def _alternatives_md(alt: dict) -> list[str]:
     rates, agree, notes = alt["rates_msgs_per_s"], alt["agreement_with_fp32"], alt["notes"]
+    base = alt.get("base", "bf16")  # runs before the CPU-dependent base recorded bf16 only
     wls = list(rates)
     rows = []
     for name, note in notes.items():
@@ -372,7 +390,7 @@ def _alternatives_md(alt: dict) -> list[str]:
                 [
                     name,
                     *(rates[w][name] for w in wls),
-                    *(_x(rates[w][name] / rates[w]["bf16"]) for w in wls),
+                    *(_x(rates[w][name] / rates[w][base]) for w in wls),
                     f"{agree[name]:.2%}",
                     note.get("build_s"),
                 ]
@@ -382,7 +400,7 @@ def _alternatives_md(alt: dict) -> list[str]:
                 [name, *("-" for _ in wls), *("-" for _ in wls), "-", "skipped: " + note.get("skipped", "")]
             )
     return [
-        "## 1b. What could beat plain batched bf16 (model-only, same path, interleaved)",
+        f"## 1b. What could beat plain batched {base} (model-only, same path, interleaved)",
         "",
         (
             f"{alt['threads']} torch threads; every variant goes through the engine's `predict` with only the "
@@ -393,7 +411,7 @@ def _alternatives_md(alt: dict) -> list[str]:
             [
                 "variant",
                 *[f"{w} msgs/s" for w in wls],
-                *[f"vs bf16 ({w.split(',')[0]})" for w in wls],
+                *[f"vs {base} ({w.split(',')[0]})" for w in wls],
                 "labels = fp32",
                 "build s",
             ],
@@ -498,7 +516,7 @@ def write_plots(s: dict, out_dir: Path) -> list[str]:
         for name, by_dtype in mo["sweep_msgs_per_s"].items():
             for d, by_bs in by_dtype.items():
                 bss = [int(b) for b in by_bs]
-                style = "-" if d == "bf16" else "--"
+                style = "-" if d == mo.get("worker_dtype", "bf16") else "--"
                 axes[0].plot(bss, list(by_bs.values()), style, marker="o", label=f"{name} {d}")
                 axes[1].plot(
                     bss,

@@ -114,18 +114,18 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "latency_ms_p95": steady.get("p95"),
         "latency_ms_p99": steady.get("p99"),
     }
-    best_bf16 = (
-        {name: by["bf16"] for name, by in mo["best"].items()}
-        if mo and "bf16" in next(iter(mo["best"].values()))
-        else {}
-    )
+    # the efficiency target is judged in the dtype the worker serves: bf16 where the CPU has the units,
+    # fp32 elsewhere (bf16 is then neither served nor measured: see bench.model_only.native_dtypes)
+    served = mo["worker_dtype"] if mo else "bf16"
+    best_served = {name: by[served] for name, by in mo["best"].items() if served in by} if mo else {}
     ratios = {
         "e2e_over_pipeline": common.ratio(e2e_rate, headline["baseline_pipeline_msgs_per_s"]),
         "e2e_over_model_only": common.ratio(e2e_rate, model_rate),
         "overhead": (1 - e2e_rate / model_rate) if e2e_rate and model_rate else None,
         "cached_over_uncached": ca["cached_over_uncached"] if ca else None,
         "model_only_over_limit": common.ratio(model_rate, headline["gemm_limit_msgs_per_s"]),
-        "bf16_best_efficiency": {n: b["efficiency"] for n, b in best_bf16.items()},
+        "served_dtype": served,
+        "best_efficiency": {n: b["efficiency"] for n, b in best_served.items()},
         "two_workers_over_one": so["two_over_one"] if so else None,
     }
     st = e["steady"] if e else {}
@@ -137,8 +137,8 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         if (ratios["overhead"] or 0) >= 0
         else {"value": ratios["overhead"], "bound": 0.15, "op": "<=", "met": None},
         **{
-            f"bf16 efficiency ({n}) >= 40% at best batch": _target(v, 0.40, ">=")
-            for n, v in ratios["bf16_best_efficiency"].items()
+            f"{served} efficiency ({n}) >= 40% at best batch": _target(v, 0.40, ">=")
+            for n, v in ratios["best_efficiency"].items()
         },
         "cached >= 5,000 msgs/s": _target(headline["cached_msgs_per_s"], 5000, ">="),
         "p99 at 70% load < 4 x (max_wait + one batch)": _target(
