@@ -62,6 +62,7 @@ def publish(root: Path | str, staged: Path, version: str, *, update_latest: bool
     if not VERSION_RE.match(version):
         raise CheckpointError(f"not a version id: {version!r}")
     validate(staged, classifier=classifier)
+    _readable_by_all(staged)
     final = root / version
     if final.exists():
         raise CheckpointError(f"version {version} already exists in {root}")
@@ -69,6 +70,15 @@ def publish(root: Path | str, staged: Path, version: str, *, update_latest: bool
     if update_latest:
         set_latest(root, version)
     return final
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Some writers (safetensors via a temp file) create 0600 files; workers may run as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def set_latest(root: Path | str, version: str) -> None:

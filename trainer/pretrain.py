@@ -37,9 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -58,10 +56,10 @@ from tqdm.auto import tqdm
 
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view, require, setting
-from trainer import checkpoint, mlm
+from trainer import checkpoint, mlm, runstate
 from trainer.data import BUILTINS, DataError, DataSpec, load_splits, peoples_daily_texts
 from trainer.models import SCRATCH_PRESETS, ModelSourceError, chinese_char_tokenizer, scratch_config
-from trainer.run import _readable_by_all, resolve_mixed_precision
+from trainer.run import resolve_mixed_precision
 from trainer.settings import MIXED_PRECISION
 
 log = get_logger(__name__)
@@ -378,30 +376,6 @@ def find_resumable(root: Path, fingerprint: str) -> Path | None:
     return None
 
 
-def save_run_state(accelerator: Accelerator, run_dir: Path, progress: Progress) -> None:
-    """accelerate state (model as safetensors, optimizer, RNGs) + progress.json, swapped in whole: a crash
-    while saving leaves the previous state usable."""
-    tmp, state, old = run_dir / "state.tmp", run_dir / "state", run_dir / "state.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    # accelerate warns that it drops the tied output-layer copy of the embeddings; loading re-ties it.
-    quiet = logging.getLogger("accelerate.utils.other")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-    finally:
-        quiet.setLevel(level)
-    if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(dataclasses.asdict(progress)))
-        if state.exists():
-            os.replace(state, old)
-        os.replace(tmp, state)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -504,8 +478,8 @@ def pretrain(settings: PretrainSettings) -> Path:
     fingerprint = settings.fingerprint()
     resumed = find_resumable(root, fingerprint) if settings.resume else None
     if resumed:
-        accelerator.load_state(str(resumed / "state"))
-        progress = Progress(**json.loads((resumed / "state" / "progress.json").read_text()))
+        accelerator.load_state(str(resumed / runstate.STATE))
+        progress = Progress(**runstate.load_progress(resumed))
         run_dir = resumed
         log.info("pretrain.resumed", version=progress.version, step=progress.step, epoch=progress.epoch)
     else:
@@ -608,7 +582,7 @@ def train_loop(accelerator, objective, optimizer, loader, eval_batches, masking,
                 progress.history.append({"step": progress.step, **point})
             progress.elapsed_s = elapsed()
             if progress.step % settings.save_every == 0 and not done():
-                save_run_state(accelerator, run_dir, progress)
+                runstate.save(accelerator, run_dir, progress)
             if done():
                 break
         else:
@@ -656,7 +630,6 @@ def _write_and_publish(accelerator, objective, tokenizer, settings, progress, fi
     (staged / "pretrain_args.json").write_text(json.dumps(public_view(settings), indent=2, ensure_ascii=False))
     plot_curves(progress.history, staged / "pretraining_curve.png",
                 f"{settings.preset} BERT, {progress.step} steps, {progress.elapsed_s / 60:.1f} min")
-    _readable_by_all(staged)
     final = checkpoint.publish(root, staged, progress.version, classifier=False)
     log.info("pretrain.published", version=progress.version, path=str(final),
              mlm_loss=round(final_eval["eval_loss"], 4), mlm_accuracy=round(final_eval["eval_accuracy"], 4),

@@ -37,7 +37,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.optim import AdamW
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -46,7 +46,7 @@ from transformers.utils import logging as hf_logging
 
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view
-from trainer import checkpoint, metrics, plots
+from trainer import checkpoint, metrics, plots, runstate
 from trainer.data import DataError, DataSpec, Example, Splits, load_splits
 from trainer.models import ModelSourceError, load_for_classification
 from trainer.settings import Hyperparameters, TrainSettings, max_train_examples, resolve
@@ -310,27 +310,13 @@ def open_run(settings: TrainSettings, accelerator: Accelerator, fingerprint: str
 
 
 def save_state(accelerator: Accelerator, run: Path, progress: Progress, best: dict | None) -> None:
-    """Snapshot into ``state.tmp/`` then swap it in: a crash mid-save leaves the previous snapshot whole."""
-    tmp, final, old = run / "state.tmp", run / "state", run / "state.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # weights (safetensors), optimizer, scheduler, RNG of every process
-    if accelerator.is_main_process:
-        if best is not None:
-            save_file(best, tmp / "best.safetensors")
-        (tmp / "progress.json").write_text(json.dumps(dataclasses.asdict(progress)))
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    runstate.save(accelerator, run, progress, {"best.safetensors": best} if best is not None else None)
 
 
 def load_state(accelerator: Accelerator, run: Path) -> tuple[Progress, dict | None]:
-    state = run / "state"
+    state = run / runstate.STATE
     accelerator.load_state(str(state))
-    progress = Progress(**json.loads((state / "progress.json").read_text()))
+    progress = Progress(**runstate.load_progress(run))
     best = load_file(state / "best.safetensors") if (state / "best.safetensors").exists() else None
     return progress, best
 
@@ -691,15 +677,6 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
     plots.confusion(final.test["confusion_matrix"], splits.labels, folder / "confusion_matrix.png",
                     title=f"{splits.name} test: accuracy {final.test['accuracy']:.3f}, "
                           f"macro-F1 {final.test['macro_f1']:.3f}")
-    _readable_by_all(folder)
-
-
-def _readable_by_all(folder: Path) -> None:
-    """Some writers (safetensors via a temp file) create 0600 files; workers may run as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
 
 
 def _write_json(path: Path, obj) -> None:

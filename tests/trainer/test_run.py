@@ -127,6 +127,9 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
     for name in ("model.safetensors", "tokenizer.json", "metrics.json", "training_args.json",
                  "data_fingerprint.json", "training_curve.png", "confusion_matrix.png", "test_predictions.jsonl"):
         assert (folder / name).stat().st_size > 0, name
+        umask = os.umask(0)
+        os.umask(umask)  # safetensors writes 0600 files: publishing opens them up as far as the umask allows
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert not any(p.name.startswith(".staging") for p in published.iterdir())
     assert not (published / run.RUNS_DIR).exists(), "a finished run leaves no resumable state behind"
 
