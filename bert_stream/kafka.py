@@ -10,8 +10,9 @@ Timeouts, and why:
   about half of it to complete a join, so tests use 2-6 s.
 - ``max_poll_interval_ms`` (default 5 min): the worker's loop polls between batches and a batch is bounded
   (``max_batch_tokens``), so a poll always comes far sooner; the margin covers a model swap.
-- kafka-python can lose a finished group join when polls are short and spaced, so the worker polls with a
-  timeout of at least ``JOIN_POLL_TIMEOUT_MS`` while it has no assignment.
+- kafka-python can lose a finished group join when polls are short and spaced (the next poll sends a fresh
+  JoinGroup, and the partitions the lost join gave stay unowned), so the worker polls with a timeout of at
+  least ``JOIN_POLL_TIMEOUT_MS`` from a revocation (or its start) until it is assigned partitions.
 """
 
 from __future__ import annotations

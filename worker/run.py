@@ -209,6 +209,7 @@ class Worker:
         self._since_commit = 0
         self._next_lag = 0.0
         self._rewind: dict = {}             # tp -> first offset dropped at revocation (see _forget)
+        self._joining = True                # from a revocation to the next assignment: a group join in flight
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -264,8 +265,11 @@ class Worker:
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def _poll(self) -> list:
-        if not self.consumer.assignment():
-            timeout_ms = JOIN_POLL_TIMEOUT_MS  # kafka-python loses finished joins with short polls
+        if self._joining or not self.consumer.assignment():
+            # kafka-python loses a join that finishes between two short polls (the next poll sends a new
+            # JoinGroup): while one is in flight, wait for it. An eager rebalance keeps the old assignment
+            # until the join completes, so assignment() alone does not tell.
+            timeout_ms = JOIN_POLL_TIMEOUT_MS
         elif self.classifier.batches_in_flight:
             timeout_ms = BUSY_POLL_MS
         else:
@@ -408,6 +412,7 @@ class Worker:
     def _forget(self, revoked: set) -> None:
         """Drop what was not started for the revoked partitions: the next owner reads it again from the
         committed offset."""
+        self._joining = True  # a revocation opens a rebalance: the join follows in the next polls
         if not revoked:
             return
         dropped = self.batcher.drop(lambda job: _tp(job.message.source.topic, job.message.source.partition)
@@ -428,6 +433,7 @@ class Worker:
             if tp in self._rewind:
                 self.consumer.seek(tp, self._rewind[tp])  # no I/O: sets the next fetch position
         self._rewind.clear()  # partitions that went elsewhere are read by their new owner from the commit
+        self._joining = False
         self.health.assigned = len(assigned)
         self.metrics.rebalances.labels("assigned").inc()
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
