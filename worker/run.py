@@ -304,6 +304,7 @@ class Worker:
 
     def _publish(self, done_batches: list[DoneBatch]) -> None:
         for done in done_batches:
+            counts = {"cached": 0, "output": 0}
             for r in done.results:
                 m = r.job.message
                 if r.prediction is None:
@@ -313,7 +314,10 @@ class Worker:
                 value = output_value(m, r.prediction, model_version=done.version, cached=r.cached,
                                      queue_ms=max(0.0, queue_ms), infer_ms=done.infer_ms)
                 self._send(self.settings.output_topic, m.source, value, m.key, m.headers)
-                self.metrics.messages.labels("cached" if r.cached else "output", "").inc()
+                counts["cached" if r.cached else "output"] += 1
+            for outcome, n in counts.items():  # once per batch: a labelled counter lookup is not free
+                if n:
+                    self.metrics.messages.labels(outcome, "").inc(n)
 
     def _send_dlq(self, rejected: Rejected) -> None:
         value, headers = rejected.value, dlq_headers(rejected)
