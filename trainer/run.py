@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -362,11 +363,33 @@ class Prepared:
 
 
 def make_optimizer(model: torch.nn.Module, hyper: Hyperparameters) -> AdamW:
-    # No weight decay on biases and LayerNorm weights (1-d tensors): decaying them only hurts.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hyper.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return AdamW(groups, lr=hyper.learning_rate)
+    """AdamW with no weight decay on biases and LayerNorm weights (1-d tensors: decaying them only hurts),
+    and with ``layer_lr_decay`` < 1 a learning rate per depth (see :func:`layer_depth`)."""
+    depth_of = layer_depth(model)
+    top = max(depth_of.values(), default=0)
+    groups: dict[tuple[int, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((depth_of[name], param.ndim >= 2), []).append(param)
+    return AdamW([{"params": params, "weight_decay": hyper.weight_decay if decayed else 0.0,
+                   "lr": hyper.learning_rate * hyper.layer_lr_decay ** (top - depth)}
+                  for (depth, decayed), params in sorted(groups.items())], lr=hyper.learning_rate)
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def layer_depth(model: torch.nn.Module) -> dict[str, int]:
+    """Depth of every parameter for layer-wise learning rates: 0 for the embeddings, i + 1 for encoder layer
+    i, and one above the last layer for everything else (pooler, classifier head)."""
+    names = [name for name, _ in model.named_parameters()]
+    layers = [int(m.group(1)) for name in names if (m := _LAYER.search(name))]
+    head = max(layers, default=-1) + 2
+    depths = {}
+    for name in names:
+        m = _LAYER.search(name)
+        depths[name] = int(m.group(1)) + 1 if m else 0 if "embeddings" in name else head
+    return depths
 
 
 def prepare(accelerator: Accelerator, model: torch.nn.Module, data: Data) -> Prepared:
@@ -533,7 +556,7 @@ def evaluate_during_training(accelerator: Accelerator, p: Prepared, data: Data, 
     progress.early_stopped = patience > 0 and progress.evals_without_improvement >= patience
     entry = {"step": progress.step, "epoch": round(progress.step / data.steps_per_epoch, 3),
              "train_loss": progress.losses[-1][1], "accuracy": round(scores["accuracy"], 5),
-             "macro_f1": round(scores["macro_f1"], 5), "lr": float(p.scheduler.get_last_lr()[0])}
+             "macro_f1": round(scores["macro_f1"], 5), "lr": float(max(p.scheduler.get_last_lr()))}
     progress.history.append(entry)
     say("train.eval", **entry, improved=improved, best_macro_f1=round(progress.best_macro_f1, 5),
         examples_per_s=progress.examples_per_s(accelerator.num_processes), early_stop=progress.early_stopped)

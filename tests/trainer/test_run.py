@@ -307,3 +307,27 @@ def test_auto_hyperparameters_and_the_quick_preset():
     assert long_texts.max_length == 128, "auto stops at the worker's default length"
     scratch = resolve(TrainSettings(model="scratch"), token_lengths=lengths, model_max_length=64)
     assert scratch.max_length == 64 and scratch.learning_rate > full.learning_rate
+
+
+def test_layer_wise_learning_rates_decay_from_the_head_down():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3))
+    hyper = resolve(TrainSettings(learning_rate=1e-3, layer_lr_decay=0.5), token_lengths=[10],
+                    model_max_length=64)
+    optimizer = run.make_optimizer(model, hyper)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["classifier.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["bert.pooler.dense.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["bert.encoder.layer.2.output.dense.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(named["bert.encoder.layer.0.output.dense.weight"])] == pytest.approx(1.25e-4)
+    assert lr_of[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(6.25e-5)
+    assert decay_of[id(named["bert.encoder.layer.0.output.LayerNorm.weight"])] == 0.0
+    assert decay_of[id(named["bert.encoder.layer.0.output.dense.weight"])] == TrainSettings().weight_decay
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named), "every parameter once"
+    flat = run.make_optimizer(model, resolve(TrainSettings(learning_rate=1e-3), token_lengths=[10],
+                                             model_max_length=64))
+    assert {g["lr"] for g in flat.param_groups} == {1e-3}, "decay 1 is one rate"
