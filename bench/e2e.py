@@ -132,39 +132,24 @@ def run(
     return result
 
 
-def print_tables(r: dict) -> None:
+TABLE_HEADER = ["load shape", "messages", "offered msgs/s", "msgs/s", "seconds", "latency p50 ms", "p95 ms",
+                "p99 ms", "batch infer p50 ms", "cached"]
+
+
+def table_rows(r: dict) -> list[list]:
+    """One row per load shape, in :data:`TABLE_HEADER`'s order (the console table and RESULTS.md)."""
     rows = []
     for shape in ("backlog", "steady"):
         x = r[shape]
         lat = x["latency_ms"]
-        rows.append(
-            [
-                shape,
-                x["messages"],
-                x["msgs_per_s"],
-                x["seconds"],
-                lat.get("p50"),
-                lat.get("p95"),
-                lat.get("p99"),
-                x["batch_infer_ms"].get("p50"),
-                f"{x['cached_fraction']:.0%}",
-            ]
-        )
-    common.print_table(
-        "End to end through the broker (worker subprocess)",
-        [
-            "load shape",
-            "messages",
-            "msgs/s",
-            "seconds",
-            "latency p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "batch infer p50 ms",
-            "cached",
-        ],
-        rows,
-    )
+        rows.append([shape, x["messages"], x.get("rate_target"), x["msgs_per_s"], x["seconds"], lat.get("p50"),
+                     lat.get("p95"), lat.get("p99"), x["batch_infer_ms"].get("p50"),
+                     f"{x.get('cached_fraction', 0):.0%}"])
+    return rows
+
+
+def print_tables(r: dict) -> None:
+    common.print_table("End to end through the broker (worker subprocess)", TABLE_HEADER, table_rows(r))
     st = r["steady"]
     print(
         f"steady at {r['load']:.0%} of backlog throughput ({st['rate_target']:.0f} msgs/s): p99 "

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import common
+from bench import common, e2e
 
 HEADLINE = (
     "e2e_msgs_per_s",
@@ -421,23 +421,6 @@ def _alternatives_md(alt: dict) -> list[str]:
 
 
 def _e2e_md(e: dict) -> list[str]:
-    rows = []
-    for shape in ("backlog", "steady"):
-        x = e[shape]
-        lat = x["latency_ms"]
-        rows.append(
-            [
-                shape,
-                x["messages"],
-                x.get("rate_target"),
-                x["msgs_per_s"],
-                x["seconds"],
-                lat.get("p50"),
-                lat.get("p95"),
-                lat.get("p99"),
-                x["batch_infer_ms"].get("p50"),
-            ]
-        )
     st = e["steady"]
     return [
         "## 2. End to end through the broker",
@@ -449,20 +432,7 @@ def _e2e_md(e: dict) -> list[str]:
             "the backlog (not judged)."
         ),
         "",
-        _table(
-            [
-                "load shape",
-                "messages",
-                "offered msgs/s",
-                "msgs/s",
-                "seconds",
-                "latency p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "batch infer p50 ms",
-            ],
-            rows,
-        ),
+        _table(e2e.TABLE_HEADER, e2e.table_rows(e)),
         "",
         (
             f"Steady load at {e['load']:.0%} of the backlog throughput: p99 {st['latency_ms'].get('p99', 0):.0f} ms "
