@@ -11,9 +11,11 @@ held at WARNING unless ``LOG_LEVEL=DEBUG``: kafka-python logs every connection a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import structlog
 
@@ -68,3 +70,19 @@ def configure_logging(level: str | None = None, json_lines: bool | None = None) 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
+
+
+@contextlib.contextmanager
+def quieted(*logger_names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise standard-library loggers to ``level`` for a block (a library's expected, noisy warning), then
+    put their levels back."""
+    loggers = [logging.getLogger(name) for name in logger_names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before):
+            logger.setLevel(old)
+

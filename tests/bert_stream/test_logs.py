@@ -25,3 +25,16 @@ def test_json_lines_with_context_when_not_a_tty():
     assert first["level"] == "info" and first["timestamp"].endswith("Z")
     assert second["event"] == "plain stdlib" and second["level"] == "warning"
     assert out.stdout == ""  # stdout stays free for data
+
+
+def test_quieted_silences_a_library_logger_for_a_block_only():
+    import logging
+
+    from bert_stream.logs import quieted
+
+    logger = logging.getLogger("some.library")
+    logger.setLevel(logging.INFO)
+    with quieted("some.library"):
+        assert not logger.isEnabledFor(logging.WARNING)
+        assert logger.isEnabledFor(logging.ERROR)
+    assert logger.level == logging.INFO, "the level is put back"

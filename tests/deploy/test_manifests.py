@@ -329,10 +329,10 @@ def test_probes_and_metrics_match_the_worker_http_server(overlay):
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     pod_annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    for annotations in (service["metadata"]["annotations"], pod_annotations):
-        assert annotations["prometheus.io/scrape"] == "true"
-        assert annotations["prometheus.io/port"] == str(port)
-        metrics_path = annotations["prometheus.io/path"]
+    for notes in (service["metadata"]["annotations"], pod_annotations):
+        assert notes["prometheus.io/scrape"] == "true"
+        assert notes["prometheus.io/port"] == str(port)
+        metrics_path = notes["prometheus.io/path"]
 
     # Ask the worker's own server (worker/metrics.py) for every path the manifests use: none may be a 404.
     server = OpsServer(WorkerMetrics(), Health(), port=0, host="127.0.0.1").start()
