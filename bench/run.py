@@ -41,9 +41,13 @@ def run_all(
     batch_sizes: list[int],
     parts: set[str],
     scale: float = 1.0,
+    e2e_seconds: float | None = None,
+    scale_seconds: float | None = None,
 ) -> dict:
     """All parts on one workspace; ``scale`` shrinks the fixed time boxes (GEMM timing, model-only over the
-    stream) for smoke runs."""
+    stream) for smoke runs. ``e2e_seconds``/``scale_seconds`` cap the e2e/cache stream and each scale-out
+    variant at that many seconds of the model-only rate measured first, so a slow CPU still finishes in
+    time and a fast one gets the full counts."""
     from bench import alternatives, cache, e2e, model_only, pipeline_baseline, scale_out
 
     stream = common.stream_texts(messages)
@@ -75,6 +79,10 @@ def run_all(
             gemm_seconds=0.4 * scale,
         ),
     )
+    rate = mo["stream"]["msgs_per_s"] if mo else None
+    messages = sized(messages, rate, e2e_seconds)
+    scale_messages = sized(scale_messages, rate, scale_seconds)
+    results["sized"] = {"messages": messages, "scale_messages": scale_messages, "model_only_rate": rate}
     part(
         "alternatives",
         lambda: alternatives.run(ws, seconds=alt_seconds, skip=skip_alternatives, stream=stream[:4000]),
@@ -93,6 +101,16 @@ def run_all(
     if mo:
         results["gpu_inputs"] = mo.pop("gpu_inputs")
     return results
+
+
+MIN_SIZED_MESSAGES = 2000  # below this, start-up and the last partial batches weigh on the rates
+
+
+def sized(count: int, rate: float | None, seconds: float | None) -> int:
+    """``count`` capped at ``seconds`` of ``rate`` (never below :data:`MIN_SIZED_MESSAGES`)."""
+    if not rate or not seconds:
+        return count
+    return min(count, max(MIN_SIZED_MESSAGES, round(rate * seconds)))
 
 
 def summarize(results: dict, settings: dict, machine: dict) -> dict:
@@ -175,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady-seconds", type=float, default=30.0, help="steady-load duration")
     parser.add_argument("--pipeline-seconds", type=float, default=30.0, help="pipeline baseline time box")
     parser.add_argument("--scale-messages", type=int, default=6000, help="messages per scale-out variant")
+    parser.add_argument("--e2e-seconds", type=float, default=150.0,
+                        help="cap --messages at this many seconds of the measured model-only rate (0: no cap)")
+    parser.add_argument("--scale-seconds", type=float, default=60.0,
+                        help="cap --scale-messages at this many seconds of the model-only rate (0: no cap)")
     parser.add_argument("--seconds-per-point", type=float, default=1.0, help="model-only time per point")
     parser.add_argument("--alt-seconds", type=float, default=2.0, help="time per alternative and workload")
     parser.add_argument(
@@ -220,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
             parts=set(args.parts.split(",")),
             scale=scale,
+            e2e_seconds=args.e2e_seconds,
+            scale_seconds=args.scale_seconds,
         )
         broker = ws.broker
     mo = results["parts"].get("model_only") or {}
@@ -229,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         "model": mo.get("model"),
         "dtype": mo.get("worker_dtype"),
         "batch": mo.get("batch_settings"),
-        "messages": args.messages,
+        "messages": results["sized"]["messages"],
+        "messages_asked": args.messages,
+        "e2e_seconds": args.e2e_seconds,
         "steady_seconds": args.steady_seconds,
         "steady_load": 0.7,
         "pipeline_seconds": args.pipeline_seconds,
-        "scale_messages": args.scale_messages,
+        "scale_messages": results["sized"]["scale_messages"],
+        "scale_seconds": args.scale_seconds,
         "broker": broker,
         "quick": args.quick,
         "skip_alternatives": args.skip_alternatives,

@@ -115,3 +115,13 @@ def test_message_encoding_is_the_workers_json():
 
     value = common.encode_message("id-1", "北京 今天  晴")
     assert parse_value(value, "auto", 65_536) == ("id-1", "北京 今天 晴")
+
+
+def test_sized_caps_a_count_at_seconds_of_the_measured_rate():
+    from bench.run import MIN_SIZED_MESSAGES, sized
+
+    assert sized(20_000, 50.0, 150.0) == 7_500, "a slow model gets 150 s of messages"
+    assert sized(20_000, 500.0, 150.0) == 20_000, "a fast one the full count"
+    assert sized(20_000, 1.0, 150.0) == MIN_SIZED_MESSAGES, "never fewer than the floor"
+    assert sized(300, 1.0, 150.0) == 300, "nor more than asked"
+    assert sized(20_000, None, 150.0) == sized(20_000, 50.0, 0) == 20_000, "no rate or no cap: as asked"
