@@ -85,4 +85,3 @@ def quieted(*logger_names: str, level: int = logging.ERROR) -> Iterator[None]:
     finally:
         for logger, old in zip(loggers, before):
             logger.setLevel(old)
-

@@ -382,14 +382,11 @@ _LAYER = re.compile(r"\.layers?\.(\d+)\.")
 def layer_depth(model: torch.nn.Module) -> dict[str, int]:
     """Depth of every parameter for layer-wise learning rates: 0 for the embeddings, i + 1 for encoder layer
     i, and one above the last layer for everything else (pooler, classifier head)."""
-    names = [name for name, _ in model.named_parameters()]
-    layers = [int(m.group(1)) for name in names if (m := _LAYER.search(name))]
-    head = max(layers, default=-1) + 2
-    depths = {}
-    for name in names:
-        m = _LAYER.search(name)
-        depths[name] = int(m.group(1)) + 1 if m else 0 if "embeddings" in name else head
-    return depths
+    layer_of = {name: int(m.group(1)) if (m := _LAYER.search(name)) else None
+                for name, _ in model.named_parameters()}
+    head = max((i for i in layer_of.values() if i is not None), default=-1) + 2
+    return {name: i + 1 if i is not None else 0 if "embeddings" in name else head
+            for name, i in layer_of.items()}
 
 
 def prepare(accelerator: Accelerator, model: torch.nn.Module, data: Data) -> Prepared:

@@ -223,7 +223,8 @@ def resolve(settings: TrainSettings, *, token_lengths: list[int], model_max_leng
     return Hyperparameters(
         epochs=epochs, learning_rate=learning_rate, batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps, warmup_ratio=settings.warmup_ratio,
-        weight_decay=settings.weight_decay, layer_lr_decay=settings.layer_lr_decay, max_grad_norm=settings.max_grad_norm, max_length=max_length,
+        weight_decay=settings.weight_decay, layer_lr_decay=settings.layer_lr_decay,
+        max_grad_norm=settings.max_grad_norm, max_length=max_length,
         eval_steps=eval_steps, early_stopping_patience=settings.early_stopping_patience,
         max_train_examples=max_train_examples(settings), seed=settings.seed,
     )
