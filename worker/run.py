@@ -313,8 +313,8 @@ class Worker:
                 queue_ms = (time.monotonic() - r.job.received) * 1000 - done.infer_ms
                 value = output_value(m, r.prediction, model_version=done.version, cached=r.cached,
                                      queue_ms=max(0.0, queue_ms), infer_ms=done.infer_ms)
-                self._send(self.settings.output_topic, m.source, value, m.key, m.headers)
-                counts["cached" if r.cached else "output"] += 1
+                if self._send(self.settings.output_topic, m.source, value, m.key, m.headers):
+                    counts["cached" if r.cached else "output"] += 1
             for outcome, n in counts.items():  # once per batch: a labelled counter lookup is not free
                 if n:
                     self.metrics.messages.labels(outcome, "").inc(n)
@@ -323,20 +323,30 @@ class Worker:
         value, headers = rejected.value, dlq_headers(rejected)
         if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
             value, headers = value[:DLQ_MAX_VALUE_BYTES], [*headers, ("error.value_truncated", b"true")]
-        self._send(self.settings.dlq_topic, rejected.source, value, rejected.key, headers)
+        if not self._send(self.settings.dlq_topic, rejected.source, value, rejected.key, headers):
+            return
         self.metrics.messages.labels("dlq", rejected.reason).inc()
         log.info("dead_letter", reason=rejected.reason, detail=rejected.detail[:200], topic=rejected.source.topic,
                  partition=rejected.source.partition, offset=rejected.source.offset)
 
-    def _send(self, topic: str, source: Source, value: bytes | None, key: bytes | None, headers) -> None:
+    def _send(self, topic: str, source: Source, value: bytes | None, key: bytes | None, headers) -> bool:
         """Publish to the input's partition number (mod the topic's partitions): per input partition the
         output order is the input order. The ack is what lets the input offset be committed."""
-        partition = source.partition % self._partition_count(topic)
         tp, offset = _tp(source.topic, source.partition), source.offset
+        if self._send_errors and self._failed(tp):
+            return False  # its commit position is stuck before the failed send: it would only be a duplicate
+        partition = source.partition % self._partition_count(topic)
         future = self.producer.send(topic, value=value, key=key, headers=list(headers), partition=partition)
         future.add_callback(lambda _meta: self._acks.append((tp, offset)))
         future.add_errback(lambda exc: self._send_errors.append((tp, offset, exc)))
         self._since_commit += 1
+        return True
+
+    def _failed(self, tp) -> bool:
+        """A send for this input partition failed: the worker is on its way out (see :meth:`_acknowledged`),
+        and the restart re-reads the partition from before the failed offset. Publishing more of it, as the
+        shutdown drain would, only adds duplicates (up to ``max_queued_messages`` of them)."""
+        return any(failed_tp == tp for failed_tp, _offset, _exc in list(self._send_errors))
 
     def _partition_count(self, topic: str) -> int:
         if topic not in self._partitions:

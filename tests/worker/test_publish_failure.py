@@ -1,0 +1,87 @@
+"""Unit test of the worker's policy after a send fails (pure logic: a fake producer, no Kafka, no model).
+
+The integration side (a real noida-db restart answering OutOfOrderSequenceNumber) is
+tests/fault/test_outages.py::test_broker_restart_mid_stream; this pins the bookkeeping behind its duplicate
+bound: after a failed send the worker publishes nothing more of that input partition, commits the acked
+prefix, and stops with status 1.
+"""
+
+from __future__ import annotations
+
+from worker.messages import Source
+from worker.run import Worker
+from worker.settings import WorkerSettings
+
+
+class _Future:
+    def __init__(self):
+        self.callbacks, self.errbacks = [], []
+
+    def add_callback(self, fn):
+        self.callbacks.append(fn)
+
+    def add_errback(self, fn):
+        self.errbacks.append(fn)
+
+
+class _Producer:
+    """Completes each send at flush(): partitions in ``failing`` fail, the rest are acknowledged."""
+
+    def __init__(self, failing: set[int]):
+        self.failing, self.pending, self.sent = failing, [], []
+
+    def partitions_for(self, _topic):
+        return {0, 1}
+
+    def send(self, topic, *, value, key, headers, partition):
+        future = _Future()
+        self.pending.append((partition, future))
+        self.sent.append((topic, partition, value))
+        return future
+
+    def flush(self):
+        for partition, future in self.pending:
+            for fn in future.errbacks if partition in self.failing else future.callbacks:
+                fn(RuntimeError("OutOfOrderSequenceNumber") if partition in self.failing else None)
+        self.pending.clear()
+
+
+def _worker(producer) -> Worker:
+    worker = Worker(WorkerSettings(input_topic="in", output_topic="out"))
+    worker.producer = producer
+    return worker
+
+
+def _send(worker: Worker, partition: int, offset: int) -> bool:
+    worker.tracker.track(_tp(partition), offset)
+    return worker._send("out", Source("in", partition, offset), b"v", None, [])
+
+
+def _tp(partition: int):
+    from kafka import TopicPartition
+
+    return TopicPartition("in", partition)
+
+
+def test_after_a_failed_send_nothing_more_of_that_partition_is_published():
+    producer = _Producer(failing={1})
+    worker = _worker(producer)
+    for offset in range(3):
+        assert _send(worker, 0, offset) and _send(worker, 1, offset)
+    committable = worker._acknowledged()  # flush: partition 1's sends fail
+    assert worker.stop.is_set() and worker.exit_code == 1
+    assert committable == {_tp(0): 3}  # partition 1 has no acked prefix: re-read from its committed offset
+
+    sent_before = len(producer.sent)
+    assert not _send(worker, 1, 3)  # would be re-delivered after the restart anyway: only a duplicate
+    assert _send(worker, 0, 3)  # healthy partitions still publish (and commit) while the worker drains
+    assert [p for _t, p, _v in producer.sent[sent_before:]] == [0]
+    assert worker._acknowledged() == {_tp(0): 4}
+
+
+def test_no_failure_publishes_everything():
+    producer = _Producer(failing=set())
+    worker = _worker(producer)
+    assert all(_send(worker, p, o) for o in range(4) for p in (0, 1))
+    assert worker._acknowledged() == {_tp(0): 4, _tp(1): 4}
+    assert not worker.stop.is_set() and worker.exit_code == 0
