@@ -215,6 +215,27 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(1.0, 2.0, 0.1) == 0.0
 
 
+def test_sinusoidal_position_init_orders_positions_at_the_token_embeddings_scale():
+    from trainer.pretrain import PretrainSettings, build_model, sinusoidal_positions
+
+    table = sinusoidal_positions(512, 128)
+    assert torch.allclose(table[0, 0::2], torch.zeros(64)) and torch.allclose(table[0, 1::2], torch.ones(64))
+    assert table.pow(2).mean().item() == pytest.approx(0.5, abs=1e-3)  # sin^2 + cos^2 = 1 per pair
+    # nearby positions are more alike than distant ones: the word order the random init lacks
+    similarity = torch.nn.functional.cosine_similarity(table[10:11], table, dim=-1)
+    assert similarity[11] > similarity[20] > similarity[100]
+
+    settings = PretrainSettings(preset="tiny", position_init="sinusoidal")
+    model = build_model(settings, vocab_size=1000)
+    positions = model.bert.embeddings.position_embeddings.weight.detach()
+    words = model.bert.embeddings.word_embeddings.weight.detach()
+    assert positions.std().item() == pytest.approx(words.std().item(), rel=0.1)
+    scale = model.config.initializer_range / 0.5 ** 0.5  # the token embeddings' root mean square
+    assert torch.allclose(positions, sinusoidal_positions(*positions.shape) * scale)
+    random_init = build_model(PretrainSettings(preset="tiny"), vocab_size=1000)
+    assert not torch.allclose(random_init.bert.embeddings.position_embeddings.weight.detach(), positions)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Real runs (tiny preset, a few dozen steps)
 
