@@ -88,7 +88,7 @@ def fine_tune(opts, work: Path, name: str, model_args: list[str], reuse: str | N
         folder = version_folder(Path(reuse))
         args = json.loads((folder / "training_args.json").read_text())
         wanted = {"seed": opts.seed, "epochs": opts.epochs, "learning_rate": opts.learning_rate,
-                  "batch_size": opts.batch_size}
+                  "batch_size": opts.batch_size, "pooling": opts.pooling}
         wanted |= {"model": "scratch", "scratch_preset": opts.preset}
         found = {k: args["hyperparameters"].get(k, args["settings"].get(k)) for k in wanted}
         if found != wanted:
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--learning-rate", type=float, default=5e-4,
                         help="Fine-tuning peak learning rate, both arms (trainer.run's scratch default).")
     parser.add_argument("--batch-size", type=int, default=32, help="Fine-tuning batch size, both arms.")
+    parser.add_argument("--pooling", choices=("cls", "mean"), default="mean",
+                        help="Sentence vector of both arms' classifiers (trainer.run --pooling). MLM trains the "
+                             "token states, never [CLS], so the pretrained arm reads them through mean pooling.")
     parser.add_argument("--seed", type=int, default=0, help="Split, initialisation and order seed, all runs.")
     parser.add_argument("--e5-checkpoint", help="A thucnews-titles e5-small checkpoint (store or version) for "
                                                 "the accuracy row and the speed comparison.")
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                         help="Extra flags for trainer.pretrain (last on the line).")
     opts = parser.parse_args(argv)
-    opts.finetune_args = []
+    opts.finetune_args = ["--pooling", opts.pooling]
     from transformers.utils import logging as hf_logging
 
     from bert_stream.logs import configure_logging
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained, pre_metrics = pretrain(opts, work)
     result: dict = {
         "data": DATA, "preset": opts.preset, "seed": opts.seed, "epochs": opts.epochs,
-        "learning_rate": opts.learning_rate, "batch_size": opts.batch_size,
+        "learning_rate": opts.learning_rate, "batch_size": opts.batch_size, "pooling": opts.pooling,
         "pretraining": {"folder": str(pretrained), **{k: pre_metrics[k] for k in (
             "steps", "epochs", "tokens", "tokens_per_s", "train_time_s", "wall_time_s", "final_mlm_loss",
             "final_mlm_accuracy", "initial_mlm_loss", "precision")}, "corpus": {

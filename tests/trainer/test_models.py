@@ -316,6 +316,35 @@ def test_a_base_model_without_a_pooler_gets_an_identity_pooler_and_a_trained_one
     assert torch.equal(again.bert.pooler.dense.weight, dense.weight)
 
 
+def test_mean_pooling_layer_puts_the_masked_mean_into_cls_and_loads_as_a_plain_bert(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model, tokenizer = models.load_for_classification("scratch", ["a", "b"], scratch_preset="tiny", pooling="mean")
+    assert model.config.num_hidden_layers == 3 and getattr(model.config, models.MEAN_POOLING_MARK)
+    model.eval()
+    short, long = "体育新闻", "股票市场今天大幅上涨了百分之五"
+    alone = tokenizer([short], return_tensors="pt")
+    padded = tokenizer([short, long], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model.bert(**alone, output_hidden_states=True).hidden_states
+        below, top = states[-2][0], states[-1][0]  # the last BERT layer's output, and the pooling layer's
+        norm = model.bert.encoder.layer[-1].attention.output.LayerNorm
+        expected = torch.nn.functional.layer_norm(below.mean(0) + below[0] / 100.0, below.shape[-1:],
+                                                  norm.weight, norm.bias, norm.eps)
+        assert torch.allclose(top[0], expected, atol=1e-4)
+        # the mean runs over the real tokens only: padding the batch changes nothing
+        assert torch.allclose(model(**alone).logits[0], model(**padded).logits[0], atol=1e-5)
+
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    again, _ = models.load_for_classification(str(tmp_path), ["a", "b"], pooling="mean")  # not stacked twice
+    assert again.config.num_hidden_layers == 3
+    with torch.no_grad():
+        assert torch.allclose(plain(**padded).logits, model(**padded).logits, atol=1e-5)
+        assert torch.allclose(again.eval()(**padded).logits, model(**padded).logits, atol=1e-5)
+
+
 def test_scratch_presets_build_masked_lm_models():
     for name in models.SCRATCH_PRESETS:
         config = models.scratch_config(name, 21128)
