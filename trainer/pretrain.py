@@ -393,7 +393,8 @@ def find_resumable(root: Path, fingerprint: str) -> Path | None:
     candidates = sorted(runs.iterdir(), reverse=True) if runs.is_dir() else []
     for run in candidates:
         meta = run / "run.json"
-        if (run / "state").is_dir() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
+        if (run / "state").is_dir() and meta.is_file() \
+                and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
             return run
     return None
 
@@ -506,7 +507,8 @@ def pretrain(settings: PretrainSettings) -> Path:
         log.info("pretrain.resumed", version=progress.version, step=progress.step, epoch=progress.epoch)
     else:
         if settings.resume:
-            log.warning("pretrain.nothing_to_resume", output_dir=str(root), reason="no unfinished run with these settings")
+            log.warning("pretrain.nothing_to_resume", output_dir=str(root),
+                        reason="no unfinished run with these settings")
         progress = Progress(version=checkpoint.new_version_id())
         run_dir = root / RUNS / progress.version
         if accelerator.is_main_process:

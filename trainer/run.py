@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
@@ -450,13 +451,26 @@ class LossMeter:
         return mean
 
 
+def rdrop_loss(model, batch: dict, alpha: float) -> torch.Tensor:
+    """R-Drop: the batch twice in one forward pass (independent dropout masks), cross-entropy of both
+    halves plus ``alpha`` times the symmetric KL divergence between their predicted distributions."""
+    labels = batch["labels"]
+    inputs = {k: torch.cat([v, v]) for k, v in batch.items() if k != "labels"}
+    first, second = model(**inputs).logits.float().chunk(2)
+    ce = (F.cross_entropy(first, labels) + F.cross_entropy(second, labels)) / 2
+    log_p, log_q = F.log_softmax(first, -1), F.log_softmax(second, -1)
+    kl = (F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+          + F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")) / 2
+    return ce + alpha * kl
+
+
 def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperparameters,
                progress: Progress, losses: LossMeter) -> bool:
     """One micro-batch forward/backward; True when it completed an optimizer step."""
     p.model.train()
     batch.pop("idx")
     with accelerator.accumulate(p.model):  # no_sync + loss scaling until the last micro-batch
-        loss = p.model(**batch).loss
+        loss = rdrop_loss(p.model, batch, hyper.rdrop) if hyper.rdrop > 0 else p.model(**batch).loss
         accelerator.backward(loss)
         if accelerator.sync_gradients and hyper.max_grad_norm > 0:
             accelerator.clip_grad_norm_(p.model.parameters(), hyper.max_grad_norm)

@@ -331,3 +331,24 @@ def test_layer_wise_learning_rates_decay_from_the_head_down():
     flat = run.make_optimizer(model, resolve(TrainSettings(learning_rate=1e-3), token_lengths=[10],
                                              model_max_length=64))
     assert {g["lr"] for g in flat.param_groups} == {1e-3}, "decay 1 is one rate"
+
+
+def test_rdrop_loss_is_cross_entropy_plus_the_disagreement_between_two_dropout_passes():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                     hidden_dropout_prob=0.3))
+    batch = {"input_ids": torch.randint(5, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 2, 1])}
+    model.eval()  # no dropout: both passes agree, the KL term is 0 and R-Drop is plain cross-entropy
+    assert run.rdrop_loss(model, batch, 5.0).item() == pytest.approx(model(**batch).loss.item(), abs=1e-5)
+    model.train()
+    torch.manual_seed(1)
+    with_kl = run.rdrop_loss(model, batch, 5.0)
+    torch.manual_seed(1)
+    without = run.rdrop_loss(model, batch, 0.0)  # same dropout masks: only the weight differs
+    assert with_kl.item() > without.item() + 1e-6  # 5 x a KL divergence > 0: the passes disagree
+    with_kl.backward()
+    assert model.bert.encoder.layer[0].output.dense.weight.grad.abs().sum() > 0
