@@ -18,6 +18,7 @@ Vectoriser and SVM use scikit-learn's defaults on purpose: a baseline tuned on t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -53,13 +54,13 @@ def fit_and_score(train: list[Example], test: list[Example]) -> dict:
     }
 
 
-def ours(name: str) -> dict:
-    """The trainer's own split (seed 0): the number to compare a fine-tuned model against."""
-    splits = load_splits(DataSpec(data=name, seed=0))
+def ours(name: str, seed: int = 0) -> dict:
+    """The trainer's own split (``trainer.run --seed``): the number to compare a fine-tuned model against."""
+    splits = load_splits(DataSpec(data=name, seed=seed))
     result = fit_and_score(splits.train, splits.test)
     return {
         "data": name,
-        "protocol": "ours (80/10/10 stratified, seed 0; train -> test)",
+        "protocol": f"ours (80/10/10 stratified, seed {seed}; train -> test)",
         **result,
         "test_fingerprint": splits.test_fingerprint,
     }
@@ -100,11 +101,20 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(__file__).with_name("baseline.json"),
         help="where to write the results as JSON [default: bench/baseline.json]",
     )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="split seeds of the trainer's protocol, one row each (trainer.run --seed N splits the same way; "
+        "several seeds show how much one 1,000-text test set moves the figure) [default: 0]",
+    )
     args = parser.parse_args(argv)
     configure_logging()
     results = []
+    protocols = [functools.partial(ours, seed=seed) for seed in args.seeds] + [eighty_twenty]
     for name in tqdm(args.data, desc="baseline", unit="data set"):
-        for protocol in (ours, eighty_twenty):
+        for protocol in protocols:
             results.append(protocol(name))
             log.info("baseline.scored", **{k: v for k, v in results[-1].items() if k != "test_fingerprint"})
     print_table(results)
