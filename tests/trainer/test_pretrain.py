@@ -232,7 +232,7 @@ def test_sinusoidal_position_init_orders_positions_at_the_token_embeddings_scale
     assert positions.std().item() == pytest.approx(words.std().item(), rel=0.1)
     scale = model.config.initializer_range / 0.5 ** 0.5  # the token embeddings' root mean square
     assert torch.allclose(positions, sinusoidal_positions(*positions.shape) * scale)
-    random_init = build_model(PretrainSettings(preset="tiny"), vocab_size=1000)
+    random_init = build_model(PretrainSettings(preset="tiny", position_init="random"), vocab_size=1000)
     assert not torch.allclose(random_init.bert.embeddings.position_embeddings.weight.detach(), positions)
 
 
