@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.settings import POOLINGS
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = "thucnews-titles"
 
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-train-examples", type=int,
                         help="Fine-tune both arms on a stratified subsample of this many labelled titles "
                              "(validation and test stay whole): where pretraining pays, with few labels.")
-    parser.add_argument("--pooling", choices=("cls", "mean"), default="mean",
+    parser.add_argument("--pooling", choices=POOLINGS, default="mean",
                         help="Sentence vector of both arms' classifiers (trainer.run --pooling). MLM trains the "
                              "token states, never [CLS], so the pretrained arm reads them through mean pooling.")
     parser.add_argument("--seed", type=int, default=0, help="Split, initialisation and order seed, all runs.")

