@@ -41,6 +41,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from torch.optim import AdamW
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
@@ -311,16 +312,28 @@ def open_run(settings: TrainSettings, accelerator: Accelerator, fingerprint: str
     return Path(broadcast_object_list([choice])[0])
 
 
-def save_state(accelerator: Accelerator, run: Path, progress: Progress, best: dict | None) -> None:
-    runstate.save(accelerator, run, progress, {"best.safetensors": best} if best is not None else None)
+def save_state(accelerator: Accelerator, run: Path, progress: Progress, best: dict | None,
+               ema: AveragedModel | None) -> None:
+    extra = {}
+    if best is not None:
+        extra["best.safetensors"] = best
+    if ema is not None:
+        extra["ema.safetensors"] = _cpu_copy(ema.state_dict())
+    runstate.save(accelerator, run, progress, extra)
 
 
-def load_state(accelerator: Accelerator, run: Path) -> tuple[Progress, dict | None]:
+def load_state(accelerator: Accelerator, run: Path, ema: AveragedModel | None) -> tuple[Progress, dict | None]:
     state = run / runstate.STATE
     accelerator.load_state(str(state))
     progress = Progress(**runstate.load_progress(run))
     best = load_file(state / "best.safetensors") if (state / "best.safetensors").exists() else None
+    if ema is not None:  # the fingerprint includes the decay: a state saved with --ema has the file
+        ema.load_state_dict(load_file(state / "ema.safetensors", device=str(accelerator.device)))
     return progress, best
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,6 +374,12 @@ class Prepared:
     validation: DataLoader
     test: DataLoader
     total_steps: int  # optimizer steps of the whole run, per process
+    ema: AveragedModel | None  # --ema: the moving average of the weights, what is evaluated and kept
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights validation selects and the checkpoint holds: the average under --ema."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def make_optimizer(model: torch.nn.Module, hyper: Hyperparameters) -> AdamW:
@@ -402,7 +421,11 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, data: Data) -> Pre
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
         optimizer, num_warmup_steps=math.ceil(hyper.warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes))
-    return Prepared(model, optimizer, scheduler, train, validation, test, total_steps)
+    # The average starts as a copy of the prepared model (its forward keeps the autocast of mixed precision,
+    # so validation sees it as it sees the model) and is updated after every optimizer step.
+    ema = (AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(hyper.ema))
+           if hyper.ema > 0 else None)
+    return Prepared(model, optimizer, scheduler, train, validation, test, total_steps, ema)
 
 
 @dataclasses.dataclass
@@ -464,6 +487,23 @@ def rdrop_loss(model, batch: dict, alpha: float) -> torch.Tensor:
     return ce + alpha * kl
 
 
+def adversarial_backward(accelerator: Accelerator, model, batch: dict, epsilon: float) -> None:
+    """FGM (Miyato et al. 2017), after the clean backward pass: move the word embeddings ``epsilon`` (L2
+    norm) along the gradient the loss has on them, backpropagate the loss at that point too (gradients add
+    up) and put the embeddings back. The table's gradient is nonzero only in this batch's rows, so only
+    the batch's tokens move."""
+    weight = accelerator.unwrap_model(model).get_input_embeddings().weight
+    norm = weight.grad.norm() if weight.grad is not None else None
+    if norm is None or not torch.isfinite(norm) or norm == 0:
+        return
+    delta = (epsilon / norm) * weight.grad
+    weight.data.add_(delta)
+    try:
+        accelerator.backward(model(**batch).loss)
+    finally:
+        weight.data.sub_(delta)
+
+
 def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperparameters,
                progress: Progress, losses: LossMeter) -> bool:
     """One micro-batch forward/backward; True when it completed an optimizer step."""
@@ -472,11 +512,15 @@ def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperp
     with accelerator.accumulate(p.model):  # no_sync + loss scaling until the last micro-batch
         loss = rdrop_loss(p.model, batch, hyper.rdrop) if hyper.rdrop > 0 else p.model(**batch).loss
         accelerator.backward(loss)
+        if hyper.adversarial > 0:
+            adversarial_backward(accelerator, p.model, batch, hyper.adversarial)
         if accelerator.sync_gradients and hyper.max_grad_norm > 0:
             accelerator.clip_grad_norm_(p.model.parameters(), hyper.max_grad_norm)
         p.optimizer.step()  # skipped by accelerate until the gradients are synced
         p.scheduler.step()
         p.optimizer.zero_grad()
+    if p.ema is not None and accelerator.sync_gradients:
+        p.ema.update_parameters(accelerator.unwrap_model(p.model))
     losses.add(loss)
     progress.batches_done += 1
     progress.examples += len(batch["labels"])
@@ -488,11 +532,11 @@ def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperp
 def fit_model(accelerator: Accelerator, p: Prepared, data: Data, run: Path, stop: StopSignals, say) -> Fit:
     progress, best = Progress(), None
     if (run / "state" / "progress.json").is_file():
-        progress, best = load_state(accelerator, run)
+        progress, best = load_state(accelerator, run, p.ema)
         say("train.resumed", step=progress.step, epoch=progress.epoch, best_macro_f1=progress.best_macro_f1)
     bar = tqdm(total=p.total_steps, initial=progress.step, desc="train", unit="step",
                disable=None if accelerator.is_local_main_process else True)  # None: off when not a TTY
-    clock = Clock(progress)
+    clock = Clock(progress, p.ema)
     losses = LossMeter(accelerator.device)
     log_every = max(1, data.hyper.eval_steps // 5)  # loss points for the training curve
     while progress.step < p.total_steps and not progress.early_stopped:
@@ -531,8 +575,8 @@ class Clock:
     """Splits the loop's wall time into training steps and the rest (evaluation, saving), across resumes:
     examples/s must not count the evaluations."""
 
-    def __init__(self, progress: Progress):
-        self.progress = progress
+    def __init__(self, progress: Progress, ema: AveragedModel | None):
+        self.progress, self.ema = progress, ema
         self.loop_started = time.monotonic() - progress.fit_seconds
         self.mark = time.monotonic()
 
@@ -544,7 +588,7 @@ class Clock:
 
     def save(self, accelerator: Accelerator, run: Path, best: dict | None) -> None:
         self.progress.fit_seconds = time.monotonic() - self.loop_started
-        save_state(accelerator, run, self.progress, best)
+        save_state(accelerator, run, self.progress, best, self.ema)
         self.mark = time.monotonic()
 
 
@@ -554,13 +598,12 @@ def evaluate_during_training(accelerator: Accelerator, p: Prepared, data: Data, 
     the best weights so far (a CPU copy, replaced when macro-F1 improves)."""
     label_ids = {label: i for i, label in enumerate(data.splits.labels)}
     refs = [label_ids[e.label] for e in data.splits.validation]
-    scores = metrics.summary(refs, predict(accelerator, p.model, p.validation), len(label_ids))
+    scores = metrics.summary(refs, predict(accelerator, p.evaluated, p.validation), len(label_ids))
     improved = scores["macro_f1"] > progress.best_macro_f1
     if improved:
         progress.best_macro_f1, progress.best_step = scores["macro_f1"], progress.step
         progress.evals_without_improvement = 0
-        state = accelerator.unwrap_model(p.model).state_dict()
-        best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        best = _cpu_copy(accelerator.unwrap_model(p.evaluated).state_dict())
     else:
         progress.evals_without_improvement += 1
     patience = data.hyper.early_stopping_patience

@@ -231,6 +231,70 @@ def test_interrupted_run_resumes_to_the_same_model(published, tiny_csv, tmp_path
 
 
 @pytest.mark.slow
+def test_ema_publishes_the_average_and_an_interrupted_run_resumes_it_exactly(published, tiny_csv, tmp_path,
+                                                                             monkeypatch):
+    whole, store = tmp_path / "whole", tmp_path / "store"
+    assert run.main(train_args(tiny_csv, whole, "--ema", "0.8")) == run.EXIT_OK
+    InterruptingAdamW.stop_after = 16
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "AdamW", InterruptingAdamW)
+        assert run.main(train_args(tiny_csv, store, "--ema", "0.8")) == run.EXIT_SIGNAL[signal.SIGINT]
+    (state,) = (store / run.RUNS_DIR).glob("*/state")
+    assert (state / "ema.safetensors").is_file(), "the average is part of the resumable state"
+    assert run.main(train_args(tiny_csv, store, "--ema", "0.8", "--resume")) == run.EXIT_OK
+
+    def weights(root: Path) -> dict[str, torch.Tensor]:
+        return load_file(root / checkpoint.latest_version(root) / "model.safetensors")
+
+    averaged, resumed, plain = weights(whole), weights(store), weights(published)
+    assert all(torch.equal(averaged[k], resumed[k]) for k in averaged), "the average was restored exactly"
+    assert not all(torch.equal(averaged[k], plain[k]) for k in averaged), "the average is what is published"
+    metrics_json = json.loads((whole / checkpoint.latest_version(whole) / "metrics.json").read_text())
+    assert metrics_json["test"]["accuracy"] >= 0.9, "the averaged weights classify as well as the last ones"
+
+
+def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_puts_them_back():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    class Plain:  # what adversarial_backward needs of an Accelerator on one process
+        unwrap_model = staticmethod(lambda model: model)
+        backward = staticmethod(lambda loss: loss.backward())
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3))
+    model.eval()  # no dropout: every forward pass is deterministic
+    batch = {"input_ids": torch.randint(5, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 2, 1])}
+    table = model.get_input_embeddings().weight
+    before = table.detach().clone()
+    model(**batch).loss.backward()
+    clean = {name: p.grad.clone() for name, p in model.named_parameters()}
+    table_grad = clean["bert.embeddings.word_embeddings.weight"]
+    push = 0.5 * table_grad / table_grad.norm()
+
+    run.adversarial_backward(Plain(), model, batch, 0.5)
+
+    assert torch.allclose(table.detach(), before, atol=1e-7), "the embeddings are back where they were"
+    model.zero_grad()
+    with torch.no_grad():
+        table.add_(push)
+    model(**batch).loss.backward()  # the loss at the pushed point, by hand
+    with torch.no_grad():
+        table.sub_(push)
+    total = clean["bert.encoder.layer.0.output.dense.weight"] + model.bert.encoder.layer[0].output.dense.weight.grad
+    model.zero_grad()
+    model(**batch).loss.backward()
+    run.adversarial_backward(Plain(), model, batch, 0.5)
+    assert torch.allclose(model.bert.encoder.layer[0].output.dense.weight.grad, total, atol=1e-6)
+    assert not torch.allclose(total, 2 * clean["bert.encoder.layer.0.output.dense.weight"], atol=1e-6), \
+        "the pushed point has a different gradient"
+    rows = push.abs().sum(dim=1) > 0
+    assert set(rows.nonzero().flatten().tolist()) == set(batch["input_ids"].flatten().tolist()), \
+        "only the batch's tokens move"
+
+
+@pytest.mark.slow
 def test_explicit_files_with_own_column_names(tmp_path):
     train = write_csv(tmp_path / "train.csv", per_class=40, seed=1, columns=("content", "topic"))
     test = write_csv(tmp_path / "test.csv", per_class=8, seed=2, columns=("content", "topic"))
