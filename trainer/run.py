@@ -549,7 +549,10 @@ def fit_model(accelerator: Accelerator, p: Prepared, data: Data, run: Path, stop
             epoch_done = progress.batches_done == len(p.train)
             if epoch_done:
                 progress.epoch, progress.batches_done = progress.epoch + 1, 0
-            saved = epoch_done or progress.step % data.hyper.eval_steps == 0 or progress.step == p.total_steps
+            # Counted from the epoch's start: 250 steps an epoch and eval_steps 63 evaluate at 63, 126, 189,
+            # 250, 313, ... (not again at 252, two steps after the epoch's own evaluation).
+            in_epoch = progress.step % data.steps_per_epoch
+            saved = epoch_done or in_epoch % data.hyper.eval_steps == 0 or progress.step == p.total_steps
             if saved or progress.step % log_every == 0:
                 progress.losses.append([progress.step, round(losses.take(), 5)])  # .item(): a sync point
             if saved:

@@ -110,8 +110,8 @@ class TrainSettings:
     # ---- evaluation, early stopping, resuming -----------------------------------------------------------
     eval_steps: int | None = setting(None, env="BERT_STREAM_EVAL_STEPS",
                                      help="Evaluate on validation (and save resumable state) every this many "
-                                          "optimizer steps, and at each epoch end. Unset: 4 times per epoch "
-                                          "(--quick: 2).")
+                                          "optimizer steps counted from each epoch's start, and at each epoch "
+                                          "end. Unset: 4 times per epoch (--quick: 2).")
     early_stopping_patience: int = setting(3, env="BERT_STREAM_EARLY_STOPPING_PATIENCE",
                                            help="Stop after this many evaluations without a better validation "
                                                 "macro-F1 (the best weights are kept either way); 0 disables.")
