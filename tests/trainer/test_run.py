@@ -371,6 +371,15 @@ def test_auto_hyperparameters_and_the_quick_preset():
     assert long_texts.max_length == 128, "auto stops at the worker's default length"
     scratch = resolve(TrainSettings(model="scratch"), token_lengths=lengths, model_max_length=64)
     assert scratch.max_length == 64 and scratch.learning_rate > full.learning_rate
+    # The regularisers: on for a full run of a pretrained model, off for --quick and scratch, flags win.
+    assert (full.rdrop, full.adversarial, full.ema) == (1.0, 1.0, 0.99)
+    assert (quick.rdrop, quick.adversarial, quick.ema) == (0.0, 0.0, 0.0)
+    assert (scratch.rdrop, scratch.adversarial, scratch.ema) == (0.0, 0.0, 0.0)
+    chosen = resolve(TrainSettings(quick=True, rdrop=0.5, ema=0.9, adversarial=0.0), token_lengths=lengths,
+                     model_max_length=512)
+    assert (chosen.rdrop, chosen.adversarial, chosen.ema) == (0.5, 0.0, 0.9)
+    off = resolve(TrainSettings(rdrop=0, adversarial=0, ema=0), token_lengths=lengths, model_max_length=512)
+    assert (off.rdrop, off.adversarial, off.ema) == (0.0, 0.0, 0.0)
 
 
 def test_layer_wise_learning_rates_decay_from_the_head_down():
