@@ -536,7 +536,7 @@ def fit_model(accelerator: Accelerator, p: Prepared, data: Data, run: Path, stop
         say("train.resumed", step=progress.step, epoch=progress.epoch, best_macro_f1=progress.best_macro_f1)
     bar = tqdm(total=p.total_steps, initial=progress.step, desc="train", unit="step",
                disable=None if accelerator.is_local_main_process else True)  # None: off when not a TTY
-    clock = Clock(progress, p.ema)
+    clock = Clock(progress)
     losses = LossMeter(accelerator.device)
     log_every = max(1, data.hyper.eval_steps // 5)  # loss points for the training curve
     while progress.step < p.total_steps and not progress.early_stopped:
@@ -558,13 +558,13 @@ def fit_model(accelerator: Accelerator, p: Prepared, data: Data, run: Path, stop
             if saved:
                 clock.training_paused()
                 best = evaluate_during_training(accelerator, p, data, progress, best, say)
-                clock.save(accelerator, run, best)
+                clock.save(accelerator, run, best, p.ema)
             if stop.received is not None:
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # any process got a signal: all stop at the same step
                 if not saved:
                     clock.training_paused()
-                    clock.save(accelerator, run, best)
+                    clock.save(accelerator, run, best, p.ema)
                 bar.close()
                 return Fit(progress, best, stop.received or signal.SIGTERM)
             if epoch_done or progress.step >= p.total_steps or progress.early_stopped:
@@ -578,8 +578,8 @@ class Clock:
     """Splits the loop's wall time into training steps and the rest (evaluation, saving), across resumes:
     examples/s must not count the evaluations."""
 
-    def __init__(self, progress: Progress, ema: AveragedModel | None):
-        self.progress, self.ema = progress, ema
+    def __init__(self, progress: Progress):
+        self.progress = progress
         self.loop_started = time.monotonic() - progress.fit_seconds
         self.mark = time.monotonic()
 
@@ -589,9 +589,9 @@ class Clock:
         self.progress.fit_seconds = now - self.loop_started
         self.mark = now
 
-    def save(self, accelerator: Accelerator, run: Path, best: dict | None) -> None:
+    def save(self, accelerator: Accelerator, run: Path, best: dict | None, ema: AveragedModel | None) -> None:
         self.progress.fit_seconds = time.monotonic() - self.loop_started
-        save_state(accelerator, run, self.progress, best, self.ema)
+        save_state(accelerator, run, self.progress, best, ema)
         self.mark = time.monotonic()
 
 
