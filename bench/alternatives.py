@@ -6,9 +6,9 @@ Every variant runs inside :meth:`worker.engine.LoadedModel.predict` (the worker'
 sorting, chunking and top-k), with only the forward pass swapped, on the same batches, interleaved in
 rounds so the machine's noise hits all of them alike:
 
-- the *base*: the worker's dtype here, ``bf16`` on AMX/AVX512-BF16 CPUs, else ``fp32`` (on AVX2-only CPUs
-  torch emulates bf16 far slower than fp32, see :func:`bench.model_only.native_dtypes`); and ``fp32``
-  beside a bf16 base. Eager PyTorch, SDPA attention.
+- the *base*: the worker's dtype here (``--dtype auto``: ``bf16`` on AMX/AVX512-BF16 CPUs where it
+  measures faster than fp32, else ``fp32``, see :mod:`bert_stream.precision`); and ``fp32`` beside a bf16
+  base. Eager PyTorch, SDPA attention.
 - ``<base> chunk=N``: the engine's ``CHUNK_TOKENS`` (padded tokens per forward pass) raised from 2048.
 - ``<base> torch.compile``: inductor with weight freezing (oneDNN prepacked linears); compile time is
   reported apart. Shapes vary per batch, so ``dynamic=True``.
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import common
-from bench.model_only import batches_of, load_engines, time_predict, worker_batches
+from bench.model_only import batches_of, load_engines, time_predict, worker_batches, worker_dtype
 
 def variant_names(base: str) -> tuple[str, ...]:
     """The variants in table order, for a base dtype (``bf16`` or ``fp32``)."""
@@ -50,7 +50,8 @@ def variant_names(base: str) -> tuple[str, ...]:
 
 
 def base_dtype(engines: dict) -> str:
-    return "bf16" if "bf16" in engines else "fp32"
+    """The dtype the worker serves here, among those loaded."""
+    return worker_dtype(engines)
 
 
 class _Logits(types.SimpleNamespace):

@@ -33,13 +33,14 @@ DTYPES = ("fp32", "bf16")
 
 
 def native_dtypes() -> tuple[str, ...]:
-    """The dtypes worth measuring here: fp32, plus bf16 where the CPU computes it natively (AMX or
-    AVX512-BF16). On an AVX2-only CPU torch emulates bf16 matmuls about 50x slower than fp32 (0.9 against
+    """The dtypes worth measuring here: fp32, plus bf16 where the CPU has bf16 instructions (AMX or
+    AVX512-BF16), whether or not the worker's probe picks it (:mod:`bert_stream.precision`): the table
+    shows why. On an AVX2-only CPU torch emulates bf16 matmuls about 50x slower than fp32 (0.9 against
     50 GFLOP/s on one AMD EPYC core): the worker never picks it there, and one batch of 256 would take
     minutes."""
-    from worker.engine import cpu_has_bf16
+    from bert_stream.precision import cpu_bf16_flags
 
-    return DTYPES if cpu_has_bf16() else ("fp32",)
+    return DTYPES if cpu_bf16_flags() else ("fp32",)
 GEMM_TOKENS = (512, 2048, 8192)
 
 

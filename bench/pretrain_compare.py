@@ -117,7 +117,7 @@ def inference_speed(opts, small_folder: Path, e5_folder: Path | None) -> dict:
 
     from trainer.data import DataSpec, load_splits
     from trainer.models import load_for_classification
-    from trainer.run import cpu_has_bf16
+    from bert_stream.precision import cpu_prefers_bf16
 
     splits = load_splits(DataSpec(data=DATA, seed=opts.seed))
     texts = sorted((e.text for e in splits.test), key=len)  # what a length-sorting batcher does
@@ -129,7 +129,7 @@ def inference_speed(opts, small_folder: Path, e5_folder: Path | None) -> dict:
     else:  # an untrained head costs the same as a trained one; vocabulary trimmed as trainer.run does
         models["e5-small"] = load_for_classification("e5-small", splits.labels,
                                                      corpus=[e.text for e in splits.train])
-    bf16 = cpu_has_bf16() if opts.infer_dtype == "auto" else opts.infer_dtype == "bf16"
+    bf16 = cpu_prefers_bf16() if opts.infer_dtype == "auto" else opts.infer_dtype == "bf16"
     for model, _ in models.values():
         model.eval()
 

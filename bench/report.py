@@ -298,7 +298,7 @@ def _fmt_target(name: str, value) -> str:
 
 
 def _served(s: dict) -> str:
-    """The dtype the efficiency target is judged in: the worker's (bf16 on AMX/AVX512-BF16, else fp32)."""
+    """The dtype the efficiency target is judged in: the worker's (bf16 where measured faster, else fp32)."""
     return s["ratios"].get("served_dtype", "bf16")
 
 

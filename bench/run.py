@@ -132,8 +132,8 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "latency_ms_p95": steady.get("p95"),
         "latency_ms_p99": steady.get("p99"),
     }
-    # the efficiency target is judged in the dtype the worker serves: bf16 where the CPU has the units,
-    # fp32 elsewhere (bf16 is then neither served nor measured: see bench.model_only.native_dtypes)
+    # the efficiency target is judged in the dtype the worker serves: bf16 where the CPU has the units and
+    # the probe measures it faster (bert_stream.precision), fp32 elsewhere
     served = mo["worker_dtype"] if mo else "bf16"
     best_served = {name: by[served] for name, by in mo["best"].items() if served in by} if mo else {}
     ratios = {

@@ -136,8 +136,9 @@ class PretrainSettings:
                                         help="Stop after this much training time (resumed runs count their "
                                              "earlier time); the learning rate decays to 0 by then.")
     mixed_precision: str = setting("auto", env="BERT_STREAM_MIXED_PRECISION", choices=MIXED_PRECISION,
-                                   help="auto: bf16 where the hardware has it (CUDA with bf16, or a CPU with "
-                                        "AMX/AVX512-BF16: 2-4x faster), fp16 on older GPUs, else no (fp32).")
+                                   help="auto: bf16 where it is faster (CUDA with bf16, or a CPU with AMX/AVX512-BF16 "
+                                        "where a startup probe measures bf16 faster than fp32: 2-4x on some), "
+                                        "fp16 on older GPUs, else no (fp32).")
     seed: int = setting(0, env="BERT_STREAM_PRETRAIN_SEED",
                         help="Seeds initialisation, row order, NSP pairs and masks: same seed, same run.")
     # ---- evaluation, logging, resuming ----------------------------------------------------------------------

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
+from bert_stream import precision
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view
 from trainer import checkpoint, metrics, plots, runstate
@@ -148,20 +149,11 @@ def _main_logger(accelerator: Accelerator):
 # Accelerator and precision
 
 
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run 3-4x faster than fp32 on such CPUs (ENVIRONMENT.md)."""
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
 def resolve_mixed_precision(choice: str) -> str:
     if choice == "auto":
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_bf16() else "no"
+        return "bf16" if precision.cpu_prefers_bf16() else "no"
     if choice == "fp16" and not torch.cuda.is_available():
         raise SettingsError("--mixed-precision fp16 needs a GPU; on CPU use bf16 (or auto)")
     return choice

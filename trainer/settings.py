@@ -111,8 +111,9 @@ class TrainSettings:
                                           "percentile of the training texts' lengths rounded up to 8, at most "
                                           "128 (the worker's default; --quick: 64). Cost grows with it.")
     mixed_precision: str = setting("auto", env="BERT_STREAM_MIXED_PRECISION", choices=MIXED_PRECISION,
-                                   help="auto: bf16 where the hardware has it (CUDA with bf16, or a CPU with "
-                                        "AMX/AVX512-BF16: 2-4x faster), fp16 on older GPUs, else no (fp32).")
+                                   help="auto: bf16 where it is faster (CUDA with bf16, or a CPU with AMX/AVX512-BF16 "
+                                        "where a startup probe measures bf16 faster than fp32: 2-4x on some), "
+                                        "fp16 on older GPUs, else no (fp32).")
     seed: int = setting(0, env="BERT_STREAM_SEED",
                         help="Seeds the split, the initialisation, dropout and the batch order: same seed + "
                              "same data + same settings = same model.")

@@ -1,8 +1,9 @@
 """``python -m worker.dtype_check``: do bf16 labels agree with fp32 labels on a test set? And how much faster?
 
-The worker serves in bf16 where the hardware computes it natively (``--dtype auto``); this is the check
-that doing so does not change answers: the same checkpoint is loaded in fp32 and in bf16, both classify the
-same texts, and the label agreement is printed with each dtype's throughput. Texts come from ``--texts``
+The worker serves in bf16 where the hardware computes it natively and faster (``--dtype auto``; see
+:mod:`bert_stream.precision`); this is the check that doing so does not change answers: the same
+checkpoint is loaded in fp32 and in bf16, both classify the same texts, and the label agreement is printed
+with each dtype's throughput and the dtype ``auto`` picks here. Texts come from ``--texts``
 (plain lines or JSONL with a ``text`` field), else from the version's ``test_predictions.jsonl`` (the
 trainer's held-out test split). Exit status 1 when agreement is below ``--min-agreement``.
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     s = parse_settings(DtypeCheckSettings, argv, prog="python -m worker.dtype_check",
                        description=__doc__.split("\n")[0])
     configure_logging("WARNING")
-    from worker.engine import Engine
+    from worker.engine import Engine, choose_device, choose_dtype
 
     version, folder = checkpoint.resolve(s.model_dir)
     source = Path(s.texts) if s.texts else folder / "test_predictions.jsonl"
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"model_version": version, "texts": len(texts), "source": str(source),
                       "agreement": round(agreement, 5), "disagreements": len(texts) - same,
                       "fp32_msgs_per_s": round(results["fp32"][1], 1),
-                      "bf16_msgs_per_s": round(results["bf16"][1], 1)}, ensure_ascii=False))
+                      "bf16_msgs_per_s": round(results["bf16"][1], 1),
+                      "auto_dtype": str(choose_dtype("auto", choose_device("auto"))).removeprefix("torch.")},
+                     ensure_ascii=False))
     return 0 if agreement >= s.min_agreement else 1
 
 

@@ -2,8 +2,9 @@
 
 - Loading follows the checkpoint store's ``LATEST`` (:func:`trainer.checkpoint.resolve`) and checks the
   folder with :func:`trainer.checkpoint.validate` first, so a truncated or incomplete copy is refused.
-- dtype ``auto``: bf16 on CUDA, and on CPUs whose ``/proc/cpuinfo`` lists ``amx_bf16`` or ``avx512_bf16``
-  (there bf16 matmuls run 3-4x faster than fp32); fp32 elsewhere, where bf16 would be emulated and slower.
+- dtype ``auto``: bf16 on CUDA, and on CPUs with bf16 instructions where bf16 measured faster than fp32
+  (:mod:`bert_stream.precision`: 2-4x on AMD Zen 4, slower than fp32 on an Intel VM hiding AMX); fp32
+  elsewhere.
 - Attention is PyTorch SDPA; every forward pass runs under ``torch.inference_mode``.
 - A batch is tokenized with truncation to ``max_length`` (the output says ``truncated``), sorted by length
   and cut into chunks padded only to their own longest item, so one long message does not pad the rest.
@@ -27,6 +28,7 @@ os.environ.setdefault("USE_FLAX", "0")
 
 import torch  # noqa: E402
 
+from bert_stream import precision  # noqa: E402
 from bert_stream.logs import get_logger  # noqa: E402
 from trainer import checkpoint  # noqa: E402
 from worker.messages import Prediction  # noqa: E402
@@ -37,20 +39,6 @@ log = get_logger("worker.engine")
 # past ~2k tokens a CPU forward pass gains nothing per token from being larger.
 CHUNK_TOKENS = 2048
 WARMUP_TEXTS = ("预热", "今天天气很好，适合出去走走。", "北京时间昨晚，国家队在世界杯预选赛中以二比零战胜对手。" * 8)
-
-
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU computes bf16 natively (AMX or AVX512-BF16)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def choose_device(setting: str) -> torch.device:
@@ -69,7 +57,7 @@ def choose_dtype(setting: str, device: torch.device, cpuinfo: str | None = None)
         return torch.float32
     if device.type == "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16(cpuinfo) else torch.float32
+    return torch.bfloat16 if precision.cpu_prefers_bf16(cpuinfo) else torch.float32
 
 
 class LoadedModel:

@@ -39,8 +39,9 @@ class WorkerSettings:
                              help="Checkpoint store (follows its LATEST) or one model folder.")
     device: str = setting("auto", env="BERT_STREAM_DEVICE", help=DEVICES_HELP + ".")
     dtype: str = setting("auto", env="BERT_STREAM_DTYPE", choices=("auto", "bf16", "fp32"),
-                         help="auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16 (2-4x faster, labels agree "
-                              "with fp32 on >99.5% of messages), fp32 elsewhere.")
+                         help="auto: bf16 on CUDA, and on CPUs with AMX/AVX512-BF16 where a startup probe "
+                              "measures bf16 faster than fp32 (2-4x on some; labels agree with fp32 on "
+                              ">99.5% of messages); fp32 elsewhere.")
     max_length: int = setting(128, env="BERT_STREAM_MAX_LENGTH",
                               help="Tokens per message; longer texts are truncated and marked truncated=true.")
     torch_threads: int = setting(0, env="BERT_STREAM_TORCH_THREADS",

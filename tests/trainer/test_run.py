@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bert_stream import precision
 from trainer import checkpoint, run
 from trainer.settings import QUICK_MAX_LENGTH, TrainSettings, resolve
 
@@ -343,14 +344,12 @@ def test_gate_compares_only_on_the_same_test_split(tmp_path):
     assert "--min-accuracy" in reason
 
 
-def test_mixed_precision_auto_follows_the_cpu_flags(tmp_path, monkeypatch):
+def test_mixed_precision_auto_follows_the_cpu_probe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with_bf16 = tmp_path / "cpuinfo-bf16"
-    with_bf16.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
-    without = tmp_path / "cpuinfo-old"
-    without.write_text("flags\t\t: fpu sse avx2\n")
-    assert run.cpu_has_bf16(str(with_bf16)) and not run.cpu_has_bf16(str(without))
-    monkeypatch.setattr(run, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: True)
+    assert run.resolve_mixed_precision("auto") == "bf16"
+    assert run.resolve_mixed_precision("no") == "no"
+    monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: False)  # no bf16 units, or bf16 measured slower
     assert run.resolve_mixed_precision("auto") == "no"
     assert run.resolve_mixed_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="needs a GPU"):

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 
+from bert_stream import precision
 from tests.worker.conftest import chinese_messages, publish_tiny_model
 from trainer import checkpoint
-from worker.engine import Engine, choose_dtype, cpu_has_bf16
+from worker.engine import Engine, choose_dtype
 
 
-def test_dtype_follows_the_hardware():
+def test_dtype_follows_the_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    assert cpu_has_bf16("flags\t: fpu sse avx512f avx512_bf16 amx_tile\n")
-    assert not cpu_has_bf16("flags\t: fpu sse avx2\n")
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.5)  # bf16 units that pay (AMD Zen 4)
     assert choose_dtype("auto", cpu, "flags\t: amx_bf16\n") == torch.bfloat16
     assert choose_dtype("auto", cpu, "flags\t: avx2\n") == torch.float32
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.6)  # bf16 units slower than fp32 (Intel VM)
+    assert choose_dtype("auto", cpu, "flags\t: avx512_bf16\n") == torch.float32
+    assert choose_dtype("bf16", cpu, "flags\t: avx2\n") == torch.bfloat16  # explicit wins
     assert choose_dtype("fp32", torch.device("cuda")) == torch.float32
     assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
@@ -56,3 +60,18 @@ def test_new_version_is_swapped_in_and_a_corrupt_one_refused(model_store):
     assert engine.try_update()
     assert engine.version == v1  # offered, not yet swapped: swaps happen between batches
     assert engine.acquire().version == v2 and engine.version == v2
+
+
+def test_dtype_check_compares_bf16_with_fp32_on_real_texts(model_store, tmp_path, capsys):
+    from worker import dtype_check
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(chinese_messages(40, seed=5)) + "\n", encoding="utf-8")
+    status = dtype_check.main(["--model-dir", str(model_store), "--texts", str(texts), "--min-agreement", "0"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 0 and report["texts"] == 40
+    assert 0 <= report["agreement"] <= 1 and report["disagreements"] == round(40 * (1 - report["agreement"]))
+    assert report["fp32_msgs_per_s"] > 0 and report["bf16_msgs_per_s"] > 0
+    assert report["auto_dtype"] == str(choose_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert dtype_check.main(["--model-dir", str(model_store), "--texts", str(tmp_path / "none.txt")]) == 2
+    assert "no texts" in capsys.readouterr().err
