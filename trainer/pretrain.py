@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -59,7 +58,7 @@ from bert_stream.settings import SettingsError, parse_settings, public_view, req
 from trainer import checkpoint, mlm, runstate
 from trainer.data import BUILTINS, DataError, DataSpec, load_splits, peoples_daily_texts
 from trainer.models import SCRATCH_PRESETS, ModelSourceError, chinese_char_tokenizer, scratch_config
-from trainer.run import resolve_mixed_precision
+from trainer.run import make_accelerator
 from trainer.settings import MIXED_PRECISION
 
 log = get_logger(__name__)
@@ -462,13 +461,8 @@ def _masked_inputs(batch: dict, masking: mlm.MaskingConfig, generator: torch.Gen
 def pretrain(settings: PretrainSettings) -> Path:
     """Run a pretraining as ``settings`` say; return the published version folder."""
     started = time.monotonic()
-    precision = resolve_mixed_precision(settings.mixed_precision)
-    # A fresh accelerate state per run: it is process-wide, and tests (or a notebook) run several times.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=precision,
-                              gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = make_accelerator(settings, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    precision = accelerator.mixed_precision
     set_seed(settings.seed)
     root = Path(settings.output_dir)
     root.mkdir(parents=True, exist_ok=True)

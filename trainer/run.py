@@ -4,8 +4,10 @@ versioned checkpoint into the store the workers read.
 Shape: parse -> data -> model -> ``prepare`` -> loop with ``accumulate`` (evaluating and saving resumable
 state every ``eval_steps``) -> evaluate the best weights on validation and test -> quality gate -> publish
 atomically (``trainer.checkpoint``) -> announce. The same code runs on one CPU process or under
-``accelerate launch -m trainer.run`` on several processes/GPUs: every process trains and evaluates its shard,
-only the main process writes the checkpoint.
+``accelerate launch -m trainer.run`` / ``torchrun --nproc-per-node N -m trainer.run`` on several
+processes/GPUs: every process trains and evaluates its shard, only the main process writes the checkpoint.
+(On CPUs ``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun, or ``accelerate
+launch --multi_gpu --num_processes N``, starts N, joined over gloo: tests/trainer/test_launch.py.)
 
 Exit status: 0 published; 2 bad flags, data or model (one line on stderr, no traceback); 3 refused by the
 quality gate (the model is kept in ``<output-dir>/.rejected/<version>`` and ``LATEST`` is untouched);
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from torch.optim import AdamW
@@ -159,12 +161,34 @@ def resolve_mixed_precision(choice: str) -> str:
     return choice
 
 
-def make_accelerator(settings: TrainSettings) -> Accelerator:
+def several_processes_on_cpu() -> bool:
+    """Launched as one of several processes (torchrun or ``accelerate launch`` set WORLD_SIZE) on a machine
+    without CUDA. accelerate joins such processes into one gloo group only when told ``cpu=True``; without
+    it each would train alone on all the data and publish its own model."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def agreed_mixed_precision(choice: str) -> str:
+    """:func:`resolve_mixed_precision` as the main process decides it, the same in every process of a run:
+    on a CPU ``auto`` rests on a timing (bert_stream.precision), and two processes timing near the threshold
+    could otherwise train one model in two precisions. Call after the process group exists
+    (:func:`make_accelerator` creates it)."""
+    decided = resolve_mixed_precision(choice)  # every process: a bad choice fails everywhere, none waits
+    if PartialState().num_processes > 1:
+        decided = broadcast_object_list([decided])[0]
+    return decided
+
+
+def make_accelerator(settings, **kwargs) -> Accelerator:
+    """The run's Accelerator from ``settings.mixed_precision`` and ``settings.gradient_accumulation_steps``
+    (the fine-tuner's or the pretrainer's settings); ``kwargs`` go to it."""
     # A fresh state per call: accelerate keeps it process-wide, and tests (or a notebook) train several times.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision=resolve_mixed_precision(settings.mixed_precision),
-                       gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    cpu = several_processes_on_cpu()
+    PartialState(cpu=cpu)  # the process group first: the precision is agreed over it
+    return Accelerator(cpu=cpu, mixed_precision=agreed_mixed_precision(settings.mixed_precision),
+                       gradient_accumulation_steps=settings.gradient_accumulation_steps, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------

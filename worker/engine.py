@@ -136,11 +136,11 @@ class Engine:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto", max_length: int = 128,
                  top_k: int = 3, torch_threads: int = 0):
         self.model_dir = Path(model_dir)
+        if torch_threads > 0:  # first: the dtype probe times matmuls with the threads the worker will use
+            torch.set_num_threads(torch_threads)
         self.device = choose_device(device)
         self.dtype = choose_dtype(dtype, self.device)
         self.max_length, self.top_k = max_length, top_k
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
         self._lock = threading.Lock()
         self._current: LoadedModel | None = None
         self._pending: LoadedModel | None = None

@@ -240,18 +240,6 @@ def test_sinusoidal_position_init_orders_positions_at_the_token_embeddings_scale
 # Real runs (tiny preset, a few dozen steps)
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    from trainer.data import peoples_daily_texts
-
-    texts = peoples_daily_texts()[:500]
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "a.txt").write_text("\n".join(texts[:250]) + "\n\n" + "\n".join(texts[250:400]), encoding="utf-8")
-    (folder / "sub").mkdir()
-    (folder / "sub" / "b.txt").write_text("\n".join(texts[400:]), encoding="utf-8")
-    return folder
-
-
 def _args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["--corpus-dir", str(corpus), "--no-builtin-corpus", "--preset", "tiny", "--max-length", "64",
             "--batch-size", "16", "--learning-rate", "1e-3", "--eval-every", "10", "--log-every", "5",
