@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from bert_stream.precision import cpu_flags
 from bert_stream.stats import percentile  # noqa: F401 - re-exported: the bench parts call common.percentile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,12 +125,10 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo = ""
-    model, flags = platform.processor() or "unknown", set()
+    model, flags = platform.processor() or "unknown", cpu_flags(cpuinfo)
     for line in cpuinfo.splitlines():
         if line.startswith("model name") and model in ("unknown", "", "x86_64"):
             model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
     return {
         "model": model,
         "logical_cpus": os.cpu_count(),

@@ -30,19 +30,24 @@ PROBE_SHAPE = (256, 384, 1536)
 PROBE_SECONDS = 0.05  # per timed round and dtype; three interleaved rounds each, best taken
 
 
-def cpu_bf16_flags(cpuinfo: str | None = None) -> bool:
-    """True when the CPU has bf16 instructions (AMX or AVX512-BF16), so bf16 may be fast here.
-    ``cpuinfo`` is the text of /proc/cpuinfo (read when not given; an unreadable file means no)."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags: the ``flags`` lines of ``cpuinfo``, the text of /proc/cpuinfo (read when not
+    given; an unreadable file has none)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return False
+            return set()
     flags: set[str] = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
-    return bool(flags & BF16_FLAGS)
+    return flags
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> bool:
+    """True when the CPU has bf16 instructions (AMX or AVX512-BF16), so bf16 may be fast here."""
+    return bool(cpu_flags(cpuinfo) & BF16_FLAGS)
 
 
 def cpu_bf16_speedup() -> float:
