@@ -59,7 +59,7 @@ from trainer import checkpoint, mlm, runstate
 from trainer.data import BUILTINS, DataError, DataSpec, load_splits, peoples_daily_texts
 from trainer.models import SCRATCH_PRESETS, ModelSourceError, chinese_char_tokenizer, scratch_config
 from trainer.run import make_accelerator
-from trainer.settings import MIXED_PRECISION
+from trainer.settings import MIXED_PRECISION, MIXED_PRECISION_HELP
 
 log = get_logger(__name__)
 
@@ -135,9 +135,7 @@ class PretrainSettings:
                                         help="Stop after this much training time (resumed runs count their "
                                              "earlier time); the learning rate decays to 0 by then.")
     mixed_precision: str = setting("auto", env="BERT_STREAM_MIXED_PRECISION", choices=MIXED_PRECISION,
-                                   help="auto: bf16 where it is faster (CUDA with bf16, or a CPU with AMX/AVX512-BF16 "
-                                        "where a startup probe measures bf16 faster than fp32: 2-4x on some), "
-                                        "fp16 on older GPUs, else no (fp32).")
+                                   help=MIXED_PRECISION_HELP)
     seed: int = setting(0, env="BERT_STREAM_PRETRAIN_SEED",
                         help="Seeds initialisation, row order, NSP pairs and masks: same seed, same run.")
     # ---- evaluation, logging, resuming ----------------------------------------------------------------------

@@ -14,6 +14,9 @@ import math
 from bert_stream.settings import require, setting
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MIXED_PRECISION_HELP = ("auto: bf16 where it is faster (CUDA with bf16, or a CPU with AMX/AVX512-BF16 where a "
+                        "startup probe measures bf16 faster than fp32: 2-4x on some), fp16 on older GPUs, else "
+                        "no (fp32).")  # the fine-tuner's and the pretrainer's --mixed-precision
 AUTO_RDROP, AUTO_ADVERSARIAL, AUTO_EMA = 1.0, 1.0, 0.99  # full runs of a pretrained model; see TrainSettings
 POOLINGS = ("cls", "mean")  # trainer.models.load_for_classification(pooling=...)
 
@@ -111,9 +114,7 @@ class TrainSettings:
                                           "percentile of the training texts' lengths rounded up to 8, at most "
                                           "128 (the worker's default; --quick: 64). Cost grows with it.")
     mixed_precision: str = setting("auto", env="BERT_STREAM_MIXED_PRECISION", choices=MIXED_PRECISION,
-                                   help="auto: bf16 where it is faster (CUDA with bf16, or a CPU with AMX/AVX512-BF16 "
-                                        "where a startup probe measures bf16 faster than fp32: 2-4x on some), "
-                                        "fp16 on older GPUs, else no (fp32).")
+                                   help=MIXED_PRECISION_HELP)
     seed: int = setting(0, env="BERT_STREAM_SEED",
                         help="Seeds the split, the initialisation, dropout and the batch order: same seed + "
                              "same data + same settings = same model.")
