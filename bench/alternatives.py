@@ -49,11 +49,6 @@ def variant_names(base: str) -> tuple[str, ...]:
     )))
 
 
-def base_dtype(engines: dict) -> str:
-    """The dtype the worker serves here, among those loaded."""
-    return worker_dtype(engines)
-
-
 class _Logits(types.SimpleNamespace):
     logits: object
 
@@ -128,7 +123,7 @@ def build_variants(
     """name -> predict(texts) callable, and name -> setup notes (build seconds, or why it was skipped)."""
     import torch
 
-    base = base_dtype(engines)
+    base = worker_dtype(engines)
     fp32, served = engines["fp32"].current, engines[base].current
     predicts: dict[str, Callable] = {base: served.predict, "fp32": fp32.predict}
     notes: dict[str, dict] = {base: {}, "fp32": {}}
@@ -225,7 +220,7 @@ def run(
     work_dir = ws.work_dir if ws else common.WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     predicts, notes = build_variants(engines, work_dir, skip, titles)
-    base = base_dtype(engines)
+    base = worker_dtype(engines)
 
     workloads = {
         "titles, batch 64": batches_of(titles, 64, count=16),

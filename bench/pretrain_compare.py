@@ -115,9 +115,9 @@ def inference_speed(opts, small_folder: Path, e5_folder: Path | None) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from bert_stream.precision import cpu_prefers_bf16
     from trainer.data import DataSpec, load_splits
     from trainer.models import load_for_classification
-    from bert_stream.precision import cpu_prefers_bf16
 
     splits = load_splits(DataSpec(data=DATA, seed=opts.seed))
     texts = sorted((e.text for e in splits.test), key=len)  # what a length-sorting batcher does
