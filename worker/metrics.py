@@ -48,8 +48,8 @@ class WorkerMetrics:
                          "(Tansu reports end offsets wrong: its lag is not meaningful).", ["topic", "partition"],
                          registry=r)
         self.commits = Counter("bert_stream_commits", "Offset commits by result.", ["result"], registry=r)
-        self.rebalances = Counter("bert_stream_rebalances", "Partition revocations and assignments.", ["event"],
-                                  registry=r)
+        self.rebalances = Counter("bert_stream_rebalances", "Partition revocations, assignments and forced rejoins.",
+                                  ["event"], registry=r)
         self.model_info = Gauge("bert_stream_model_info", "The model version being served (value 1).",
                                 ["version", "dtype", "device"], registry=r)
         self.model_swaps = Counter("bert_stream_model_swaps", "Hot reloads: swapped in, or refused.", ["result"],

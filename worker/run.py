@@ -39,6 +39,7 @@ import dataclasses
 import os
 import queue
 import signal
+import struct
 import sys
 import threading
 import time
@@ -64,6 +65,7 @@ BUSY_POLL_MS = 5            # poll timeout while batches are in flight: how soon
 IDLE_POLL_MS = 200          # poll timeout with nothing to do (also the shutdown reaction time)
 LAG_EVERY_S = 10.0          # end-offset requests for the lag gauge (one round trip)
 DLQ_MAX_VALUE_BYTES = 900_000  # stay under the producer's 1 MB request limit; longer originals are cut
+MAX_REJOINS = 3             # undecodable assignments in a row before the worker exits 1 (see _rejoin)
 
 
 @dataclasses.dataclass
@@ -210,6 +212,7 @@ class Worker:
         self._next_lag = 0.0
         self._rewind: dict = {}             # tp -> first offset dropped at revocation (see _forget)
         self._joining = True                # from a revocation to the next assignment: a group join in flight
+        self._rejoins = 0                   # undecodable assignments since the last good one
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -276,7 +279,11 @@ class Worker:
             wait = self.batcher.seconds_until_ready(time.monotonic())
             timeout_ms = IDLE_POLL_MS if wait is None else min(IDLE_POLL_MS, int(wait * 1000) + 1)
         room = self.settings.max_queued_messages - self._queued()
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(1, room))
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(1, room))
+        except struct.error as exc:  # a group assignment kafka-python cannot decode
+            self._rejoin(exc)
+            return []
         return [r for records in polled.values() for r in records]
 
     def _route(self, records: list) -> None:
@@ -442,12 +449,33 @@ class Worker:
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
                  dropped=len(dropped))
 
+    def _rejoin(self, exc: struct.error) -> None:
+        """Leave the group and join it again after an assignment kafka-python could not decode.
+
+        A coordinator may end a rebalance with zero assignment bytes for a member the leader did not
+        include (Kafka fills such members with an empty assignment; noida-db does it to a member that joins
+        mid-rebalance). kafka-python 3.0.12 cannot decode zero bytes: ``struct.error`` escapes ``poll()``
+        after the client has marked itself a stable member, so it would own nothing until some other
+        member's rebalance. Leaving and rejoining starts a rebalance the leader sees it in. Still failing
+        after ``MAX_REJOINS`` attempts is not that quirk: raise, the process exits 1 and its supervisor
+        restarts it (nothing is lost: this member owns no partitions here)."""
+        self._rejoins += 1
+        log.warning("assignment_undecodable", error=f"struct.error: {exc}"[:300], attempt=self._rejoins,
+                    action="leaving and rejoining the group" if self._rejoins <= MAX_REJOINS else "exiting")
+        if self._rejoins > MAX_REJOINS:
+            raise exc
+        self.metrics.rebalances.labels("rejoined").inc()
+        self.consumer.unsubscribe()
+        self.consumer.subscribe([self.settings.input_topic], listener=rebalance_listener(self))
+        self._joining = True
+
     def _on_assigned(self, assigned) -> None:
         for tp in assigned:
             if tp in self._rewind:
                 self.consumer.seek(tp, self._rewind[tp])  # no I/O: sets the next fetch position
         self._rewind.clear()  # partitions that went elsewhere are read by their new owner from the commit
         self._joining = False
+        self._rejoins = 0
         self.health.assigned = len(assigned)
         self.metrics.rebalances.labels("assigned").inc()
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
