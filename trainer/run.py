@@ -464,6 +464,14 @@ class Progress:
     def examples_per_s(self, processes: int) -> float:
         return round(self.examples * processes / max(self.train_seconds, 1e-9), 1)
 
+    def eta_s(self, total_steps: int) -> int | None:
+        """Wall seconds still to go at the pace so far, evaluations included (early stopping may end the run
+        sooner). Logged with every evaluation: off a terminal tqdm's bar is off, and a Job's operator reads
+        the log."""
+        if self.step == 0:
+            return None
+        return round((total_steps - self.step) * self.fit_seconds / self.step)
+
 
 @dataclasses.dataclass
 class Fit:
@@ -632,7 +640,8 @@ def evaluate_during_training(accelerator: Accelerator, p: Prepared, data: Data, 
              "macro_f1": round(scores["macro_f1"], 5), "lr": float(max(p.scheduler.get_last_lr()))}
     progress.history.append(entry)
     say("train.eval", **entry, improved=improved, best_macro_f1=round(progress.best_macro_f1, 5),
-        examples_per_s=progress.examples_per_s(accelerator.num_processes), early_stop=progress.early_stopped)
+        examples_per_s=progress.examples_per_s(accelerator.num_processes), eta_s=progress.eta_s(p.total_steps),
+        early_stop=progress.early_stopped)
     return best
 
 

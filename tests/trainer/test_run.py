@@ -424,3 +424,12 @@ def test_rdrop_loss_is_cross_entropy_plus_the_disagreement_between_two_dropout_p
     assert with_kl.item() > without.item() + 1e-6  # 5 x a KL divergence > 0: the passes disagree
     with_kl.backward()
     assert model.bert.encoder.layer[0].output.dense.weight.grad.abs().sum() > 0
+
+
+def test_eta_is_the_remaining_steps_at_the_pace_so_far():
+    progress = run.Progress()
+    assert progress.eta_s(750) is None  # no pace yet
+    progress.step, progress.fit_seconds = 63, 189.0  # 3 s per step, evaluations included
+    assert progress.eta_s(750) == 3 * (750 - 63)
+    progress.step, progress.fit_seconds = 750, 2250.0
+    assert progress.eta_s(750) == 0
