@@ -254,7 +254,11 @@ class Worker:
         self.consumer = make_consumer(s.kafka, s.group_id)
         stack.callback(self.consumer.close, autocommit=False)
         self._ensure_output_topics()
-        self.consumer.subscribe([s.input_topic], listener=rebalance_listener(self))
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """Join the consumer group on the input topic, with the listener that commits before a revocation."""
+        self.consumer.subscribe([self.settings.input_topic], listener=rebalance_listener(self))
 
     def _ensure_output_topics(self) -> None:
         """Create missing output/DLQ topics with the input's partition count (best effort: a cluster that
@@ -466,7 +470,7 @@ class Worker:
             raise exc
         self.metrics.rebalances.labels("rejoined").inc()
         self.consumer.unsubscribe()
-        self.consumer.subscribe([self.settings.input_topic], listener=rebalance_listener(self))
+        self._subscribe()
         self._joining = True
 
     def _on_assigned(self, assigned) -> None:
