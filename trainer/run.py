@@ -498,6 +498,13 @@ class LossMeter:
         return mean
 
 
+def symmetric_kl(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """R-Drop's distance between two predictions (logits): the mean of KL(p||q) and KL(q||p)."""
+    log_p, log_q = F.log_softmax(first, -1), F.log_softmax(second, -1)
+    return (F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+            + F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")) / 2
+
+
 def rdrop_loss(model, batch: dict, alpha: float) -> torch.Tensor:
     """R-Drop: the batch twice in one forward pass (independent dropout masks), cross-entropy of both
     halves plus ``alpha`` times the symmetric KL divergence between their predicted distributions."""
@@ -505,27 +512,53 @@ def rdrop_loss(model, batch: dict, alpha: float) -> torch.Tensor:
     inputs = {k: torch.cat([v, v]) for k, v in batch.items() if k != "labels"}
     first, second = model(**inputs).logits.float().chunk(2)
     ce = (F.cross_entropy(first, labels) + F.cross_entropy(second, labels)) / 2
-    log_p, log_q = F.log_softmax(first, -1), F.log_softmax(second, -1)
-    kl = (F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
-          + F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")) / 2
-    return ce + alpha * kl
+    return ce + alpha * symmetric_kl(first, second)
 
 
-def adversarial_backward(accelerator: Accelerator, model, batch: dict, epsilon: float) -> None:
-    """FGM (Miyato et al. 2017), after the clean backward pass: move the word embeddings ``epsilon`` (L2
-    norm) along the gradient the loss has on them, backpropagate the loss at that point too (gradients add
-    up) and put the embeddings back. The table's gradient is nonzero only in this batch's rows, so only
-    the batch's tokens move."""
+@contextlib.contextmanager
+def pushed_embeddings(accelerator: Accelerator, model, epsilon: float):
+    """FGM (Miyato et al. 2017), after a backward pass: inside, the word embeddings are moved ``epsilon``
+    (L2 norm) along the gradient the loss has on them; on exit they are put back. Yields whether they
+    moved (not when the gradient is missing, zero or not finite). The table's gradient is nonzero only in
+    this batch's rows, so only the batch's tokens move."""
     weight = accelerator.unwrap_model(model).get_input_embeddings().weight
     norm = weight.grad.norm() if weight.grad is not None else None
     if norm is None or not torch.isfinite(norm) or norm == 0:
+        yield False
         return
     delta = (epsilon / norm) * weight.grad
     weight.data.add_(delta)
     try:
-        accelerator.backward(model(**batch).loss)
+        yield True
     finally:
         weight.data.sub_(delta)
+
+
+def adversarial_backward(accelerator: Accelerator, model, batch: dict, epsilon: float) -> None:
+    """FGM after the clean backward pass: backpropagate the loss at the pushed embeddings too (gradients
+    add up)."""
+    with pushed_embeddings(accelerator, model, epsilon) as moved:
+        if moved:
+            accelerator.backward(model(**batch).loss)
+
+
+def adversarial_rdrop_backward(accelerator: Accelerator, model, batch: dict, alpha: float,
+                               epsilon: float) -> torch.Tensor:
+    """R-Drop whose pair is the clean batch and its FGM copy (two passes where R-Drop + FGM take three):
+    cross-entropy of the clean batch, backward; then at the pushed embeddings cross-entropy plus ``alpha``
+    times the symmetric KL to the clean prediction, which is held fixed (the pushed one is pulled to it,
+    as in TRADES and SMART), backward. Returns R-Drop's loss over the pair, for the log."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    clean = model(**inputs).logits.float()
+    clean_ce = F.cross_entropy(clean, labels)
+    accelerator.backward(clean_ce)
+    clean = clean.detach()
+    with pushed_embeddings(accelerator, model, epsilon):
+        pushed = model(**inputs).logits.float()
+        pushed_ce, kl = F.cross_entropy(pushed, labels), symmetric_kl(clean, pushed)
+        accelerator.backward(pushed_ce + alpha * kl)
+    return ((clean_ce + pushed_ce) / 2 + alpha * kl).detach()
 
 
 def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperparameters,
@@ -534,10 +567,13 @@ def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperp
     p.model.train()
     batch.pop("idx")
     with accelerator.accumulate(p.model):  # no_sync + loss scaling until the last micro-batch
-        loss = rdrop_loss(p.model, batch, hyper.rdrop) if hyper.rdrop > 0 else p.model(**batch).loss
-        accelerator.backward(loss)
-        if hyper.adversarial > 0:
-            adversarial_backward(accelerator, p.model, batch, hyper.adversarial)
+        if hyper.rdrop > 0 and hyper.adversarial > 0 and hyper.rdrop_pair == "adversarial":
+            loss = adversarial_rdrop_backward(accelerator, p.model, batch, hyper.rdrop, hyper.adversarial)
+        else:
+            loss = rdrop_loss(p.model, batch, hyper.rdrop) if hyper.rdrop > 0 else p.model(**batch).loss
+            accelerator.backward(loss)
+            if hyper.adversarial > 0:
+                adversarial_backward(accelerator, p.model, batch, hyper.adversarial)
         if accelerator.sync_gradients and hyper.max_grad_norm > 0:
             accelerator.clip_grad_norm_(p.model.parameters(), hyper.max_grad_norm)
         p.optimizer.step()  # skipped by accelerate until the gradients are synced

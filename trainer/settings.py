@@ -18,6 +18,7 @@ MIXED_PRECISION_HELP = ("auto: bf16 where it is faster (CUDA with bf16, or a CPU
                         "startup probe measures bf16 faster than fp32: 2-4x on some), fp16 on older GPUs, else "
                         "no (fp32).")  # the fine-tuner's and the pretrainer's --mixed-precision
 AUTO_RDROP, AUTO_ADVERSARIAL, AUTO_EMA = 1.0, 1.0, 0.99  # full runs of a pretrained model; see TrainSettings
+RDROP_PAIRS = ("dropout", "adversarial")  # what --rdrop compares; see TrainSettings.rdrop_pair
 POOLINGS = ("cls", "mean")  # trainer.models.load_for_classification(pooling=...)
 
 
@@ -102,6 +103,11 @@ class TrainSettings:
                                              "robust to small changes in wording. ~1.5x training compute; 0 "
                                              f"disables. Unset: {AUTO_ADVERSARIAL} for a pretrained model, 0 with "
                                              "--quick or scratch.")
+    rdrop_pair: str = setting("dropout", env="BERT_STREAM_RDROP_PAIR", choices=RDROP_PAIRS,
+                              help="What R-Drop pulls together when FGM is on too: dropout (two dropout copies "
+                                   "of the batch, as in the paper, then a third pass at the FGM-pushed "
+                                   "embeddings) or adversarial (the clean batch and its FGM-pushed copy: "
+                                   "two passes, a third less compute). Without --adversarial: dropout.")
     ema: float | None = setting(None, env="BERT_STREAM_EMA",
                                 help="Keep an exponential moving average of the weights with this decay per "
                                      "optimizer step and evaluate, select and publish the average instead of "
@@ -201,6 +207,7 @@ class Hyperparameters:
     layer_lr_decay: float
     rdrop: float
     adversarial: float
+    rdrop_pair: str
     ema: float
     max_grad_norm: float
     max_length: int
@@ -268,7 +275,7 @@ def resolve(settings: TrainSettings, *, token_lengths: list[int], model_max_leng
         gradient_accumulation_steps=settings.gradient_accumulation_steps, warmup_ratio=settings.warmup_ratio,
         weight_decay=settings.weight_decay, layer_lr_decay=settings.layer_lr_decay,
         rdrop=auto(settings.rdrop, AUTO_RDROP), adversarial=auto(settings.adversarial, AUTO_ADVERSARIAL),
-        ema=auto(settings.ema, AUTO_EMA),
+        rdrop_pair=settings.rdrop_pair, ema=auto(settings.ema, AUTO_EMA),
         max_grad_norm=settings.max_grad_norm, max_length=max_length,
         eval_steps=eval_steps, early_stopping_patience=settings.early_stopping_patience,
         max_train_examples=max_train_examples(settings), seed=settings.seed,

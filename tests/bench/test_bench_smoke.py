@@ -79,3 +79,20 @@ def test_gpu_sweep_script_runs_on_cpu(tmp_path):
     data = json.loads(out.read_text())
     assert data["sweep"]["titles"]["bf16"]["4"]["msgs_per_s"] > 0
     assert data["gemm_tflops"]["fp32"] > 0
+
+
+def test_train_recipes_times_the_trainers_own_steps(tmp_path):
+    """bench.train_recipes at one step per recipe: every recipe is stepped by the trainer and timed, and
+    the ratios are to R-Drop + FGM + EMA."""
+    from bench import train_recipes
+
+    out = tmp_path / "recipes.json"
+    recipes = ("plain", "R-Drop + FGM + EMA", "R-Drop on the FGM pair + EMA")
+    assert train_recipes.main(["--steps", "1", "--rounds", "1", "--precisions", "no", "--recipes",
+                               ",".join(recipes), "--out", str(out)]) == 0
+    timed = json.loads(out.read_text())["precisions"]["no"]
+    assert timed["resolved"] == "no"
+    assert all(timed["recipes"][name]["examples_per_s"] > 0 for name in recipes)
+    assert timed["recipes"]["R-Drop + FGM + EMA"]["vs_reference"] == 1.0
+    with pytest.raises(SystemExit):
+        train_recipes.main(["--recipes", "plain,nonsense"])

@@ -295,6 +295,38 @@ def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_put
         "only the batch's tokens move"
 
 
+def test_adversarial_rdrop_is_fgm_plus_a_pull_of_the_pushed_prediction_to_the_clean_one():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    class Plain:
+        unwrap_model = staticmethod(lambda model: model)
+        backward = staticmethod(lambda loss: loss.backward())
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3))
+    model.eval()  # deterministic passes: the two paths below must agree exactly
+    batch = {"input_ids": torch.randint(5, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 2, 1])}
+    table = model.get_input_embeddings().weight
+    before = table.detach().clone()
+    dense = model.bert.encoder.layer[0].output.dense.weight
+
+    model(**batch).loss.backward()  # R-Drop + FGM's old order, without R-Drop: clean pass, then FGM's
+    run.adversarial_backward(Plain(), model, batch, 0.5)
+    fgm = dense.grad.clone()
+    model.zero_grad()
+    loss_without = run.adversarial_rdrop_backward(Plain(), model, batch, 0.0, 0.5)
+    assert torch.allclose(dense.grad, fgm, atol=1e-6), "alpha 0: exactly FGM's two passes"
+    assert torch.allclose(table.detach(), before, atol=1e-7), "the embeddings are back where they were"
+
+    model.zero_grad()
+    loss_with = run.adversarial_rdrop_backward(Plain(), model, batch, 5.0, 0.5)
+    assert loss_with.item() > loss_without.item() + 1e-6, "the pushed prediction differs from the clean one"
+    assert not torch.allclose(dense.grad, fgm, atol=1e-6), "and the KL term trains on that difference"
+    assert torch.allclose(table.detach(), before, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_explicit_files_with_own_column_names(tmp_path):
     train = write_csv(tmp_path / "train.csv", per_class=40, seed=1, columns=("content", "topic"))
