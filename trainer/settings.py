@@ -106,8 +106,9 @@ class TrainSettings:
     rdrop_pair: str = setting("dropout", env="BERT_STREAM_RDROP_PAIR", choices=RDROP_PAIRS,
                               help="What R-Drop pulls together when FGM is on too: dropout (two dropout copies "
                                    "of the batch, as in the paper, then a third pass at the FGM-pushed "
-                                   "embeddings) or adversarial (the clean batch and its FGM-pushed copy: "
-                                   "two passes, a third less compute). Without --adversarial: dropout.")
+                                   "embeddings) or adversarial (the clean batch and its FGM-pushed copy: two "
+                                   "passes, 1.4-1.5x the examples/s, ~0.2 points less accuracy over five "
+                                   "splits: bench/TRAINING.md). Without --adversarial: dropout.")
     ema: float | None = setting(None, env="BERT_STREAM_EMA",
                                 help="Keep an exponential moving average of the weights with this decay per "
                                      "optimizer step and evaluate, select and publish the average instead of "
