@@ -547,7 +547,7 @@ def adversarial_rdrop_backward(accelerator: Accelerator, model, batch: dict, alp
     """R-Drop whose pair is the clean batch and its FGM copy (two passes where R-Drop + FGM take three):
     cross-entropy of the clean batch, backward; then at the pushed embeddings cross-entropy plus ``alpha``
     times the symmetric KL to the clean prediction, which is held fixed (the pushed one is pulled to it,
-    as in TRADES and SMART), backward. Returns R-Drop's loss over the pair, for the log."""
+    as in virtual adversarial training), backward. Returns R-Drop's loss over the pair, for the log."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     clean = model(**inputs).logits.float()
