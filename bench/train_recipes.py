@@ -45,12 +45,12 @@ def recipe_runs(data: str, precision: str, names: list[str]) -> dict:
     from trainer.models import load_for_classification
     from trainer.settings import TrainSettings
 
-    prepared = {}
+    prepared, splits = {}, None
     for name in names:
         settings = TrainSettings(data=data, mixed_precision=precision, **RECIPES[name])
         accelerator = run.make_accelerator(settings)
         set_seed(settings.seed)
-        splits = load_splits(run.data_spec(settings))
+        splits = splits or load_splits(run.data_spec(settings))  # the recipes differ in flags, not data
         model, tokenizer = load_for_classification(settings.model, splits.labels,
                                                    corpus=[e.text for e in splits.train])
         built = run.build_data(settings, splits, tokenizer, model.config.max_position_embeddings, 1)
@@ -64,8 +64,7 @@ def time_recipes(prepared: dict, steps: int, rounds: int) -> dict:
     batches = list(itertools.islice(iter(next(iter(prepared.values()))[1].train), steps * rounds + 1))
     for accelerator, p, hyper in prepared.values():  # untimed: oneDNN builds its kernels on first use
         run.train_step(accelerator, p, dict(batches[-1]), hyper, run.Progress(), run.LossMeter(accelerator.device))
-    seconds: dict[str, list[float]] = {name: [] for name in prepared}
-    examples = {name: 0 for name in prepared}
+    rates: dict[str, list[float]] = {name: [] for name in prepared}
     for r in range(rounds):
         chunk = batches[r * steps:(r + 1) * steps]
         for name, (accelerator, p, hyper) in prepared.items():
@@ -73,10 +72,9 @@ def time_recipes(prepared: dict, steps: int, rounds: int) -> dict:
             started = time.perf_counter()
             for batch in chunk:
                 run.train_step(accelerator, p, dict(batch), hyper, progress, losses)
-            seconds[name].append(time.perf_counter() - started)
-            examples[name] = progress.examples
-    return {name: {"examples_per_s": round(examples[name] / statistics.median(s), 1),
-                   "seconds_per_round": [round(x, 2) for x in s]} for name, s in seconds.items()}
+            rates[name].append(progress.examples / (time.perf_counter() - started))
+    return {name: {"examples_per_s": round(statistics.median(r), 1),
+                   "examples_per_s_per_round": [round(x, 1) for x in r]} for name, r in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,12 +254,15 @@ def test_ema_publishes_the_average_and_an_interrupted_run_resumes_it_exactly(pub
     assert metrics_json["test"]["accuracy"] >= 0.9, "the averaged weights classify as well as the last ones"
 
 
+class OneProcess:
+    """What the FGM helpers need of an Accelerator on one process."""
+
+    unwrap_model = staticmethod(lambda model: model)
+    backward = staticmethod(lambda loss: loss.backward())
+
+
 def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_puts_them_back():
     from transformers import BertConfig, BertForSequenceClassification
-
-    class Plain:  # what adversarial_backward needs of an Accelerator on one process
-        unwrap_model = staticmethod(lambda model: model)
-        backward = staticmethod(lambda loss: loss.backward())
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
@@ -274,7 +277,7 @@ def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_put
     table_grad = clean["bert.embeddings.word_embeddings.weight"]
     push = 0.5 * table_grad / table_grad.norm()
 
-    run.adversarial_backward(Plain(), model, batch, 0.5)
+    run.adversarial_backward(OneProcess(), model, batch, 0.5)
 
     assert torch.allclose(table.detach(), before, atol=1e-7), "the embeddings are back where they were"
     model.zero_grad()
@@ -286,7 +289,7 @@ def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_put
     total = clean["bert.encoder.layer.0.output.dense.weight"] + model.bert.encoder.layer[0].output.dense.weight.grad
     model.zero_grad()
     model(**batch).loss.backward()
-    run.adversarial_backward(Plain(), model, batch, 0.5)
+    run.adversarial_backward(OneProcess(), model, batch, 0.5)
     assert torch.allclose(model.bert.encoder.layer[0].output.dense.weight.grad, total, atol=1e-6)
     assert not torch.allclose(total, 2 * clean["bert.encoder.layer.0.output.dense.weight"], atol=1e-6), \
         "the pushed point has a different gradient"
@@ -297,10 +300,6 @@ def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_put
 
 def test_adversarial_rdrop_is_fgm_plus_a_pull_of_the_pushed_prediction_to_the_clean_one():
     from transformers import BertConfig, BertForSequenceClassification
-
-    class Plain:
-        unwrap_model = staticmethod(lambda model: model)
-        backward = staticmethod(lambda loss: loss.backward())
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
@@ -313,15 +312,15 @@ def test_adversarial_rdrop_is_fgm_plus_a_pull_of_the_pushed_prediction_to_the_cl
     dense = model.bert.encoder.layer[0].output.dense.weight
 
     model(**batch).loss.backward()  # R-Drop + FGM's old order, without R-Drop: clean pass, then FGM's
-    run.adversarial_backward(Plain(), model, batch, 0.5)
+    run.adversarial_backward(OneProcess(), model, batch, 0.5)
     fgm = dense.grad.clone()
     model.zero_grad()
-    loss_without = run.adversarial_rdrop_backward(Plain(), model, batch, 0.0, 0.5)
+    loss_without = run.adversarial_rdrop_backward(OneProcess(), model, batch, 0.0, 0.5)
     assert torch.allclose(dense.grad, fgm, atol=1e-6), "alpha 0: exactly FGM's two passes"
     assert torch.allclose(table.detach(), before, atol=1e-7), "the embeddings are back where they were"
 
     model.zero_grad()
-    loss_with = run.adversarial_rdrop_backward(Plain(), model, batch, 5.0, 0.5)
+    loss_with = run.adversarial_rdrop_backward(OneProcess(), model, batch, 5.0, 0.5)
     assert loss_with.item() > loss_without.item() + 1e-6, "the pushed prediction differs from the clean one"
     assert not torch.allclose(dense.grad, fgm, atol=1e-6), "and the KL term trains on that difference"
     assert torch.allclose(table.detach(), before, atol=1e-7)
