@@ -17,13 +17,11 @@ import bisect
 import dataclasses
 import random
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
 import torch
 
 IGNORE_INDEX = -100  # the label of a position that is not predicted (torch's cross_entropy default)
 NO_WORD = -1  # word id of special tokens and padding: never part of a maskable word
-NO_LINE = -1  # line index of special tokens and padding: they belong to no source line
 
 Line = tuple[list[int], list[int]]  # (token ids, word ids), no special tokens
 
@@ -110,58 +108,44 @@ def word_ids_from_offsets(offsets: Sequence[tuple[int, int]], word_starts: Seque
     return out
 
 
-class PackedRow(NamedTuple):
-    """A row of ``pack_lines``: ``[CLS]`` + stream tokens. ``line_ids[i]`` is the index (in the input) of the
-    line token ``i`` came from, ``NO_LINE`` on ``[CLS]``/``[SEP]``: what ties a row's tokens back to a text
-    (``trainer.pretrain``'s distillation targets are per line)."""
-
-    ids: list[int]
-    word_ids: list[int]
-    line_ids: list[int]
-
-
 def pack_lines(lines: Iterable[Line], max_length: int, cls_id: int, sep_id: int,
-               min_tokens: int = 8) -> list[PackedRow]:
+               min_tokens: int = 8) -> list[Line]:
     """Concatenate lines (``[SEP]`` after each) into one stream and cut it into rows of ``max_length``,
     each ``[CLS]`` + ``max_length - 1`` stream tokens: no padding wasted on short lines such as titles.
 
-    A word cut by a row boundary becomes two words (and a line cut by one continues in the next row). The
-    last, shorter row is kept if it has at least ``min_tokens`` tokens. Word ids are renumbered to be unique
-    within a row; specials get ``NO_WORD`` and ``NO_LINE``."""
+    A word cut by a row boundary becomes two words. The last, shorter row is kept if it has at least
+    ``min_tokens`` tokens. Word ids are renumbered to be unique within a row; specials get ``NO_WORD``."""
     if max_length < 8:
         raise ValueError(f"max_length must be at least 8, got {max_length}")
     body = max_length - 1
-    rows: list[PackedRow] = []
+    rows: list[Line] = []
     ids: list[int] = []
     wids: list[int] = []
-    lids: list[int] = []
     offset = 0  # added to the line's word ids so that they stay unique within the stream
 
     def flush() -> None:
         for start in range(0, len(ids) - body + 1, body):
-            rows.append(_row(ids[start:start + body], wids[start:start + body], lids[start:start + body], cls_id))
+            rows.append(_row(ids[start:start + body], wids[start:start + body], cls_id))
         kept = len(ids) - len(ids) % body
-        del ids[:kept], wids[:kept], lids[:kept]
+        del ids[:kept], wids[:kept]
 
-    for index, (line_ids, line_wids) in enumerate(lines):
+    for line_ids, line_wids in lines:
         if not line_ids:
             continue
         ids.extend(line_ids)
         wids.extend(w + offset for w in line_wids)
-        lids.extend([index] * len(line_ids))
         offset += (max(line_wids) + 1) if line_wids else 0
         ids.append(sep_id)
         wids.append(NO_WORD)
-        lids.append(NO_LINE)
         if len(ids) >= body:
             flush()
     if len(ids) >= min_tokens:
-        rows.append(_row(ids, wids, lids, cls_id))
+        rows.append(_row(ids, wids, cls_id))
     return rows
 
 
-def _row(ids: list[int], wids: list[int], lids: list[int], cls_id: int) -> PackedRow:
-    return PackedRow([cls_id, *ids], [NO_WORD, *_renumber(wids)], [NO_LINE, *lids])
+def _row(ids: list[int], wids: list[int], cls_id: int) -> Line:
+    return [cls_id, *ids], [NO_WORD, *_renumber(wids)]
 
 
 def _renumber(wids: Sequence[int]) -> list[int]:

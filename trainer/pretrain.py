@@ -3,7 +3,6 @@ optionally next-sentence prediction), for ``python -m trainer.run --model <outpu
 
     python -m trainer.pretrain --preset mini --max-minutes 30            # the built-in corpus
     python -m trainer.pretrain --corpus-dir my_texts/ --no-builtin-corpus --whole-word-masking
-    python -m trainer.pretrain --distill-from e5-small --max-length 64    # MLM + e5-small's sentence embeddings
     python -m trainer.run --model pretrained/ --pooling mean --learning-rate 5e-4   # fine-tune LATEST
 
 Corpus: ``--corpus-dir`` (every ``*.txt`` below it, UTF-8; a blank line separates documents, each other
@@ -18,14 +17,6 @@ into rows of ``--max-length`` (``trainer.mlm.pack_lines``); with ``--nsp``, mult
 Masking is BERT's 15% / 80-10-10, per token or per jieba word (``--whole-word-masking``), drawn anew for
 every batch. Only the masked positions go through the 21k-way output layer: with 15% masked, that layer
 (the largest matrix of a small BERT) costs ~7x less than the full ``BertForMaskedLM`` forward.
-
-Distillation (``--distill-from e5-small``, or a folder holding another transformers encoder): beside MLM the
-model learns the teacher's sentence embeddings. The teacher embeds every corpus line once, up front (cached
-under ``$BERT_STREAM_CACHE/teacher``); in each row the mean of the model's states over a line's tokens,
-through a linear map trained alongside and then dropped, is pulled to that line's embedding (MSE; the
-embeddings centred and scaled to a mean square of 1). Label-free, like MLM: what a large pretrained encoder
-knows reaches the small fast model in minutes of CPU, where MLM alone would need far more text than one
-machine reads in an hour.
 
 Output (``--output-dir``, default ``pretrained/``): the same store layout as the fine-tuner's checkpoints
 (``trainer.checkpoint``): ``<version>/`` written as ``.staging-<version>/``, renamed into place, then
@@ -47,14 +38,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +53,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bert_stream import paths
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view, require, setting
 from trainer import checkpoint, mlm, runstate
 from trainer.data import BUILTINS, DataError, DataSpec, load_splits, peoples_daily_texts
-from trainer.models import SCRATCH_PRESETS, ModelSourceError, chinese_char_tokenizer, convert_e5_small, scratch_config
+from trainer.models import SCRATCH_PRESETS, ModelSourceError, chinese_char_tokenizer, scratch_config
 from trainer.run import make_accelerator
 from trainer.settings import MIXED_PRECISION, MIXED_PRECISION_HELP
 
@@ -123,14 +111,6 @@ class PretrainSettings:
                                       "the early plateau where MLM predicts only character frequencies. "
                                       "The saved model is a plain BERT either way (the table stays learned).")
     mlm_probability: float = setting(0.15, help="Share of tokens (or words) the model must predict.")
-    distill_from: str | None = setting(
-        None, env="BERT_STREAM_PRETRAIN_DISTILL_FROM",
-        help="Also learn a teacher's sentence embeddings: e5-small (the shipped multilingual encoder) or a folder "
-             "holding a transformers encoder. The teacher embeds every corpus line once, up front (the mean of "
-             "its token states; cached); the model's mean over that line's tokens, through a linear map, is "
-             "pulled to it (MSE, embeddings centred and scaled) beside MLM. Label-free, like MLM; costs the "
-             "teacher's one pass over the corpus. Unset: MLM alone.")
-    distill_weight: float = setting(1.0, help="Weight of the distillation loss beside MLM's (--distill-from).")
     dropout: float = setting(0.0, help="Dropout while pretraining (hidden and attention). 0 is ~30% faster on "
                                        "CPU (no random masks; fused attention) and loses nothing in a run of a "
                                        "few epochs; the saved config keeps the preset's dropout for fine-tuning.")
@@ -177,12 +157,6 @@ class PretrainSettings:
         require(8 <= self.max_length <= 512, "--max-length must be between 8 and 512 (the position table)")
         require(0 < self.mlm_probability < 1, "--mlm-probability must be between 0 and 1")
         require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
-        require(self.distill_weight > 0, "--distill-weight must be positive")
-        require(self.distill_from in (None, "e5-small") or (Path(self.distill_from) / "config.json").is_file(),
-                f"--distill-from {self.distill_from}: neither e5-small nor a folder holding a transformers model "
-                "(config.json)")
-        require(not (self.distill_from and self.nsp),
-                "--distill-from works on packed rows, one text per line; it cannot be combined with --nsp")
         for name in ("batch_size", "gradient_accumulation_steps", "eval_every", "log_every", "save_every",
                      "eval_rows"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
@@ -283,24 +257,17 @@ class Row:
     token_type_ids: list[int]
     word_ids: list[int]
     next_sentence_label: int  # 0 continuation, 1 random, IGNORE_INDEX for a packed MLM-only row
-    line_ids: list[int]  # each token's corpus line (flat index over all documents), NO_LINE on specials and pairs
 
 
 def build_rows(docs: list[list[mlm.Line]], settings: PretrainSettings, cls_id: int, sep_id: int) -> list[Row]:
-    firsts = [0]  # flat index of each document's first line
-    for doc in docs:
-        firsts.append(firsts[-1] + len(doc))
     if settings.nsp:
         pairs = mlm.sentence_pairs(docs, settings.max_length, cls_id, sep_id, random.Random(settings.seed))
-        rows = [Row(p.input_ids, p.token_type_ids, p.word_ids, p.is_random, [mlm.NO_LINE] * len(p.input_ids))
-                for p in pairs]
-        single_at = [firsts[d] for d, doc in enumerate(docs) if len(doc) == 1]
+        rows = [Row(p.input_ids, p.token_type_ids, p.word_ids, p.is_random) for p in pairs]
+        single = [doc[0] for doc in docs if len(doc) == 1]
     else:
-        rows, single_at = [], list(range(firsts[-1]))
-    flat = [line for doc in docs for line in doc]
-    for ids, wids, lids in mlm.pack_lines([flat[i] for i in single_at], settings.max_length, cls_id, sep_id):
-        lines = [mlm.NO_LINE if i == mlm.NO_LINE else single_at[i] for i in lids]
-        rows.append(Row(ids, [0] * len(ids), wids, mlm.IGNORE_INDEX, lines))
+        rows, single = [], [line for doc in docs for line in doc]
+    for ids, wids in mlm.pack_lines(single, settings.max_length, cls_id, sep_id):
+        rows.append(Row(ids, [0] * len(ids), wids, mlm.IGNORE_INDEX))
     if not rows:
         raise PretrainError("the corpus is too small to make a single row of training data")
     return rows
@@ -319,84 +286,7 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": torch.tensor([padded([1] * len(r.input_ids), 0) for r in rows]),
         "word_ids": torch.tensor([padded(r.word_ids, mlm.NO_WORD) for r in rows]),
         "next_sentence_label": torch.tensor([r.next_sentence_label for r in rows]),
-        "line_ids": torch.tensor([padded(r.line_ids, mlm.NO_LINE) for r in rows]),
     }
-
-
-# --------------------------------------------------------------------------------------------------------
-# Teacher: sentence embeddings to distil (--distill-from)
-
-E5_QUERY_PREFIX = "query: "  # e5 was trained on texts that start with "query: " or "passage: " (its model card)
-_TEACHER_CACHE_KEEP = 4  # embedding tables kept in the cache (~60 MB each for the built-in corpus)
-
-
-class TeacherTable(NamedTuple):
-    embeddings: torch.Tensor  # [texts, teacher width], centred, unit mean square (``standardised``)
-    seconds: float  # what computing it took (also when it came from the cache: the cost of a cold run)
-    cached: bool
-
-
-def teacher_embeddings(texts: Sequence[str], spec: str, max_length: int, accelerator: Accelerator,
-                       batch_size: int = 64) -> TeacherTable:
-    """Each text's sentence embedding by the teacher, the mean of its last hidden states over the text's
-    tokens (e5's own pooling), ``standardised``. Computed once per (teacher, texts, length) and cached (as
-    computed) under ``$BERT_STREAM_CACHE/teacher``: a retraining, a ``--resume`` and the other processes of a
-    launch load it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    folder, prefix = _teacher_folder(spec)
-    key = hashlib.sha256(json.dumps(["mean-pooled", spec, prefix, max_length, _folder_stamp(folder)]).encode())
-    for text in texts:
-        key.update(text.encode() + b"\n")
-    cached = paths.cache_dir("teacher") / f"{key.hexdigest()[:24]}.safetensors"
-    if cached.is_file():
-        cached.touch()  # recently used: pruned last
-        with safe_open(cached, framework="pt") as f:
-            seconds = float((f.metadata() or {}).get("seconds", "nan"))  # nan: written without the figure
-            return TeacherTable(standardised(f.get_tensor("embeddings")), seconds, cached=True)
-    from transformers import AutoModel, AutoTokenizer
-
-    started = time.monotonic()
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    teacher = AutoModel.from_pretrained(folder).eval().to(accelerator.device)
-    table = torch.empty(len(texts), teacher.config.hidden_size)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: little padding
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    with torch.inference_mode(), accelerator.autocast():
-        for picked in tqdm(batches, desc="teacher", unit="batch", disable=not accelerator.is_local_main_process):
-            batch = tokenizer([prefix + texts[i] for i in picked], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt").to(accelerator.device)
-            hidden = teacher(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            table[picked] = ((hidden * mask).sum(1) / mask.sum(1)).cpu()
-    seconds = time.monotonic() - started
-    partial = cached.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"embeddings": table.contiguous()}, partial, metadata={"teacher": spec, "seconds": f"{seconds:.1f}"})
-    partial.replace(cached)  # atomic: a reader never sees half a table
-    for old in sorted(cached.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-_TEACHER_CACHE_KEEP]:
-        old.unlink(missing_ok=True)
-    return TeacherTable(standardised(table), seconds, cached=False)
-
-
-def standardised(table: torch.Tensor) -> torch.Tensor:
-    """Centred on the corpus mean and scaled to a mean square of 1 per entry: the MSE then starts near 1
-    whatever the teacher's scale, and keeps the embedding's geometry (directions of large variance, where
-    the teacher tells texts apart, weigh most; scaling each dimension to unit variance would inflate the
-    near-constant ones)."""
-    centred = table - table.mean(0)
-    return centred / centred.pow(2).mean().sqrt().clamp(min=1e-12)
-
-
-def _teacher_folder(spec: str) -> tuple[Path, str]:
-    """The teacher's transformers folder and the prefix its texts get."""
-    return (convert_e5_small(), E5_QUERY_PREFIX) if spec == "e5-small" else (Path(spec), "")
-
-
-def _folder_stamp(folder: Path) -> list:
-    """Names, sizes and modification times of a model folder's files: a re-saved teacher is a new teacher."""
-    return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -406,23 +296,13 @@ def _folder_stamp(folder: Path) -> list:
 class PretrainingObjective(nn.Module):
     """MLM (+ NSP) loss of a ``BertForMaskedLM``/``BertForPreTraining`` that runs the vocabulary-sized output
     layer on the masked positions only; the wrapped model is saved as is. Returns sums and counts, not just
-    means, so accuracy over many batches is exact.
+    means, so accuracy over many batches is exact."""
 
-    With a ``teacher`` table (one standardised embedding per corpus line, ``teacher_embeddings``) it also
-    distils: the mean of the model's last hidden states over each line's tokens in a row goes through a
-    linear map (``project``: trained here, not saved with the model) and its MSE to the line's (standardised)
-    teacher embedding is added with ``distill_weight``. The model sees the masked row, as for MLM."""
-
-    def __init__(self, model: nn.Module, teacher: torch.Tensor | None = None, distill_weight: float = 1.0):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.distill_weight = distill_weight
-        self.project = None
-        if teacher is not None:
-            self.register_buffer("teacher", teacher, persistent=False)  # recomputed or cached, never in state
-            self.project = nn.Linear(model.config.hidden_size, teacher.shape[1])
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label=None, line_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label=None):
         out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         picked = labels != mlm.IGNORE_INDEX
         logits = self.model.cls.predictions(out.last_hidden_state[picked]).float()
@@ -440,25 +320,8 @@ class PretrainingObjective(nn.Module):
             loss = loss + nsp_loss
             result |= {"nsp_loss_sum": nsp_loss.detach() * n, "nsp_pairs": n,
                        "nsp_correct": ((nsp_logits.argmax(-1) == next_sentence_label) & valid).sum()}
-        if self.project is not None and line_ids is not None:
-            distill_loss = self.distill(out.last_hidden_state, line_ids)
-            loss = loss + self.distill_weight * distill_loss
-            result["distill_loss"] = distill_loss.detach()
         result["loss"] = loss
         return result
-
-    def distill(self, hidden: torch.Tensor, line_ids: torch.Tensor) -> torch.Tensor:
-        """MSE between the projected per-(row, line) means of ``hidden`` and the lines' teacher embeddings."""
-        valid = line_ids != mlm.NO_LINE
-        if not valid.any():  # still a function of the projection: DistributedDataParallel needs it used
-            return self.project.weight.sum() * 0.0
-        rows = torch.arange(line_ids.shape[0], device=line_ids.device)[:, None].expand_as(line_ids)
-        n_lines = self.teacher.shape[0]
-        segments, which = torch.unique(rows[valid] * n_lines + line_ids[valid], return_inverse=True)
-        states = hidden[valid].float()
-        sums = states.new_zeros(len(segments), states.shape[1]).index_add_(0, which, states)
-        means = sums / torch.bincount(which, minlength=len(segments)).clamp(min=1)[:, None]
-        return F.mse_loss(self.project(means).float(), self.teacher[segments % n_lines])
 
 
 def build_model(settings: PretrainSettings, vocab_size: int) -> nn.Module:
@@ -543,22 +406,15 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    distilled = any("distill_loss" in h or "eval_distill_loss" in h for h in history)
-    fig, axes = plt.subplots(1, 3 if distilled else 2, figsize=(16 if distilled else 11, 4))
-    ax_loss, ax_acc = axes[0], axes[1]
-    panels = [("loss", ax_loss, "train"), ("eval_loss", ax_loss, "held-out"),
-              ("accuracy", ax_acc, "train"), ("eval_accuracy", ax_acc, "held-out")]
-    if distilled:
-        panels += [("distill_loss", axes[2], "train"), ("eval_distill_loss", axes[2], "held-out")]
-        axes[2].set(xlabel="optimizer step", ylabel="MSE to standardised teacher embeddings",
-                    title="distillation loss")
-    for key, ax, label in panels:
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, label in (("loss", ax_loss, "train"), ("eval_loss", ax_loss, "held-out"),
+                           ("accuracy", ax_acc, "train"), ("eval_accuracy", ax_acc, "held-out")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, markersize=3, label=label)
     ax_loss.set(xlabel="optimizer step", ylabel="MLM loss (cross-entropy)", title="MLM loss")
     ax_acc.set(xlabel="optimizer step", ylabel="accuracy on masked tokens", title="MLM accuracy")
-    for ax in axes:
+    for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -577,19 +433,15 @@ def evaluate(objective: nn.Module, eval_batches: list[dict], masking: mlm.Maskin
     """Held-out MLM loss and accuracy, with the same masks every time (so points on the curve compare)."""
     objective.eval()
     generator = torch.Generator().manual_seed(seed + 7919)
-    loss_sum = masked = correct = distill_sum = 0.0
+    loss_sum = masked = correct = 0.0
     for batch in eval_batches:
         inputs = _masked_inputs(batch, masking, generator, whole_words, accelerator.device)
         out = objective(**inputs)
         masked += out["masked"].item()
         loss_sum += out["mlm_loss"].item() * out["masked"].item()
         correct += out["correct"].item()
-        distill_sum += out["distill_loss"].item() if "distill_loss" in out else 0.0
     objective.train()
-    result = {"eval_loss": loss_sum / max(masked, 1), "eval_accuracy": correct / max(masked, 1)}
-    if "distill_loss" in out:
-        result["eval_distill_loss"] = distill_sum / len(eval_batches)
-    return result
+    return {"eval_loss": loss_sum / max(masked, 1), "eval_accuracy": correct / max(masked, 1)}
 
 
 def _masked_inputs(batch: dict, masking: mlm.MaskingConfig, generator: torch.Generator, whole_words: bool,
@@ -601,7 +453,7 @@ def _masked_inputs(batch: dict, masking: mlm.MaskingConfig, generator: torch.Gen
     return {"input_ids": masked.to(device), "labels": labels.to(device),
             "attention_mask": batch["attention_mask"].to(device),
             "token_type_ids": batch["token_type_ids"].to(device),
-            "next_sentence_label": batch["next_sentence_label"].to(device), "line_ids": batch["line_ids"].to(device)}
+            "next_sentence_label": batch["next_sentence_label"].to(device)}
 
 
 def pretrain(settings: PretrainSettings) -> Path:
@@ -629,17 +481,9 @@ def pretrain(settings: PretrainSettings) -> Path:
                                        "train_tokens": sum(len(r.input_ids) for r in train_rows)}
     log.info("pretrain.corpus", **{k: v for k, v in corpus_info.items() if k != "sha256"})
 
-    teacher = None
-    if settings.distill_from:
-        with accelerator.main_process_first():  # the main process computes and caches, the others load
-            teacher = teacher_embeddings([line for doc in corpus.documents for line in doc], settings.distill_from,
-                                         settings.max_length, accelerator)
-        log.info("pretrain.teacher", teacher=settings.distill_from, lines=len(teacher.embeddings),
-                 width=teacher.embeddings.shape[1], seconds=round(teacher.seconds, 1), cached=teacher.cached)
-
     model = build_model(settings, len(tokenizer))
-    objective = PretrainingObjective(model, teacher.embeddings if teacher else None, settings.distill_weight)
-    optimizer = optimizer_for(objective, settings)  # the distillation projection trains too
+    objective = PretrainingObjective(model)
+    optimizer = optimizer_for(model, settings)
     loader = DataLoader(train_rows, batch_size=settings.batch_size, shuffle=True, drop_last=False,
                         collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
     objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
@@ -686,7 +530,7 @@ def pretrain(settings: PretrainSettings) -> Path:
     if accelerator.is_main_process:
         published = _write_and_publish(accelerator, objective, tokenizer, settings, progress, final_eval,
                                        corpus_info, precision, n_params, time.monotonic() - started, root,
-                                       len(loader), teacher)
+                                       len(loader))
         shutil.rmtree(run_dir, ignore_errors=True)
         if not any((root / RUNS).iterdir()):
             (root / RUNS).rmdir()
@@ -701,8 +545,7 @@ def train_loop(accelerator, objective, optimizer, loader, eval_batches, masking,
     optimizer-step boundaries, until the step or time budget is spent."""
     session_start = time.monotonic()
     base_elapsed = progress.elapsed_s
-    window = {"loss": 0.0, "masked": 0, "correct": 0, "distill": 0.0, "batches": 0, "tokens": 0, "steps": 0,
-              "t": time.monotonic()}
+    window = {"loss": 0.0, "masked": 0, "correct": 0, "tokens": 0, "steps": 0, "t": time.monotonic()}
     bar = tqdm(total=total_steps, initial=progress.step, desc="pretrain", unit="step",
                disable=not accelerator.is_local_main_process)
 
@@ -741,9 +584,6 @@ def train_loop(accelerator, objective, optimizer, loader, eval_batches, masking,
             window["loss"] += out["mlm_loss"].detach() * out["masked"]
             window["masked"] += out["masked"]
             window["correct"] += out["correct"]
-            if "distill_loss" in out:
-                window["distill"] += out["distill_loss"]
-                window["batches"] += 1
             window["tokens"] += tokens
             if not accelerator.sync_gradients:
                 continue
@@ -778,18 +618,15 @@ def _log_window(window: dict, progress: Progress, lr: float, bar) -> dict:
     seconds = max(time.monotonic() - window["t"], 1e-9)
     point = {"loss": float(window["loss"]) / masked, "accuracy": float(window["correct"]) / masked,
              "lr": lr, "tokens_per_s": window["tokens"] / seconds}
-    if window["batches"]:
-        point["distill_loss"] = float(window["distill"]) / window["batches"]
     log.info("pretrain.step", step=progress.step, epoch=progress.epoch, loss=round(point["loss"], 4),
-             mlm_accuracy=round(point["accuracy"], 4), lr=f"{lr:.2e}", tokens_per_s=round(point["tokens_per_s"]),
-             **({"distill_loss": round(point["distill_loss"], 4)} if "distill_loss" in point else {}))
+             mlm_accuracy=round(point["accuracy"], 4), lr=f"{lr:.2e}", tokens_per_s=round(point["tokens_per_s"]))
     bar.set_postfix(loss=f"{point['loss']:.3f}", acc=f"{point['accuracy']:.3f}")
-    window.update(loss=0.0, masked=0, correct=0, distill=0.0, batches=0, tokens=0, steps=0, t=time.monotonic())
+    window.update(loss=0.0, masked=0, correct=0, tokens=0, steps=0, t=time.monotonic())
     return point
 
 
 def _write_and_publish(accelerator, objective, tokenizer, settings, progress, final_eval, corpus_info,
-                       precision, n_params, wall_s, root, batches_per_epoch, teacher) -> Path:
+                       precision, n_params, wall_s, root, batches_per_epoch) -> Path:
     staged = checkpoint.staging_dir(root, progress.version)
     model = accelerator.unwrap_model(objective).model
     model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob = model.dropout_for_fine_tuning
@@ -809,11 +646,6 @@ def _write_and_publish(accelerator, objective, tokenizer, settings, progress, fi
         "params": n_params, "preset": settings.preset, "precision": precision,
         "processes": accelerator.num_processes, "corpus": corpus_info, "history": progress.history,
     }
-    if teacher is not None:  # the teacher's pass is part of what pretraining costs (train_time_s leaves it out)
-        metrics["distill"] = {"teacher": settings.distill_from, "weight": settings.distill_weight,
-                              "teacher_time_s": round(teacher.seconds, 1), "teacher_cached": teacher.cached,
-                              "final_distill_loss": final_eval.get("eval_distill_loss"),
-                              "initial_distill_loss": progress.history[0].get("eval_distill_loss")}
     (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     (staged / "pretrain_args.json").write_text(json.dumps(public_view(settings), indent=2, ensure_ascii=False))
     plot_curves(progress.history, staged / "pretraining_curve.png",
