@@ -103,12 +103,13 @@ class TrainSettings:
                                              "robust to small changes in wording. ~1.5x training compute; 0 "
                                              f"disables. Unset: {AUTO_ADVERSARIAL} for a pretrained model, 0 with "
                                              "--quick or scratch.")
-    rdrop_pair: str = setting("dropout", env="BERT_STREAM_RDROP_PAIR", choices=RDROP_PAIRS,
-                              help="What R-Drop pulls together when FGM is on too: dropout (two dropout copies "
+    rdrop_pair: str = setting("adversarial", env="BERT_STREAM_RDROP_PAIR", choices=RDROP_PAIRS,
+                              help="What R-Drop pulls together when FGM is on too: adversarial (the clean "
+                                   "batch and its FGM-pushed copy: two passes) or dropout (two dropout copies "
                                    "of the batch, as in the paper, then a third pass at the FGM-pushed "
-                                   "embeddings) or adversarial (the clean batch and its FGM-pushed copy: two "
-                                   "passes, 1.4-1.5x the examples/s, ~0.2 points less accuracy over five "
-                                   "splits: bench/TRAINING.md). Without --adversarial: dropout.")
+                                   "embeddings: 1.4-1.5x the training time for ~0.2 points more accuracy "
+                                   "over five splits, within their noise: bench/TRAINING.md). Without "
+                                   "--adversarial: dropout.")
     ema: float | None = setting(None, env="BERT_STREAM_EMA",
                                 help="Keep an exponential moving average of the weights with this decay per "
                                      "optimizer step and evaluate, select and publish the average instead of "
