@@ -96,17 +96,22 @@ def load_for_classification(
     cache_dir: Path | None = None,
     trim_vocab: bool = True,
     pooling: str = "cls",
+    text_prefix: str = "",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A sequence classifier (label i = ``labels[i]``) and its tokenizer for ``spec``.
 
     ``corpus``: the training texts; for ``e5-small`` with ``trim_vocab`` they (plus People's Daily) decide
     which vocabulary pieces are kept. Without a corpus e5-small keeps its full 250k vocabulary.
     ``pooling``: ``mean`` gives a BERT a mean-pooling layer on top (:func:`add_mean_pooling_layer`) unless
-    it has one already (a previous checkpoint); ``cls`` leaves it as loaded."""
+    it has one already (a previous checkpoint); ``cls`` leaves it as loaded.
+    ``text_prefix``: put before every text by the tokenizer (:func:`add_text_prefix`)."""
     if pooling not in POOLINGS:
         raise ModelSourceError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if corpus is not None and text_prefix:
+        corpus = [text_prefix, *corpus]  # its pieces must survive e5's vocabulary trimming
     model, tokenizer = _load(spec, labels, corpus=corpus, scratch_preset=scratch_preset, cache_dir=cache_dir,
                              trim_vocab=trim_vocab)
+    add_text_prefix(tokenizer, text_prefix)
     if pooling == "mean" and not getattr(model.config, MEAN_POOLING_MARK, False):
         add_mean_pooling_layer(model)
     return model, tokenizer
@@ -132,6 +137,28 @@ def _load(spec: str, labels: list[str], *, corpus, scratch_preset: str, cache_di
         return model, tokenizer
     name, local_only = _resolve(spec)
     return _from_pretrained(name, label_kwargs, local_only=local_only, spec=spec)
+
+
+def add_text_prefix(tokenizer: PreTrainedTokenizerFast, prefix: str) -> None:
+    """Make ``tokenizer`` read every text as ``prefix + text``: a ``Prepend`` normaliser in front of its own,
+    so the prefix is part of tokenizer.json and whoever loads the checkpoint (the worker, plain
+    ``AutoTokenizer``) adds it without knowing. A tokenizer that already starts with it is left alone (a
+    previous checkpoint as the base model)."""
+    if not prefix or text_prefix_of(tokenizer) == prefix:
+        return
+    backend = tokenizer.backend_tokenizer
+    steps = [normalizers.Prepend(prefix)]
+    if backend.normalizer is not None:
+        steps.append(backend.normalizer)
+    backend.normalizer = normalizers.Sequence(steps)
+
+
+def text_prefix_of(tokenizer: PreTrainedTokenizerFast) -> str:
+    """The prefix :func:`add_text_prefix` installed in ``tokenizer`` ("" when none)."""
+    first = json.loads(tokenizer.backend_tokenizer.to_str()).get("normalizer") or {}
+    if first.get("type") == "Sequence":
+        first = (first.get("normalizers") or [{}])[0]
+    return first.get("prepend", "") if first.get("type") == "Prepend" else ""
 
 
 def add_mean_pooling_layer(model: PreTrainedModel, residual_scale: float = 100.0) -> None:

@@ -101,7 +101,7 @@ def train(settings: TrainSettings) -> int:
         splits = load_splits(data_spec(settings))
         model, tokenizer = load_for_classification(
             settings.model, splits.labels, corpus=[e.text for e in splits.train],
-            scratch_preset=settings.scratch_preset, pooling=settings.pooling)
+            scratch_preset=settings.scratch_preset, pooling=settings.pooling, text_prefix=settings.text_prefix)
     data = build_data(settings, splits, tokenizer, getattr(model.config, "max_position_embeddings", 512),
                       accelerator.num_processes)
     say("train.data", **splits.describe()["sizes"], labels=len(splits.labels), max_length=data.hyper.max_length,

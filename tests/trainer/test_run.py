@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from bert_stream import precision
+from bert_stream.settings import parse_settings
 from trainer import checkpoint, run
 from trainer.settings import QUICK_MAX_LENGTH, TrainSettings, resolve
 
@@ -41,7 +42,7 @@ def write_csv(path: Path, per_class: int = 80, seed: int = 0, columns=("text", "
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(data), "--output-dir", str(out), "--model", "scratch", "--scratch-preset", "tiny",
             "--epochs", "3", "--batch-size", "16", "--eval-steps", "6", "--torch-threads", "1",
-            "--log-level", "WARNING", *extra]
+            "--text-prefix", "新闻：", "--log-level", "WARNING", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,8 @@ def test_unknown_model_is_one_line_exit_2(tiny_csv, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_publishes_a_complete_checkpoint(published, tiny_csv):
+    from transformers import AutoTokenizer
+
     version = checkpoint.latest_version(published)
     assert version is not None and checkpoint.list_versions(published) == [version]
     folder = published / version
@@ -148,6 +151,11 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
     assert metrics["model"] == "scratch" and metrics["data"] == "tiny.csv"
     args = json.loads((folder / "training_args.json").read_text())
     assert args["hyperparameters"]["epochs"] == 3 and args["settings"]["scratch_preset"] == "tiny"
+    # The text prefix travels in the tokenizer (the reload test below predicts through it).
+    assert args["hyperparameters"]["text_prefix"] == "新闻："
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("交通")["input_ids"]) == ["[CLS]", "新", "闻", "：", "交", "通",
+                                                                              "[SEP]"]
 
 
 @pytest.mark.slow
@@ -410,6 +418,10 @@ def test_auto_hyperparameters_and_the_quick_preset():
     assert (chosen.rdrop, chosen.adversarial, chosen.ema) == (0.5, 0.0, 0.9)
     off = resolve(TrainSettings(rdrop=0, adversarial=0, ema=0), token_lengths=lengths, model_max_length=512)
     assert (off.rdrop, off.adversarial, off.ema) == (0.0, 0.0, 0.0)
+    # No text prefix unless asked (a measured non-gain for e5-small); '' on the command line is "none".
+    assert full.text_prefix == quick.text_prefix == scratch.text_prefix == ""
+    prefixed = parse_settings(TrainSettings, ["--text-prefix", "query: "], prog="trainer.run")
+    assert resolve(prefixed, token_lengths=lengths, model_max_length=512).text_prefix == "query: "
 
 
 def test_layer_wise_learning_rates_decay_from_the_head_down():
