@@ -142,10 +142,14 @@ def _load(spec: str, labels: list[str], *, corpus, scratch_preset: str, cache_di
 def add_text_prefix(tokenizer: PreTrainedTokenizerFast, prefix: str) -> None:
     """Make ``tokenizer`` read every text as ``prefix + text``: a ``Prepend`` normaliser in front of its own,
     so the prefix is part of tokenizer.json and whoever loads the checkpoint (the worker, plain
-    ``AutoTokenizer``) adds it without knowing. A tokenizer that already starts with it is left alone (a
-    previous checkpoint as the base model)."""
-    if not prefix or text_prefix_of(tokenizer) == prefix:
+    ``AutoTokenizer``) adds it without knowing. A tokenizer that already adds it (a previous checkpoint as
+    the base model) is left alone; one that adds another prefix is an error, not two prefixes."""
+    current = text_prefix_of(tokenizer)
+    if not prefix or current == prefix:
         return
+    if current:
+        raise ModelSourceError(f"the base model's tokenizer already puts {current!r} before every text; "
+                               f"give --text-prefix {current!r} or leave it unset, not {prefix!r}")
     backend = tokenizer.backend_tokenizer
     steps = [normalizers.Prepend(prefix)]
     if backend.normalizer is not None:

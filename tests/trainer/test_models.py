@@ -281,6 +281,8 @@ def test_the_text_prefix_lives_in_the_saved_tokenizer(e5_tokenizer, trim_split, 
     assert models.text_prefix_of(again) == "query: " and again(texts)["input_ids"] == ids
     models.add_text_prefix(again, "query: ")  # a checkpoint as the base model: not prefixed twice
     assert again(texts)["input_ids"] == ids
+    with pytest.raises(models.ModelSourceError, match="already puts 'query: '"):
+        models.add_text_prefix(again, "passage: ")
     assert models.text_prefix_of(e5_tokenizer) == ""
 
 
