@@ -1,7 +1,11 @@
-"""python -m deploy.local {up,down,status,env}: start, stop or show the local broker + Redis.
+"""python -m deploy.local {prepare,up,down,status,env}: start, stop or show the local broker + Redis.
 
-  up      start a broker (BROKER=tansu|noida) and Redis (reuses REDIS_URL if it answers); idempotent
-  down    stop exactly the processes `up` started
+  prepare fetch and check what the broker needs (Apache Kafka: Java 17+, its jars from Maven Central, once);
+          one line saying what is missing otherwise
+  up      start a broker (BROKER=kafka|tansu; Apache Kafka by default) and Redis (reuses REDIS_URL if it
+          answers); idempotent
+  down    stop exactly the processes `up` started, and remove the broker's data (--keep-data keeps it for
+          the next `up`)
   status  what runs, with addresses and PIDs
   env     print the KAFKA_BOOTSTRAP_SERVERS / REDIS_URL lines (`eval $(python -m deploy.local env)`)
 """
@@ -13,27 +17,33 @@ import json
 import sys
 import time
 
-from deploy.local.stack import DEFAULT_STATE_DIR, LocalStack, StackError
+from deploy.local.errors import StackError
+from deploy.local.stack import BROKERS, DEFAULT_BROKER, DEFAULT_STATE_DIR, LocalStack
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["prepare", "up", "down", "status", "env"])
     parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), help="where PIDs, logs and the env file go")
-    parser.add_argument("--broker", choices=["tansu", "noida"], default=None,
-                        help="broker implementation (default: $BROKER or tansu)")
+    parser.add_argument("--broker", choices=BROKERS, default=None,
+                        help=f"kafka: Apache Kafka (Java 17+ and Maven; jars fetched once from Maven Central); "
+                             f"tansu: no JVM, from a wheel (default: $BROKER or {DEFAULT_BROKER})")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="down: keep the broker's data dir, so the next up has the same topics and offsets")
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line
     args = parser.parse_args(argv)
     try:
         existing = LocalStack.load(args.state_dir)
-        if args.command == "up":
+        if args.command == "prepare":
+            print(LocalStack(args.state_dir, args.broker).prepare_broker(), file=sys.stderr)
+        elif args.command == "up":
             if existing and all(s["running"] for s in existing.status().values()):
                 print(f"already up ({existing.broker_kind}); state in {existing.state_dir}", file=sys.stderr)
                 stack = existing
             else:
                 if existing:
-                    existing.down()
+                    existing.down(keep_data=True)  # a half-dead stack: restart it on the same data
                 started = time.perf_counter()
                 stack = LocalStack(args.state_dir, args.broker).up()
                 print(f"up in {time.perf_counter() - started:.2f} s ({stack.broker_kind}); "
@@ -41,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             print("".join(f"{k}={v}\n" for k, v in stack.env().items()), end="")
         elif args.command == "down":
             if existing:
-                existing.down()
-                print("down", file=sys.stderr)
+                existing.down(keep_data=args.keep_data)
+                print("down" + (" (broker data kept)" if args.keep_data else ""), file=sys.stderr)
             else:
                 print("nothing to stop", file=sys.stderr)
         elif args.command == "status":
