@@ -66,6 +66,12 @@ class KafkaSettings:
     request_timeout_ms: int = setting(
         30_000, env="KAFKA_REQUEST_TIMEOUT_MS", help="Per-request timeout; longer rides out broker restarts."
     )
+    metadata_max_age_ms: int = setting(
+        60_000,
+        env="KAFKA_METADATA_MAX_AGE_MS",
+        help="How often cluster metadata is refreshed: the longest a worker takes to notice partitions added to "
+        "its input topic. One small request per refresh (the clients' default is 5 min).",
+    )
 
     def __post_init__(self) -> None:
         require(bool(self.bootstrap_servers.strip()), "bootstrap_servers must not be empty")
@@ -75,6 +81,7 @@ class KafkaSettings:
             require(self.sasl_mechanism is not None, f"{self.security_protocol} needs sasl_mechanism")
             require(bool(self.sasl_username and self.sasl_password), "SASL needs sasl_username and sasl_password")
         require(self.session_timeout_ms >= 1000, "session_timeout_ms must be at least 1000")
+        require(self.metadata_max_age_ms >= 100, "metadata_max_age_ms must be at least 100")
         require(
             self.max_poll_interval_ms > self.session_timeout_ms,
             "max_poll_interval_ms must exceed session_timeout_ms",
@@ -86,6 +93,7 @@ class KafkaSettings:
             "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
+            "metadata_max_age_ms": self.metadata_max_age_ms,
         }
         if self.sasl_mechanism:
             config.update(

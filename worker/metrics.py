@@ -44,9 +44,10 @@ class WorkerMetrics:
         self.queued = Gauge("bert_stream_queued_messages", "Messages between poll and publish.", registry=r)
         self.paused = Gauge("bert_stream_partitions_paused", "1 while input partitions are paused (backpressure).",
                             registry=r)
-        self.lag = Gauge("bert_stream_consumer_lag", "End offset minus committed offset, per input partition "
-                         "(Tansu reports end offsets wrong: its lag is not meaningful).", ["topic", "partition"],
-                         registry=r)
+        self.lag = Gauge("bert_stream_consumer_lag", "End offset minus the group's committed offset (the log "
+                         "start where nothing is committed), per input partition: what is still to process. "
+                         "KEDA scales on it. (Tansu, the no-JVM test broker, reports end offsets wrong.)",
+                         ["topic", "partition"], registry=r)
         self.commits = Counter("bert_stream_commits", "Offset commits by result.", ["result"], registry=r)
         self.rebalances = Counter("bert_stream_rebalances", "Partition revocations, assignments and forced rejoins.",
                                   ["event"], registry=r)

@@ -259,6 +259,11 @@ class Worker:
     def _subscribe(self) -> None:
         """Join the consumer group on the input topic, with the listener that commits before a revocation."""
         self.consumer.subscribe([self.settings.input_topic], listener=rebalance_listener(self))
+        # One metadata round trip now, so the coordinator's snapshot of the subscribed topic's partitions is
+        # taken before the join. Without it kafka-python 3.0.12 joins with an empty snapshot, sees the
+        # partitions in the next metadata update and rebalances again at once (seen on Apache Kafka: a
+        # revoke ~0.1-0.5 s after every first assignment, and once a join lost for good after it).
+        self.consumer.topics()
 
     def _ensure_output_topics(self) -> None:
         """Create missing output/DLQ topics with the input's partition count (best effort: a cluster that
@@ -412,19 +417,25 @@ class Worker:
         return self.tracker.committable()
 
     def _update_lag(self) -> None:
+        """``bert_stream_consumer_lag`` per assigned partition: end offset minus the group's committed offset
+        (ours; else an earlier owner's, one OffsetFetch; else the log start), i.e. what a restart would
+        still have to process. Not the fetch position: fetched but unpublished messages are not done."""
         assigned = list(self.consumer.assignment())
         if not assigned:
             return
         try:
             ends = self.consumer.end_offsets(assigned)
+            committed = {tp: self.tracker.committed(tp) for tp in ends}
+            for tp in [tp for tp, offset in committed.items() if offset is None]:
+                committed[tp] = self.consumer.committed(tp)
+            never = [tp for tp, offset in committed.items() if offset is None]
+            if never:  # a restart begins at the log start (auto_offset_reset=earliest)
+                committed.update(self.consumer.beginning_offsets(never))
         except Exception as exc:  # noqa: BLE001 - only a gauge
             log.debug("lag_unavailable", error=str(exc))
             return
         for tp, end in ends.items():
-            committed = self.tracker.committed(tp)
-            if committed is None:
-                committed = self.consumer.position(tp) or 0
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed[tp]))
 
     # ---- rebalance and shutdown ----------------------------------------------------------------------------
     def _prepare_revocation(self, revoked: set) -> dict:
@@ -457,8 +468,8 @@ class Worker:
         """Leave the group and join it again after an assignment kafka-python could not decode.
 
         A coordinator may end a rebalance with zero assignment bytes for a member the leader did not
-        include (Kafka fills such members with an empty assignment; noida-db does it to a member that joins
-        mid-rebalance). kafka-python 3.0.12 cannot decode zero bytes: ``struct.error`` escapes ``poll()``
+        include (Kafka fills such members with an empty assignment; noida-db, a stand-in broker, did it to
+        members joining mid-rebalance). kafka-python 3.0.12 cannot decode zero bytes: ``struct.error`` escapes ``poll()``
         after the client has marked itself a stable member, so it would own nothing until some other
         member's rebalance. Leaving and rejoining starts a rebalance the leader sees it in. Still failing
         after ``MAX_REJOINS`` attempts is not that quirk: raise, the process exits 1 and its supervisor
