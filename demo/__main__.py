@@ -36,10 +36,12 @@ from demo.stream import (
     start_servers,
     write_jsonl,
 )
+from deploy.local.errors import StackError
 from deploy.local.stack import free_port
 from trainer.data import DataSpec, load_splits
 
-# Tansu completes a group join in about half the session timeout: a short one gets the worker going sooner.
+# Tansu completes a group join in about half the session timeout: a short one gets the worker going sooner
+# (Apache Kafka joins at once either way).
 WORKER_SESSION_TIMEOUT_MS = "6000"
 # The batch after the retrain is sent slowly (messages/s) so the swap can land in the middle of it.
 RETRAIN_BATCH_RATE = 10.0
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         say(f"interrupted ({exc}): everything the demo started has been stopped")
         return 130
-    except DemoError as exc:
+    except (DemoError, StackError) as exc:
         print(f"python -m demo: error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bert_stream.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from demo.stats import Result
+from deploy.local.errors import BrokerUnavailable
 from deploy.local.stack import LocalStack, kafka_answers
 from worker.messages import EMPTY_TEXT, INVALID_JSON, INVALID_UTF8, TOO_LARGE, parse_dlq_headers, parse_output
 
@@ -37,17 +38,24 @@ def _answers(bootstrap: str | None) -> bool:
 
 def start_servers(state_dir: Path, cleanup: ExitStack) -> Servers:
     """Use the broker and Redis named by KAFKA_BOOTSTRAP_SERVERS / REDIS_URL when they answer; start a local
-    broker and/or Redis (deploy.local) for whatever does not; ``cleanup`` stops what was started."""
+    broker and/or Redis (deploy.local) for whatever does not; ``cleanup`` stops what was started. The local
+    broker is Apache Kafka where it can run (Java, Maven), else Tansu, said in one line; ``BROKER`` picks."""
     stale = LocalStack.load(state_dir)
     if stale:  # a previous demo killed before its cleanup: stop what it left
         stale.down()
     stack = LocalStack(state_dir)
-    stack.state_dir.mkdir(parents=True, exist_ok=True)
-    cleanup.callback(stack.down)
+    cleanup.callback(lambda: stack.down())  # the stack in use at the end (it may be the fallback)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     started = []
     if not _answers(bootstrap):
-        bootstrap = stack.start_broker().address
+        try:
+            bootstrap = stack.start_broker().address
+        except BrokerUnavailable as exc:
+            if os.environ.get("BROKER") or stack.broker_kind == "tansu":
+                raise  # a broker the user chose: no silent substitute
+            print(f"Apache Kafka cannot run here ({exc.reason}): falling back to Tansu (BROKER=tansu)", flush=True)
+            stack = LocalStack(state_dir, "tansu")
+            bootstrap = stack.start_broker().address
         started.append(f"{stack.broker_kind} broker")
     redis_service = stack.start_redis()  # reuses REDIS_URL when it answers
     if redis_service.pid:

@@ -1,7 +1,8 @@
 """Shared fixtures: one local stack per test run, unique names per test, broker-quirk tolerant settings.
 
-The broker implementation comes from ``BROKER`` (tansu by default; ``make test`` runs the kafka-marked tests
-again with ``BROKER=noida``). A test that needs what one broker gets wrong uses :func:`xfail_on_broker`.
+The broker implementation comes from ``BROKER``: Apache Kafka by default (``make test`` runs the whole suite
+on it, then the kafka-marked tests again with ``BROKER=tansu``, the broker for machines without Java). A test
+that needs what Tansu gets wrong uses :func:`xfail_on_broker`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from pathlib import Path
 import pytest
 
 from bert_stream.kafka import KafkaSettings
-from deploy.local import LocalStack
+from deploy.local import DEFAULT_BROKER, LocalStack
 
-BROKER = os.environ.get("BROKER", "tansu")
+BROKER = os.environ.get("BROKER") or DEFAULT_BROKER
 
-# Quirks of the local brokers (shared/docs/ENVIRONMENT.md), tolerated in one place:
-# - Tansu completes a group join in about half the session timeout: keep it short but not tiny.
-# - noida-db never expires a kill -9'd member; tests that need that are xfail there (see xfail_on_broker).
+# Tansu completes a group join in about half the session timeout: keep it short but not tiny. (Apache Kafka
+# joins at once, and expires a kill -9'd member after it.)
 TEST_SESSION_TIMEOUT_MS = 6000
 
 
@@ -31,7 +31,8 @@ def xfail_on_broker(broker: str, reason: str):
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> LocalStack:
-    """A real broker and our own Redis (not a shared one: outage tests stop it), up for the whole run."""
+    """A real broker and our own Redis (not a shared one: outage tests stop it), up for the whole run. A
+    broker that cannot start here (no Java, no Maven) fails the run with the one-line reason."""
     state_dir = tmp_path_factory.mktemp("stack")
     saved = os.environ.pop("REDIS_URL", None)  # always start our own Redis
     try:

@@ -143,6 +143,31 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(stack, trained_checkpoi
     assert elapsed < 120, f"the demo took {elapsed:.0f} s"
 
 
+@pytest.mark.kafka
+def test_without_java_the_demo_says_so_in_one_line_and_uses_tansu(stack, tmp_path, monkeypatch, capsys):
+    from contextlib import ExitStack
+
+    from demo.stream import start_servers
+    from deploy.local.stack import kafka_answers
+
+    bin_dir = tmp_path / "bin"  # a PATH without java (and without mvn)
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    for name in ("BROKER", "JAVA_HOME", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REDIS_URL", stack.redis_url)
+    with ExitStack() as cleanup:
+        servers = start_servers(tmp_path / "demo-stack", cleanup)
+        said = capsys.readouterr().out.strip().splitlines()
+        assert servers.started == ("tansu broker",)
+        host, port = servers.bootstrap_servers.split(":")
+        assert kafka_answers(host, int(port))
+    assert len(said) == 1 and "Apache Kafka cannot run here" in said[0] and "java" in said[0], said
+    assert "falling back to Tansu" in said[0]
+    assert not kafka_answers(host, int(port))  # stopped with the cleanup
+
+
 # ---- child processes ---------------------------------------------------------------------------------------
 def test_run_streamed_copies_output_to_the_log_and_returns_the_status(tmp_path):
     from demo.processes import StopFlag, run_streamed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,10 +13,19 @@ import uuid
 import pytest
 import redis
 
-from bert_stream.kafka import ensure_topics, make_consumer, make_producer
+from pathlib import Path
+
+from kafka.structs import OffsetAndMetadata
+
+from bert_stream.kafka import KafkaSettings, ensure_topics, make_admin, make_consumer, make_producer
+from deploy.local import apache_kafka
 from deploy.local.stack import LocalStack, _pid_alive
+from tests.conftest import BROKER, xfail_on_broker
 
 pytestmark = pytest.mark.kafka
+
+# Apache Kafka's own lifecycle (data dir, jar fetch): once, in the Apache Kafka pass of `make test`
+only_on_kafka = pytest.mark.skipif(BROKER != "kafka", reason="Apache Kafka's lifecycle: tested in the kafka pass")
 
 
 def _roundtrip_kafka_python(kafka_settings, topic: str) -> list[tuple[bytes, bytes, list]]:
@@ -56,9 +66,8 @@ def test_confluent_kafka_produces_and_consumes(stack, names):
 
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="Debian's kcat is not installed (apt-get install kcat)")
-def test_kcat_round_trip_on_noida(stack, names):
-    if stack.broker_kind != "noida":
-        pytest.xfail("Tansu: Debian's kcat (librdkafka 2.0.2) fails with 'ApiVersionRequest failed: Read underflow'")
+@xfail_on_broker("tansu", "Debian's kcat (librdkafka 2.0.2) fails with 'ApiVersionRequest failed: Read underflow'")
+def test_kcat_round_trip(stack, names):
     subprocess.run(["kcat", "-P", "-b", stack.bootstrap_servers, "-t", names.input_topic, "-K:"],
                    input="k1:你好\nk2:世界\n", text=True, check=True, timeout=30)
     out = subprocess.run(["kcat", "-C", "-b", stack.bootstrap_servers, "-t", names.input_topic, "-e", "-f", "%k=%s\n"],
@@ -104,7 +113,7 @@ def test_bad_broker_name_is_one_line(tmp_path):
 def test_redis_and_broker_restart_on_the_same_address(tmp_path):
     saved = os.environ.pop("REDIS_URL", None)
     try:
-        stack = LocalStack(tmp_path, "noida").up()
+        stack = LocalStack(tmp_path, BROKER).up()
     finally:
         if saved is not None:
             os.environ["REDIS_URL"] = saved
@@ -118,3 +127,111 @@ def test_redis_and_broker_restart_on_the_same_address(tmp_path):
         assert redis.Redis.from_url(redis_url).ping()
     finally:
         stack.down()
+
+
+@only_on_kafka
+def test_kafka_keeps_topics_and_offsets_across_a_restart_and_down_removes_its_data(tmp_path):
+    """Apache Kafka's data dir survives stop/start, also a kill -9 (a crash), and ``down`` removes it."""
+    from kafka import TopicPartition
+
+    stack = LocalStack(tmp_path, "kafka")
+    stack.start_broker()
+    try:
+        settings = KafkaSettings(bootstrap_servers=stack.bootstrap_servers)
+        topic = "restart-me"
+        _roundtrip_kafka_python(settings, topic)  # 10 records on 2 partitions
+        committer = make_consumer(settings, "restart-group", topic)
+        tps = [TopicPartition(topic, p) for p in (0, 1)]
+        committer.poll(timeout_ms=5000)
+        committer.commit({tp: OffsetAndMetadata(1, "", -1) for tp in tps})
+        committer.close(autocommit=False)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            stack.stop_broker(sig)
+            assert not stack.services["broker"].alive()
+            stack.start_broker()
+            consumer = make_consumer(settings, "restart-group")
+            try:
+                ends = consumer.end_offsets(tps)
+                assert sum(ends.values()) == 10, f"after {sig.name}: {ends}"
+                assert [consumer.committed(tp) for tp in tps] == [1, 1], f"after {sig.name}"
+            finally:
+                consumer.close(autocommit=False)
+        data_dir = Path(stack.services["broker"].data_dir)
+        assert (data_dir / "meta.properties").exists()
+    finally:
+        stack.down()
+    assert not data_dir.exists()
+
+
+@only_on_kafka
+def test_cli_down_keep_data_then_up_serves_the_same_topics(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "deploy.local", *a, "--state-dir", str(tmp_path)],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=180)
+    assert run("up", "--broker", "kafka").returncode == 0
+    try:
+        settings = KafkaSettings(bootstrap_servers=LocalStack.load(tmp_path).bootstrap_servers)
+        ensure_topics(settings, {"kept": 3})
+        down = run("down", "--keep-data")
+        assert down.returncode == 0 and "kept" in down.stderr
+        assert run("up", "--broker", "kafka").returncode == 0
+        settings = KafkaSettings(bootstrap_servers=LocalStack.load(tmp_path).bootstrap_servers)
+        admin = make_admin(settings)
+        try:
+            assert "kept" in admin.list_topics()
+        finally:
+            admin.close()
+    finally:
+        assert run("down").returncode == 0
+    assert not (tmp_path / "kafka-data").exists()
+
+
+def _deploy_local_up(tmp_path, **env_changes) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "JAVA_HOME")}
+    env.update({"BERT_STREAM_CACHE": str(tmp_path / "cache"), **env_changes})
+    return subprocess.run([sys.executable, "-m", "deploy.local", "up", "--broker", "kafka",
+                           "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _only_python_on_path(tmp_path) -> str:
+    """A PATH with this Python and nothing else (no java, no mvn)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    return str(bin_dir)
+
+
+def test_no_java_is_one_line_that_names_the_tansu_fallback(tmp_path):
+    out = _deploy_local_up(tmp_path, PATH=_only_python_on_path(tmp_path))
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "java" in out.stderr and "BROKER=tansu" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_no_mvn_is_one_line_that_names_the_tansu_fallback(tmp_path):
+    java = shutil.which("java")
+    if java is None:
+        pytest.skip("needs a java without mvn; the no-java case is tested above")
+    bin_dir = Path(_only_python_on_path(tmp_path))
+    (bin_dir / "java").symlink_to(java)
+    out = _deploy_local_up(tmp_path, PATH=str(bin_dir))
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "mvn" in out.stderr and "BROKER=tansu" in out.stderr and "Traceback" not in out.stderr
+
+
+@only_on_kafka
+def test_unreachable_registry_is_one_line_not_a_hang(tmp_path):
+    """Maven pointed at a mirror that refuses connections, with an empty local repository."""
+    home = tmp_path / "home"
+    (home / ".m2").mkdir(parents=True)
+    (home / ".m2" / "settings.xml").write_text(
+        "<settings><mirrors><mirror><id>nowhere</id><mirrorOf>*</mirrorOf>"
+        "<url>http://127.0.0.1:9/maven2</url></mirror></mirrors></settings>")
+    out = _deploy_local_up(tmp_path, MAVEN_OPTS=f"-Duser.home={home}")
+    assert out.returncode == 1
+    error = out.stderr.strip().splitlines()[-1]
+    assert "could not fetch Apache Kafka" in error and "BROKER=tansu" in error, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "cache" / f"kafka-{apache_kafka.KAFKA_VERSION}" / "libs.complete").exists()

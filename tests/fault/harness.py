@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bert_stream.kafka import KafkaSettings, make_consumer, make_producer
+from tests.conftest import BROKER
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -514,9 +515,8 @@ REPORTS: list[tuple[str, str]] = []  # (test, line) for the terminal summary
 
 def report(test: str, counts: Counts, **extra: object) -> str:
     """Print (and keep for the summary) one line of counts for ``test``."""
-    broker = os.environ.get("BROKER", "tansu")
     tail = " ".join(f"{k}={v}" for k, v in extra.items())
-    line = f"[{broker}] {test}: {counts.line()}" + (f" {tail}" if tail else "")
+    line = f"[{BROKER}] {test}: {counts.line()}" + (f" {tail}" if tail else "")
     print(f"FAULT-COUNTS {line}", flush=True)
     REPORTS.append((test, line))
     return line

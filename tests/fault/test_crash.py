@@ -7,10 +7,7 @@ everything before it in its partition are acknowledged. Two things follow that a
 2. what the next worker publishes twice is only what was published but not yet committed: bounded by
    :func:`harness.uncommitted_window` per kill.
 
-Broker quirk: noida-db never expires the membership of a kill -9'd consumer, so a new worker in the same
-group is never assigned anything there (ENVIRONMENT.md). On noida the replacement therefore starts in a new
-group seeded with the dead group's committed offsets (what an operator would do); on Tansu it rejoins the
-same group, the real fail-over, after the dead member's session times out.
+The replacement joins the same group, the real fail-over, once the dead member's session has timed out.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import time
 import pytest
 
 from bert_stream.kafka import ensure_topics
-from tests.conftest import BROKER
 from tests.fault import harness as h
 
 pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
@@ -85,9 +81,6 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
             uncommitted_at_kill.append(pending)
             kill_log.append(f"kill{i + 1}@{len(reader.by_source)}:committed={sum(c or 0 for c in committed.values())}"
                             f",uncommitted={pending}")
-            if BROKER == "noida":  # the dead member is never expired there: hand over to a fresh group
-                group = f"{names.group_id}-{i + 1}"
-                h.seed_group(kafka_settings, group, names.input_topic, committed)
 
         last = start(len(shares))
         try:

@@ -3,10 +3,10 @@
 On a revocation the worker publishes what its model holds, commits it and drops what it had not started
 (worker/run.py ``_on_revoked``), so a cooperative hand-over should publish nothing twice. Duplicates are
 reported and bounded by the uncommitted window per rebalance (a broker may refuse a commit during a
-rebalance: noida bumps the generation as soon as a member joins); a revocation commit that fails because of
-how the client is used (a blocking call from kafka-python's IO thread) is a worker bug and fails the test.
+rebalance); a revocation commit that fails because of how the client is used (a blocking call from
+kafka-python's IO thread) is a worker bug and fails the test.
 
-noida-db quirk: a member that joins can get an empty SyncGroup assignment, which kafka-python 3.0.12 cannot
+A member that a rebalance leaves out gets an empty SyncGroup assignment, which kafka-python 3.0.12 cannot
 decode (``struct.error: unpack requires a buffer of 2 bytes``). The worker leaves and rejoins the group
 (worker/run.py ``_rejoin``) instead of dying; the rejoins are reported.
 """

@@ -1,8 +1,9 @@
 """Unit test of the worker's policy after a send fails (pure logic: a fake producer, no Kafka, no model).
 
-The integration side (a real noida-db restart answering OutOfOrderSequenceNumber) is
-tests/fault/test_outages.py::test_broker_restart_mid_stream; this pins the bookkeeping behind its duplicate
-bound: after a failed send the worker publishes nothing more of that input partition, commits the acked
+A send that cannot complete was seen for real when noida-db (a stand-in broker the suite used to run on)
+forgot the idempotent producer's sequence state across a restart and answered OutOfOrderSequenceNumber;
+Apache Kafka keeps that state (tests/fault/test_outages.py::test_broker_restart_mid_stream rides a restart
+out without it). This pins the bookkeeping behind the duplicate bound when it does happen: after a failed send the worker publishes nothing more of that input partition, commits the acked
 prefix, and stops with status 1.
 """
 
