@@ -149,6 +149,23 @@ def make_producer(settings: KafkaSettings, **overrides: Any):
     return KafkaProducer(**config)
 
 
+def close_producer(producer, timeout_s: float) -> None:
+    """Close ``producer`` within about ``timeout_s``, for sure. kafka-python 3.0.12's ``close(timeout)``
+    raises when its flush times out and then never stops the sender thread; what is still unsent is
+    aborted here instead (its futures fail), as close() itself does once its flush returns."""
+    from kafka.errors import KafkaTimeoutError
+
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaTimeoutError:
+        producer._sender.force_close()  # the sender thread aborts the incomplete batches as it stops
+        producer._sender.join(max(timeout_s, 1.0))
+        try:
+            producer.close(timeout=0)
+        except KafkaTimeoutError:
+            pass  # the sender did not stop in time: it is a daemon thread, and a fenced one if transactional
+
+
 def make_admin(settings: KafkaSettings, **overrides: Any):
     from kafka import KafkaAdminClient
 

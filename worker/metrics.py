@@ -49,6 +49,8 @@ class WorkerMetrics:
                          "KEDA scales on it. (Tansu, the no-JVM test broker, reports end offsets wrong.)",
                          ["topic", "partition"], registry=r)
         self.commits = Counter("bert_stream_commits", "Offset commits by result.", ["result"], registry=r)
+        self.transactions = Counter("bert_stream_transactions", "exactly-once: transactions committed or "
+                                    "aborted (an abort rewinds to the committed offsets).", ["result"], registry=r)
         self.rebalances = Counter("bert_stream_rebalances", "Partition revocations, assignments and forced rejoins.",
                                   ["event"], registry=r)
         self.model_info = Gauge("bert_stream_model_info", "The model version being served (value 1).",

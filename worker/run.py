@@ -15,18 +15,17 @@ How inference never starves group membership
     swapped-in larger model could exceed ``max.poll.interval.ms``. Here a slow batch only slows throughput.
     Tested by ``tests/worker/test_run.py::test_slow_batches_do_not_get_the_worker_evicted``.
 
-Delivery guarantee: at-least-once
+Delivery guarantee: at-least-once (default) or exactly-once (:mod:`worker.delivery`)
     An input offset is committed only after the output (or DLQ) records of it and of every earlier message
     of its partition are acknowledged by the broker (``acks=all``): commit = flush the producer, take the
     acknowledged prefix (:class:`worker.offsets.OffsetTracker`), commit it. Commits happen every
     ``commit_interval_ms`` or ``commit_every`` messages, on partition revocation (after the in-flight
-    batches are published) and on shutdown. A crash at any point loses nothing; what was published after the
-    last commit is published again by whoever reads the partition next. Outputs keep the input's key and
-    go to the same partition number, so per input partition the output order is the input order and a
-    replay is recognisable by ``source.offset``. Exactly-once would need a transactional producer that
-    sends the outputs and the offsets in one transaction (``send_offsets_to_transaction``) and consumers
-    reading with ``isolation.level=read_committed``; the Redis cache would stay outside the transaction
-    (harmless: it is keyed by content, not by offset).
+    batches are published) and on shutdown. A crash at any point loses nothing; at-least-once publishes
+    again what was published after the last commit, exactly-once puts the outputs and the offsets of one
+    commit in one transaction, and a transaction that fails is aborted and the partitions rewound to the
+    committed offsets (``_abort``). Outputs keep the input's key and go to the same partition number, so per
+    input partition the output order is the input order and a replay is recognisable by ``source.offset``.
+    The Redis cache stays outside any transaction (it is keyed by content, not by offset).
 
 Shutdown: SIGTERM/SIGINT set a flag; the loop stops polling, finishes and publishes what it holds, flushes,
 commits, closes the clients and exits 0. A second signal exits at once (status 1; at-least-once still holds).
@@ -45,11 +44,14 @@ import threading
 import time
 from collections import deque
 
-from bert_stream.kafka import JOIN_POLL_TIMEOUT_MS, ensure_topics, make_consumer, make_producer
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from bert_stream.kafka import JOIN_POLL_TIMEOUT_MS, close_producer, ensure_topics, make_consumer, make_producer
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import parse_settings, public_view
 from trainer.checkpoint import CheckpointError
 from worker.batcher import Batch, Batcher
+from worker import delivery
 from worker.cache import ResultCache
 from worker.engine import Engine, ModelWatcher
 from worker.messages import (InputMessage, Prediction, Rejected, Source, decode, dlq_headers, output_value,
@@ -66,14 +68,19 @@ IDLE_POLL_MS = 200          # poll timeout with nothing to do (also the shutdown
 LAG_EVERY_S = 10.0          # end-offset requests for the lag gauge (one round trip)
 DLQ_MAX_VALUE_BYTES = 900_000  # stay under the producer's 1 MB request limit; longer originals are cut
 MAX_REJOINS = 3             # undecodable assignments in a row before the worker exits 1 (see _rejoin)
+PRODUCER_CLOSE_S = 10.0     # the producer's close at exit: what is not sent by then is re-delivered anyway
 
 
 @dataclasses.dataclass
 class Job:
-    """One message between poll and publish."""
+    """One message between poll and publish. A rejected one (bad input: -> DLQ) travels through the batcher
+    too, without reaching the model, so every partition's records are published in input order: then every
+    record sent is below the acknowledged prefix, which exactly-once needs (a transaction's offsets must
+    cover all of its records)."""
 
-    message: InputMessage
+    message: InputMessage | Rejected
     received: float  # time.monotonic() at poll
+    epoch: int = 0   # Worker._epoch at poll: results of an aborted transaction's epoch are dropped
 
 
 @dataclasses.dataclass
@@ -150,15 +157,17 @@ class Classifier:
                 self.metrics.model_swaps.labels("swapped").inc()
             self._version = model.version
         start = time.monotonic()
-        texts = [job.message.text for job in batch.items]
+        jobs = [job for job in batch.items if not isinstance(job.message, Rejected)]
+        texts = [job.message.text for job in jobs]
         cached = self.cache.lookup(model.version, texts)
         todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
         t0 = time.perf_counter()
         fresh, errors = _infer(model, todo)
         infer_ms = (time.perf_counter() - t0) * 1000
         self.cache.store(model.version, [(t, fresh[t]) for t in todo if t in fresh])
-        results = [Result(job, c or fresh.get(t), cached=c is not None, error=errors.get(t, ""))
-                   for job, t, c in zip(batch.items, texts, cached)]
+        by_job = {id(job): Result(job, c or fresh.get(t), cached=c is not None, error=errors.get(t, ""))
+                  for job, t, c in zip(jobs, texts, cached)}
+        results = [by_job.get(id(job)) or Result(job, None) for job in batch.items]  # in batch (input) order
         queue_s = start - batch.first_arrival
         hits = sum(c is not None for c in cached)
         self.metrics.batch_size.observe(len(batch))
@@ -204,8 +213,11 @@ class Worker:
         self.batcher: Batcher[Job] = Batcher(settings.max_batch_size, settings.max_batch_tokens,
                                              settings.max_wait_ms / 1000)
         self.tracker = OffsetTracker()
-        self._acks: deque = deque()         # (tp, offset) appended by the producer's I/O thread
-        self._send_errors: deque = deque()  # (tp, offset, exception)
+        self.delivery = delivery.make(settings.delivery, settings.transaction_timeout_ms)
+        self._acks: deque = deque()         # (epoch, tp, offset) appended by the producer's I/O thread
+        self._send_errors: deque = deque()  # (epoch, tp, offset, exception)
+        self._epoch = 0                     # +1 per aborted transaction: what was in flight before is dropped
+        self._needs_rewind: set = set()     # partitions to seek back to the committed offset (after an abort)
         self._partitions: dict[str, int] = {}
         self._next_commit = 0.0
         self._since_commit = 0
@@ -249,10 +261,16 @@ class Worker:
         stack.callback(watcher.stop)
         self.classifier = Classifier(self.engine, self.cache, self.metrics)
         stack.callback(self.classifier.close)
-        self.producer = make_producer(s.kafka)
-        stack.callback(self.producer.close)
-        self.consumer = make_consumer(s.kafka, s.group_id)
+        producer_overrides, consumer_overrides = delivery.client_overrides(
+            s.delivery, s.group_id, s.instance_id, s.transaction_timeout_ms)
+        self.consumer = make_consumer(s.kafka, s.group_id, **consumer_overrides)
         stack.callback(self.consumer.close, autocommit=False)
+        # the delivery owns the producer: exactly-once registers its transactional id, and replaces it after
+        # a transactional call that hangs (worker.delivery.ExactlyOnce)
+        self.delivery.start(self.consumer, lambda: make_producer(s.kafka, **producer_overrides))
+        self.producer = self.delivery.producer
+        # bounded: after _finish everything is flushed; on the way out of an error nothing may hang the exit
+        stack.callback(lambda: close_producer(self.producer, PRODUCER_CLOSE_S))
         self._ensure_output_topics()
         self._subscribe()
 
@@ -293,23 +311,25 @@ class Worker:
         except struct.error as exc:  # a group assignment kafka-python cannot decode
             self._rejoin(exc)
             return []
-        return [r for records in polled.values() for r in records]
+        records = [r for records in polled.values() for r in records]
+        if self._needs_rewind:  # after an abort: what was fetched from before the rewind is read again
+            records = [r for r in records if _tp(r.topic, r.partition) not in self._needs_rewind]
+            self._rewind_to_committed()
+        return records
 
     def _route(self, records: list) -> None:
         if not records:
             return
-        s, now, good = self.settings, time.monotonic(), []
+        s, now = self.settings, time.monotonic()
+        decoded = []
         for record in records:
             self.tracker.track(_tp(record.topic, record.partition), record.offset)
-            decoded = decode(record, s.input_format, s.max_message_bytes)
-            if isinstance(decoded, Rejected):
-                self._send_dlq(decoded)
-            else:
-                good.append(decoded)
-        if good:
-            lengths = self.engine.current.token_lengths([m.text for m in good])
-            for message, n in zip(good, lengths):
-                self.batcher.add(Job(message, now), n, now)
+            decoded.append(decode(record, s.input_format, s.max_message_bytes))
+        good = [m for m in decoded if not isinstance(m, Rejected)]
+        lengths = iter(self.engine.current.token_lengths([m.text for m in good]) if good else ())
+        for message in decoded:  # in input order; a rejected message costs the batch one token, no model
+            self.batcher.add(Job(message, now, self._epoch), 1 if isinstance(message, Rejected) else next(lengths),
+                             now)
 
     def _submit_ready(self, flush: bool = False) -> None:
         while self.classifier.has_room():
@@ -320,9 +340,14 @@ class Worker:
 
     def _publish(self, done_batches: list[DoneBatch]) -> None:
         for done in done_batches:
+            if done.results and done.results[0].job.epoch != self._epoch:
+                continue  # classified before an abort: its partitions were rewound and read again
             counts = {"cached": 0, "output": 0}
             for r in done.results:
                 m = r.job.message
+                if isinstance(m, Rejected):
+                    self._send_dlq(m)
+                    continue
                 if r.prediction is None:
                     self._send_dlq(rejected_for_failure(m, r.error))
                     continue
@@ -352,9 +377,17 @@ class Worker:
         if self._send_errors and self._failed(tp):
             return False  # its commit position is stuck before the failed send: it would only be a duplicate
         partition = source.partition % self._partition_count(topic)
-        future = self.producer.send(topic, value=value, key=key, headers=list(headers), partition=partition)
-        future.add_callback(lambda _meta: self._acks.append((tp, offset)))
-        future.add_errback(lambda exc: self._send_errors.append((tp, offset, exc)))
+        try:
+            self.delivery.before_send()  # exactly-once: the first send after a commit begins a transaction
+            future = self.producer.send(topic, value=value, key=key, headers=list(headers), partition=partition)
+        except KafkaError as exc:
+            if not self.delivery.transactional:
+                raise
+            self._send_errors.append((self._epoch, tp, offset, exc))  # a transaction in error: abort it
+            return False
+        epoch = self._epoch
+        future.add_callback(lambda _meta: self._acks.append((epoch, tp, offset)))
+        future.add_errback(lambda exc: self._send_errors.append((epoch, tp, offset, exc)))
         self._since_commit += 1
         return True
 
@@ -362,7 +395,8 @@ class Worker:
         """A send for this input partition failed: the worker is on its way out (see :meth:`_acknowledged`),
         and the restart re-reads the partition from before the failed offset. Publishing more of it, as the
         shutdown drain would, only adds duplicates (up to ``max_queued_messages`` of them)."""
-        return any(failed_tp == tp for failed_tp, _offset, _exc in list(self._send_errors))
+        return any(failed_tp == tp and epoch == self._epoch for epoch, failed_tp, _offset, _exc in
+                   list(self._send_errors))
 
     def _partition_count(self, topic: str) -> int:
         if topic not in self._partitions:
@@ -388,15 +422,7 @@ class Worker:
         now = time.monotonic()
         if not force and now < self._next_commit and self._since_commit < self.settings.commit_every:
             return
-        offsets = self._acknowledged()
-        if offsets:
-            try:
-                self.consumer.commit(_commit_request(offsets))
-                self.tracker.mark_committed(offsets)
-                self.metrics.commits.labels("ok").inc()
-            except Exception as exc:  # noqa: BLE001 - e.g. a rebalance in progress: committed on revocation
-                self.metrics.commits.labels("failed").inc()
-                log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        self._commit(self._acknowledged())
         if now >= self._next_lag:
             self._next_lag = now + LAG_EVERY_S
             self._update_lag()
@@ -405,16 +431,77 @@ class Worker:
         """Flush the producer, then the offsets whose outputs (and all before them) the broker acknowledged."""
         self._next_commit = time.monotonic() + self.settings.commit_interval_ms / 1000
         self._since_commit = 0
-        self.producer.flush()  # every record sent so far is acknowledged (or failed) after this
+        try:
+            self.producer.flush(timeout=self.delivery.flush_timeout_s)  # all sent are now acked (or failed)
+        except KafkaTimeoutError as exc:  # exactly-once only: sends stuck behind a transaction that hangs
+            self.delivery.mark_broken()
+            self._send_errors.append((self._epoch, None, -1, exc))  # -> _commit aborts (a new producer)
         while self._acks:
-            self.tracker.ack(*self._acks.popleft())
+            epoch, tp, offset = self._acks.popleft()
+            if epoch == self._epoch:
+                self.tracker.ack(tp, offset)
+        return self.tracker.committable()
+
+    def _commit(self, offsets: dict) -> None:
+        """Commit ``offsets`` (from :meth:`_acknowledged`) by the delivery mode's rules. A failed send: under
+        at-least-once, commit what was acknowledged and exit 1 (a restart re-delivers the rest); under
+        exactly-once, abort the transaction and rewind."""
+        while self._send_errors and self._send_errors[0][0] != self._epoch:
+            self._send_errors.popleft()  # from a transaction already aborted
         if self._send_errors:
-            tp, offset, exc = self._send_errors[0]
+            _epoch, tp, offset, exc = self._send_errors[0]
+            if self.delivery.transactional:
+                self._abort(f"publish failed for {tp} at offset {offset}: {exc}")
+                return
             log.error("publish_failed", partition=str(tp), offset=offset, error=str(exc)[:300],
                       action="committing what was acknowledged and exiting; a restart re-delivers the rest")
             self.exit_code = 1
             self.stop.set()
-        return self.tracker.committable()
+        if not offsets and not self.delivery.pending():
+            return
+        try:
+            self.delivery.commit(offsets)
+        except delivery.TransactionFailed as exc:
+            self._abort(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001
+            if self.delivery.transactional:
+                raise  # fenced or unauthorised: this producer can never commit again; exit 1
+            self.metrics.commits.labels("failed").inc()  # e.g. a rebalance in progress: committed on revocation
+            log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.labels("ok").inc()
+        if self.delivery.transactional:
+            self.metrics.transactions.labels("committed").inc()
+
+    def _abort(self, reason: str) -> None:
+        """Abort the open transaction (none of its records become visible to read_committed readers) and go
+        back to the group's committed offsets. Everything between poll and publish is dropped; batches still
+        in the classifier are discarded when they come back (their epoch is over)."""
+        self.delivery.abort()
+        self.producer = self.delivery.producer  # a new one when the old one could not abort
+        self.metrics.transactions.labels("aborted").inc()
+        self._epoch += 1
+        dropped = self.batcher.drop(lambda job: True)
+        self.tracker.revoke(self.tracker.partitions())
+        self._acks.clear()
+        self._send_errors.clear()
+        self._needs_rewind.update(self.consumer.assignment())  # no I/O: also allowed in the rebalance listener
+        log.warning("transaction_aborted", reason=reason[:300], dropped=len(dropped),
+                    partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in self._needs_rewind),
+                    action="rewinding to the committed offsets")
+
+    def _rewind_to_committed(self) -> None:
+        """Seek the partitions marked by :meth:`_abort` to the group's committed offsets (with read_committed
+        the fetch waits until no transaction holds pending offsets for them: KIP-447), else the log start."""
+        for tp in self._needs_rewind & self.consumer.assignment():
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+        self._needs_rewind.clear()
 
     def _update_lag(self) -> None:
         """``bert_stream_consumer_lag`` per assigned partition: end offset minus the group's committed offset
@@ -489,6 +576,7 @@ class Worker:
             if tp in self._rewind:
                 self.consumer.seek(tp, self._rewind[tp])  # no I/O: sets the next fetch position
         self._rewind.clear()  # partitions that went elsewhere are read by their new owner from the commit
+        self._needs_rewind &= set(assigned)  # the same for an abort's rewinds (done by the next _poll)
         self._joining = False
         self._rejoins = 0
         self.health.assigned = len(assigned)
@@ -512,9 +600,12 @@ def rebalance_listener(worker: Worker):
     class Listener(AsyncConsumerRebalanceListener):
         async def on_partitions_revoked(self, revoked):
             offsets = worker._prepare_revocation(set(revoked))
-            if offsets:
+            if worker.delivery.transactional:
+                # the transaction's commit blocks on the producer's own thread, not on this one: allowed here
+                worker._commit(offsets)
+            elif offsets:
                 try:
-                    await worker.consumer.commit_async(_commit_request(offsets))
+                    await worker.consumer.commit_async(delivery.commit_request(offsets))
                     worker.tracker.mark_committed(offsets)
                     worker.metrics.commits.labels("ok").inc()
                 except Exception as exc:  # noqa: BLE001 - membership already lost: the next owner re-reads
@@ -526,12 +617,6 @@ def rebalance_listener(worker: Worker):
             worker._on_assigned(assigned)
 
     return Listener()
-
-
-def _commit_request(offsets: dict) -> dict:
-    from kafka.structs import OffsetAndMetadata
-
-    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
 
 
 def _tp(topic: str, partition: int):
@@ -556,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return worker.run()
-    except CheckpointError as exc:  # no usable model yet: say so in one line
+    except (CheckpointError, delivery.DeliveryUnsupported) as exc:  # no usable model, or no transactions: one line
         log.error("worker_failed", error=str(exc))
         return 1
     except Exception:  # a broken deployment (broker unreachable, ...): one logged error, status 1

@@ -10,6 +10,7 @@ import dataclasses
 
 from bert_stream.kafka import KafkaSettings
 from bert_stream.settings import require, setting
+from worker.delivery import DELIVERY_MODES
 
 INPUT_FORMATS = ("auto", "text", "json")
 DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
@@ -74,12 +75,31 @@ class WorkerSettings:
     cache_timeout_ms: int = setting(100, env="BERT_STREAM_CACHE_TIMEOUT_MS",
                                     help="A slower Redis is treated as down for the batch (the model runs).")
 
-    # ---- commits --------------------------------------------------------------------------------------------
+    # ---- delivery and commits -------------------------------------------------------------------------------
+    delivery: str = setting("at-least-once", env="BERT_STREAM_DELIVERY", choices=DELIVERY_MODES,
+                            help="at-least-once: a crash may publish the last commit interval's outputs again. "
+                                 "exactly-once: outputs, dead letters and offsets in one Kafka transaction per "
+                                 "commit; read_committed consumers see each input once, and see it only when "
+                                 "its transaction commits (latency + up to commit_interval_ms). Needs a broker "
+                                 "with transactions (Apache Kafka 2.5+).")
     commit_interval_ms: int = setting(1000, env="BERT_STREAM_COMMIT_INTERVAL_MS",
                                       help="Commit published offsets at least this often: shorter shrinks "
-                                           "the re-delivery window after a crash, costs a round trip.")
+                                           "the re-delivery window after a crash (at-least-once) or the wait "
+                                           "of read_committed readers (exactly-once), costs a round trip or "
+                                           "a transaction each time.")
     commit_every: int = setting(1000, env="BERT_STREAM_COMMIT_EVERY",
                                 help="Also commit after this many messages are published.")
+    instance_id: str | None = setting(None, env="BERT_STREAM_INSTANCE_ID",
+                                      help="exactly-once: this worker's part of its transactional id "
+                                           "(<group_id>-<instance_id>); default <hostname>-<pid>. A stable "
+                                           "name (a StatefulSet pod's) lets a restarted worker abort its "
+                                           "predecessor's open transaction at once; two live workers must "
+                                           "never share one.")
+    transaction_timeout_ms: int = setting(30_000, env="BERT_STREAM_TRANSACTION_TIMEOUT_MS",
+                                          help="exactly-once: the broker aborts a crashed worker's open "
+                                               "transaction after this long; until then read_committed "
+                                               "readers of its partitions wait. Must exceed the longest "
+                                               "transaction (a commit interval plus a drain).")
 
     # ---- operations -----------------------------------------------------------------------------------------
     http_port: int = setting(8000, env="BERT_STREAM_HTTP_PORT",
@@ -103,3 +123,5 @@ class WorkerSettings:
                 f"device must be {DEVICES_HELP}")
         require(self.cache_ttl_s >= 1, "cache_ttl_s must be at least 1")
         require(self.commit_interval_ms >= 1 and self.commit_every >= 1, "commit interval and count must be >= 1")
+        require(self.transaction_timeout_ms >= max(1000, 2 * self.commit_interval_ms),
+                "transaction_timeout_ms must be at least 1000 and twice commit_interval_ms")

@@ -40,16 +40,25 @@ class _Producer:
         self.sent.append((topic, partition, value))
         return future
 
-    def flush(self):
+    def flush(self, timeout=None):
         for partition, future in self.pending:
             for fn in future.errbacks if partition in self.failing else future.callbacks:
                 fn(RuntimeError("OutOfOrderSequenceNumber") if partition in self.failing else None)
         self.pending.clear()
 
 
+class _Consumer:
+    def __init__(self):
+        self.commits = []
+
+    def commit(self, offsets):
+        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+
 def _worker(producer) -> Worker:
     worker = Worker(WorkerSettings(input_topic="in", output_topic="out"))
-    worker.producer = producer
+    worker.producer, worker.consumer = producer, _Consumer()
+    worker.delivery.start(worker.consumer, lambda: producer)
     return worker
 
 
@@ -70,8 +79,10 @@ def test_after_a_failed_send_nothing_more_of_that_partition_is_published():
     for offset in range(3):
         assert _send(worker, 0, offset) and _send(worker, 1, offset)
     committable = worker._acknowledged()  # flush: partition 1's sends fail
+    worker._commit(committable)
     assert worker.stop.is_set() and worker.exit_code == 1
     assert committable == {_tp(0): 3}  # partition 1 has no acked prefix: re-read from its committed offset
+    assert worker.consumer.commits == [{_tp(0): 3}]  # what was acknowledged is committed on the way out
 
     sent_before = len(producer.sent)
     assert not _send(worker, 1, 3)  # would be re-delivered after the restart anyway: only a duplicate
