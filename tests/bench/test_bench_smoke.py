@@ -9,6 +9,7 @@ import pytest
 
 from bench import common, report
 from bench.run import run_all, summarize
+from tests.conftest import BROKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
@@ -26,7 +27,11 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
             skip_alternatives=["compile", "onnx"],
             batch_sizes=[1, 16],
             scale=0.02,
-            parts={"model_only", "alternatives", "e2e", "pipeline_baseline", "cache", "scale_out"},
+            # the broker comparison starts Tansu beside Apache Kafka: in the Apache Kafka pass
+            parts={"model_only", "alternatives", "e2e", "pipeline_baseline", "cache", "scale_out", "delivery",
+                   *(["brokers"] if BROKER == "kafka" else [])},
+            delivery_sizes={"unique": 20, "repeat": 3, "rate": 100.0, "seconds": 1.0,
+                            "variants": (("at-least-once", 100), ("exactly-once", 100))},
         )
         settings = {"model_version": ws.checkpoint_folder()[0], "broker": ws.broker, "messages": 120}
     assert results["errors"] == {}
@@ -42,6 +47,14 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
     assert data["parts"]["cache"]["cached"]["cached_fraction"] == 1.0
     assert data["parts"]["e2e"]["backlog"]["cached_fraction"] == 0.0
     assert set(data["parts"]["scale_out"]["variants"]) == {"1", "2"}
+    if BROKER == "kafka":
+        brokers = data["parts"]["brokers"]
+        assert brokers["broker"] == "tansu" and brokers["backlog"]["msgs_per_s"] > 0
+        assert brokers["cached"]["cached_fraction"] == 1.0 and brokers["backlog"]["cached_fraction"] == 0.0
+    modes = {v["mode"]: v for v in data["parts"]["delivery"]["variants"]}
+    assert set(modes) == {"at-least-once", "exactly-once"} and modes["exactly-once"]["steady"]["transactions"] >= 1
+    assert all(v["backlog"]["duplicates"] == 0 and v["backlog"]["cached_fraction"] == 1.0 for v in modes.values())
+    assert data["ratios"]["eos_over_alos_100ms"] > 0
     md = (out / "RESULTS.md").read_text()
     assert "## Targets" in md and "e2e_msgs_per_s" in md
     assert (out / "model_only.png").stat().st_size > 0

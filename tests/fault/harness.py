@@ -46,6 +46,15 @@ MAX_BATCH_SIZE = 16
 COMMIT_EVERY = 64
 COMMIT_INTERVAL_MS = 200
 MAX_WAIT_MS = 10
+# exactly-once: a killed worker's open transaction is aborted by the broker after this long (its partitions'
+# next owner waits for it: KIP-447's stable offsets); short, so the fault tests stay quick
+TRANSACTION_TIMEOUT_MS = 10_000
+DELIVERY_MODES = ("at-least-once", "exactly-once")
+
+
+def isolation(delivery: str) -> str:
+    """How the fault tests read a worker's outputs: as a downstream consumer of that mode would."""
+    return "read_committed" if delivery == "exactly-once" else "read_uncommitted"
 
 
 def _in_flight_batches() -> int:
@@ -80,7 +89,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str,
 
 # ---- the worker process ------------------------------------------------------------------------------------
 def worker_env(*, bootstrap_servers: str, names, model_dir: Path | str, redis_url: str | None,
-               session_timeout_ms: int = 6000, **settings: object) -> dict[str, str]:
+               session_timeout_ms: int = 6000, delivery: str = "at-least-once", **settings: object) -> dict[str, str]:
     """Environment for ``python -m worker.run``: the test's topics, group, Redis prefix and model store, with
     the harness' batching/commit settings. ``settings`` override by WorkerSettings field name."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BERT_STREAM_", "KAFKA_"))}
@@ -101,6 +110,7 @@ def worker_env(*, bootstrap_servers: str, names, model_dir: Path | str, redis_ur
         "device": "cpu", "torch_threads": 1, "max_batch_size": MAX_BATCH_SIZE, "max_wait_ms": MAX_WAIT_MS,
         "commit_every": COMMIT_EVERY, "commit_interval_ms": COMMIT_INTERVAL_MS, "http_port": -1,
         "model_poll_s": 0.5, "max_queued_messages": 256,
+        "delivery": delivery, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
     }
     values.update(settings)
     for field, value in values.items():
@@ -122,6 +132,8 @@ _ENV_NAMES = {  # WorkerSettings field -> its environment variable (worker/setti
     "cache_prefix": "BERT_STREAM_CACHE_PREFIX", "cache_ttl_s": "BERT_STREAM_CACHE_TTL_S",
     "cache_timeout_ms": "BERT_STREAM_CACHE_TIMEOUT_MS", "commit_interval_ms": "BERT_STREAM_COMMIT_INTERVAL_MS",
     "commit_every": "BERT_STREAM_COMMIT_EVERY", "http_port": "BERT_STREAM_HTTP_PORT", "log_level": "LOG_LEVEL",
+    "delivery": "BERT_STREAM_DELIVERY", "instance_id": "BERT_STREAM_INSTANCE_ID",
+    "transaction_timeout_ms": "BERT_STREAM_TRANSACTION_TIMEOUT_MS",
 }
 
 
@@ -400,13 +412,15 @@ class TopicReader:
     """Everything on a test's output and DLQ topics, read from the beginning without a group.
 
     ``outputs[id]`` lists the output records (parsed JSON) of an id; ``by_source[(partition, offset)]``
-    lists both outputs and dead letters of one input."""
+    lists both outputs and dead letters of one input. ``isolation_level="read_committed"`` reads as a
+    consumer of an exactly-once worker does: only records of committed transactions."""
 
-    def __init__(self, settings: KafkaSettings, output_topic: str, dlq_topic: str):
+    def __init__(self, settings: KafkaSettings, output_topic: str, dlq_topic: str,
+                 isolation_level: str = "read_uncommitted"):
         from kafka import TopicPartition
 
         self.output_topic, self.dlq_topic = output_topic, dlq_topic
-        self.consumer = make_consumer(settings, None)
+        self.consumer = make_consumer(settings, None, isolation_level=isolation_level)
         tps = []
         for topic in (output_topic, dlq_topic):
             parts = wait_until(lambda t=topic: self.consumer.partitions_for_topic(t), 30, f"topic {topic}")
@@ -567,11 +581,13 @@ class RedisServer:
 
 
 # ---- groups ----------------------------------------------------------------------------------------------
-def committed_offsets(settings: KafkaSettings, group_id: str, topic: str) -> dict[int, int | None]:
-    """The group's committed offset per partition of ``topic`` (an OffsetFetch: does not join the group)."""
+def committed_offsets(settings: KafkaSettings, group_id: str, topic: str,
+                      isolation_level: str = "read_uncommitted") -> dict[int, int | None]:
+    """The group's committed offset per partition of ``topic`` (an OffsetFetch: does not join the group).
+    With ``read_committed`` it waits until no open transaction holds offsets for them (KIP-447)."""
     from kafka import TopicPartition
 
-    consumer = make_consumer(settings, group_id)
+    consumer = make_consumer(settings, group_id, isolation_level=isolation_level)
     try:
         parts = wait_until(lambda: consumer.partitions_for_topic(topic), 30, f"partitions of {topic}")
         return {p: consumer.committed(TopicPartition(topic, p)) for p in sorted(parts)}

@@ -128,12 +128,14 @@ def _outcome(records: list) -> str:
     return "output" if isinstance(r, dict) else r.reason
 
 
+@pytest.mark.parametrize("delivery", h.DELIVERY_MODES)
 def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, names, model_store, stack,
-                                                              workers):
+                                                              workers, delivery):
+    """Also under exactly-once: dead letters are part of the transactions, in input order with the outputs."""
     _topics(kafka_settings, names)
-    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic)
+    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                       redis_url=None, dtype="fp32", http_port=0)
+                       redis_url=None, dtype="fp32", http_port=0, delivery=delivery)
     started = time.monotonic()
     w = workers.start("worker", env)  # loads its model while hypothesis generates
     picked = hand_picked()
@@ -169,7 +171,7 @@ def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, na
         outcomes = [_outcome(reader.by_source[s]) if s in reader.by_source else "none" for s in mixed.sources]
         hostile_outcomes = [o for o, (name, _) in zip(outcomes, kinds) if name != "good"]
         unanswered = [name for o, (name, _) in zip(outcomes, kinds) if o == "none" and name != "good"]
-        h.report("hostile-input", counts, hostile=len(hostile), hand_picked=len(picked), hypothesis=len(drawn),
+        h.report(f"hostile-input({delivery})", counts, hostile=len(hostile), hand_picked=len(picked), hypothesis=len(drawn),
                  hostile_to_output=hostile_outcomes.count("output"),
                  hostile_to_dlq=len(hostile_outcomes) - hostile_outcomes.count("output") - len(unanswered),
                  worker_alive=w.alive(), unanswered_hostile=",".join(unanswered[:3]) or None,

@@ -93,8 +93,9 @@ def test_redis_outage_mid_stream(kafka_settings, names, model_store, stack, priv
 
 @pytest.mark.skipif(BROKER != "kafka", reason="needs a broker that keeps its data across a restart (Apache "
                                               "Kafka); Tansu's in-memory storage loses every topic")
+@pytest.mark.parametrize("delivery", h.DELIVERY_MODES)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
-def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig):
+def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig, delivery):
     private = LocalStack(tmp_path / "kafka-stack", broker="kafka")
     private.start_broker()
     settings = KafkaSettings(bootstrap_servers=private.bootstrap_servers, session_timeout_ms=6000,
@@ -104,10 +105,10 @@ def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig):
     try:
         _topics(settings, names)
         sent = h.publish_messages(settings, names.input_topic, h.make_messages(1500, seed=SEED + 1))
-        reader = h.TopicReader(settings, names.output_topic, names.dlq_topic)
+        reader = h.TopicReader(settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
         # no Redis: this test is about the broker (the cache is disabled without REDIS_URL)
         env = h.worker_env(bootstrap_servers=private.bootstrap_servers, names=names, model_dir=model_store,
-                           redis_url=None)
+                           redis_url=None, delivery=delivery)
         w = workers.start("worker", env)
         h.wait_until(lambda: reader.poll() >= 0 and len(reader.by_source) >= 300, 180, "300 outputs",
                      workers.tails)
@@ -123,9 +124,11 @@ def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig):
         assert w.alive(), f"the worker exited instead of reconnecting\n{w.tail()}"
         assert w.terminate() == 0
         counts = h.count(sent, reader)
-        h.report(f"broker-restart({sig.name})", counts, outage_s=round(outage_s, 1),
+        h.report(f"broker-restart({sig.name},{delivery})", counts, outage_s=round(outage_s, 1),
                  done_at_restart=done_at_restart, window=h.uncommitted_window(),
-                 commit_failures=len(w.events("commit_failed")), seconds=round(time.monotonic() - started, 1))
+                 commit_failures=len(w.events("commit_failed")),
+                 aborted_transactions=len(w.events("transaction_aborted")),
+                 seconds=round(time.monotonic() - started, 1))
     finally:
         if reader is not None:
             reader.close()
@@ -134,3 +137,5 @@ def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig):
 
     assert counts.lost == 0 and counts.dlq == 0 and counts.output == len(sent)
     assert counts.duplicates <= h.uncommitted_window()
+    if delivery == "exactly-once":
+        assert counts.duplicates == 0

@@ -30,13 +30,14 @@ def _batches(w: h.WorkerProcess) -> int:
     return len(w.events("batch"))
 
 
-def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, stack, workers):
+@pytest.mark.parametrize("delivery", h.DELIVERY_MODES)
+def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, stack, workers, delivery):
     _topics(kafka_settings, names)
-    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic)
+    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
     # a long max_wait keeps an open batch in the batcher nearly all the time, so a revocation always finds
     # messages that were polled but not started (what a rebalance must not lose)
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                       redis_url=stack.redis_url, max_wait_ms=300)
+                       redis_url=stack.redis_url, max_wait_ms=300, delivery=delivery)
     publisher = h.RatePublisher(kafka_settings, names.input_topic, h.make_messages(20_000, seed=SEED), RATE)
     started = time.monotonic()
     try:
@@ -66,7 +67,8 @@ def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, 
         counts = h.count(sent, reader)
         failed_commits = [e["error"] for w in (a, b) for name in ("commit_failed", "revocation_commit_failed")
                           for e in w.events(name)]
-        h.report("rebalance", counts, batches_a=_batches(a), batches_b=_batches(b),
+        aborted = [e["reason"] for w in (a, b) for e in w.events("transaction_aborted")]
+        h.report(f"rebalance({delivery})", counts, aborted_transactions=len(aborted), batches_a=_batches(a), batches_b=_batches(b),
                  assignments_a=len(a.events("partitions_assigned")), failed_commits=len(failed_commits),
                  dropped_on_revocation=sum(e.get("dropped", 0) for w in (a, b)
                                            for e in w.events("partitions_revoked")),
@@ -80,4 +82,6 @@ def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, 
     misuse = [e for e in failed_commits if e.startswith("RuntimeError")]
     assert not misuse, f"the commit on revocation cannot work as written: {misuse[0][:300]}"
     assert counts.duplicates <= 2 * h.uncommitted_window()
+    if delivery == "exactly-once":
+        assert counts.duplicates == 0, aborted
     assert _batches(b) >= 3 and _batches(a) > 0
