@@ -272,7 +272,7 @@ def open_workspace(
     if own:
         saved = os.environ.pop("REDIS_URL", None)  # our own Redis: the bench flushes nothing it did not write
         try:
-            stack = LocalStack(work_dir / "stack", os.environ.get("BROKER", "tansu")).up()
+            stack = LocalStack(work_dir / "stack").up()  # BROKER, else Apache Kafka
         finally:
             if saved is not None:
                 os.environ["REDIS_URL"] = saved

@@ -6,11 +6,13 @@ Starts the local stack (its own broker and Redis), uses the newest checkpoint in
 
 1. model-only sweep (titles, reviews; batch 1..256; fp32 vs bf16) with the GEMM limit measured in the same
    run, and what could beat plain bf16 (torch.compile, int8, ONNX Runtime) side by side;
-2. end to end through the broker: a 20,000-message backlog, then a steady rate at 70% of its throughput;
+2. end to end through the broker (Apache Kafka by default): a 20,000-message backlog, then a steady rate at
+   70% of its throughput; right after, the same backlog and the cached stream on Tansu (``bench/brokers.py``);
 3. the per-message ``pipeline`` consumer loop (time-boxed) on the same messages;
 4. the same stream again, fully cached;
 5. overhead = end-to-end / model-only at the worker's batch setting (computed from 1 and 2);
-6. one vs two worker processes on a 4-partition topic.
+6. one vs two worker processes on a 4-partition topic;
+7. exactly-once against at-least-once at two commit intervals, on a cached stream (``bench/delivery.py``).
 
 Sized to finish well within 20 minutes on a 2-core machine (``--quick`` shrinks every part for a smoke run).
 A part that fails is recorded with its error and the others still run; the exit status is then 1.
@@ -43,14 +45,16 @@ def run_all(
     scale: float = 1.0,
     e2e_seconds: float | None = None,
     scale_seconds: float | None = None,
+    delivery_sizes: dict | None = None,
 ) -> dict:
     """All parts on one workspace; ``scale`` shrinks the fixed time boxes (GEMM timing, model-only over the
     stream) for smoke runs. ``e2e_seconds``/``scale_seconds`` cap the e2e/cache stream and each scale-out
     variant at that many seconds of the model-only rate measured first, so a slow CPU still finishes in
     time and a fast one gets the full counts."""
-    from bench import alternatives, cache, e2e, model_only, pipeline_baseline, scale_out
+    from bench import alternatives, brokers, cache, delivery, e2e, model_only, pipeline_baseline, scale_out
 
     stream = common.stream_texts(messages)
+    delivery_sizes = delivery_sizes or {}
     results: dict = {"parts": {}, "errors": {}}
 
     def part(name: str, fn):
@@ -88,6 +92,7 @@ def run_all(
         lambda: alternatives.run(ws, seconds=alt_seconds, skip=skip_alternatives, stream=stream[:4000]),
     )
     e = part("e2e", lambda: e2e.run(ws, messages=messages, steady_seconds=steady_seconds, stream=stream))
+    part("brokers", lambda: brokers.run(ws, stream[:messages], kafka_backlog=e["backlog"] if e else None))
     part(
         "pipeline_baseline",
         lambda: pipeline_baseline.run(
@@ -98,6 +103,7 @@ def run_all(
         "cache", lambda: cache.run(ws, messages=messages, stream=stream, uncached=e["backlog"] if e else None)
     )
     part("scale_out", lambda: scale_out.run(ws, messages=min(scale_messages, len(stream)), stream=stream))
+    part("delivery", lambda: delivery.run(ws, stream=stream, **delivery_sizes))
     if mo:
         results["gpu_inputs"] = mo.pop("gpu_inputs")
     return results
@@ -116,8 +122,9 @@ def sized(count: int, rate: float | None, seconds: float | None) -> int:
 def summarize(results: dict, settings: dict, machine: dict) -> dict:
     """The headline keys (each from this run), ratios and targets."""
     p = results["parts"]
-    mo, e, pl, ca, so, alt = (
-        p.get(k) for k in ("model_only", "e2e", "pipeline_baseline", "cache", "scale_out", "alternatives")
+    mo, e, pl, ca, so, alt, br, dv = (
+        p.get(k) for k in ("model_only", "e2e", "pipeline_baseline", "cache", "scale_out", "alternatives",
+                           "brokers", "delivery")
     )
     e2e_rate = e["backlog"]["msgs_per_s"] if e else None
     model_rate = mo["stream"]["msgs_per_s"] if mo else None
@@ -145,6 +152,8 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "served_dtype": served,
         "best_efficiency": {n: b["efficiency"] for n, b in best_served.items()},
         "two_workers_over_one": so["two_over_one"] if so else None,
+        "tansu_over_kafka_e2e": br["backlog_over_reference"] if br else None,
+        **(dv["ratios"] if dv else {}),
     }
     st = e["steady"] if e else {}
     targets = {
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256", help="model-only sweep")
     parser.add_argument(
         "--parts",
-        default="model_only,alternatives,e2e,pipeline_baseline,cache,scale_out",
+        default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery",
         help="comma-separated subset of parts",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute")
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         args.messages, args.steady_seconds, args.pipeline_seconds, args.scale_messages = 300, 4.0, 4.0, 200
         args.seconds_per_point, args.alt_seconds, args.batch_sizes = 0.05, 0.2, "1,8,64"
         args.skip_alternatives = "compile,onnx"
+    delivery_sizes = {"unique": 60, "repeat": 4, "rate": 200.0, "seconds": 2.0} if args.quick else {}
 
     from bench import report
     from bert_stream.logs import configure_logging
@@ -244,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             scale=scale,
             e2e_seconds=args.e2e_seconds,
             scale_seconds=args.scale_seconds,
+            delivery_sizes=delivery_sizes,
         )
         broker = ws.broker
     mo = results["parts"].get("model_only") or {}
