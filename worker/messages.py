@@ -28,6 +28,8 @@ import re
 import unicodedata
 from typing import Any
 
+import orjson
+
 INPUT_FORMATS = ("auto", "text", "json")
 
 INVALID_UTF8 = "invalid_utf8"
@@ -89,7 +91,9 @@ class DecodeError(ValueError):
 def normalize_text(text: str) -> str:
     """What the model sees and the cache hashes: NFC, whitespace runs collapsed to one space, stripped.
     Two values that normalise alike get the same label and share a cache entry."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    if not unicodedata.is_normalized("NFC", text):  # the check is a scan; most texts arrive in NFC
+        text = unicodedata.normalize("NFC", text)
+    return _WHITESPACE.sub(" ", text).strip()
 
 
 def parse_value(value: bytes | None, input_format: str, max_message_bytes: int) -> tuple[str | None, str]:
@@ -117,7 +121,13 @@ def parse_value(value: bytes | None, input_format: str, max_message_bytes: int) 
 
 def _parse_json(decoded: str) -> tuple[str, str | None]:
     try:
-        return _fields(json.loads(decoded))
+        obj = orjson.loads(decoded)  # ~4x the stdlib's speed on the hot path
+    except orjson.JSONDecodeError:
+        obj = _UNPARSED  # what orjson refuses and the stdlib takes (NaN, lone surrogates) or refuses too:
+    if isinstance(obj, dict) and isinstance(obj.get("id"), float):
+        obj = _UNPARSED  # orjson reads integers past 64 bits as floats; the stdlib keeps every digit of an id
+    try:  # the stdlib decides the rest, so verdicts, ids and messages stay as they were
+        return _fields(json.loads(decoded) if obj is _UNPARSED else obj)
     except json.JSONDecodeError as exc:
         raise DecodeError(INVALID_JSON, str(exc)) from None
     except RecursionError:  # deeply nested arrays/objects: json and str() recurse per level
@@ -159,12 +169,14 @@ class Prediction:
     truncated: bool = False
 
     def to_cache(self) -> bytes:
-        return json.dumps([self.label, self.label_id, self.score, self.top_k, self.truncated],
-                          ensure_ascii=False, separators=(",", ":")).encode()
+        return orjson.dumps([self.label, self.label_id, self.score, self.top_k, self.truncated])
 
     @classmethod
     def from_cache(cls, raw: bytes) -> Prediction:
-        label, label_id, score, top_k, truncated = json.loads(raw)
+        try:
+            label, label_id, score, top_k, truncated = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:  # a ValueError: the cache reads it as a miss
+            raise ValueError(f"unreadable cache entry: {exc}") from None
         return cls(label, int(label_id), float(score), tuple((str(lab), float(p)) for lab, p in top_k),
                    bool(truncated))
 
@@ -185,12 +197,18 @@ def output_value(message: InputMessage, prediction: Prediction, *, model_version
                    "offset": message.source.offset},  # not dataclasses.asdict: it deep-copies, per message
         "timing": {"queue_ms": round(queue_ms, 3), "infer_ms": round(infer_ms, 3)},
     }
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return orjson.dumps(record)  # compact UTF-8, as the stdlib's with ensure_ascii=False, ~5x faster
+    except TypeError:  # a lone surrogate in an id (only the stdlib writes it, escaped)
+        return json.dumps(record, separators=(",", ":")).encode()
 
 
 def parse_output(value: bytes) -> dict:
     """An output record back as a dict (tail CLI, tests)."""
     return json.loads(value)
+
+
+_UNPARSED = object()
 
 
 # ---- dead letters -------------------------------------------------------------------------------------------
