@@ -171,7 +171,7 @@ def worker_batches(engine, texts: Sequence[str]) -> list[list[str]]:
 
     s = worker_settings()
     batcher: Batcher[str] = Batcher(s.max_batch_size, s.max_batch_tokens, s.max_wait_ms / 1000)
-    for text, n in zip(texts, engine.current.token_lengths(texts)):
+    for text, n in zip(texts, engine.current.token_budget(texts)):
         batcher.add(text, n, 0.0)
     out = []
     while (batch := batcher.pop_ready(0.0, flush=True)) is not None:

@@ -326,7 +326,7 @@ class Worker:
             self.tracker.track(_tp(record.topic, record.partition), record.offset)
             decoded.append(decode(record, s.input_format, s.max_message_bytes))
         good = [m for m in decoded if not isinstance(m, Rejected)]
-        lengths = iter(self.engine.current.token_lengths([m.text for m in good]) if good else ())
+        lengths = iter(self.engine.current.token_budget([m.text for m in good]) if good else ())
         for message in decoded:  # in input order; a rejected message costs the batch one token, no model
             self.batcher.add(Job(message, now, self._epoch), 1 if isinstance(message, Rejected) else next(lengths),
                              now)

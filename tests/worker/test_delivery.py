@@ -124,7 +124,7 @@ def _worker() -> Worker:
     worker.delivery.start(worker.consumer, lambda: worker.producer)
     worker._joining = False
     worker.classifier = types.SimpleNamespace(batches_in_flight=0, items_in_flight=0)
-    worker.engine = types.SimpleNamespace(current=types.SimpleNamespace(token_lengths=lambda texts: [5] * len(texts)))
+    worker.engine = types.SimpleNamespace(current=types.SimpleNamespace(token_budget=lambda texts: [5] * len(texts)))
     return worker
 
 

@@ -40,6 +40,9 @@ def test_predictions_keep_order_and_mark_truncation(model_store, model_labels):
     assert [p.truncated for p in preds] == [len(model.tokenizer(t)["input_ids"]) > 32 for t in texts]
     assert any(p.truncated for p in preds) and not all(p.truncated for p in preds)
     assert max(lengths) == 32
+    # the batcher's estimate (no tokenizing) never under-counts this character-level vocabulary, and is capped
+    budget = model.token_budget(texts)
+    assert all(b >= n for b, n in zip(budget, lengths)) and max(budget) == 32
 
 
 def test_new_version_is_swapped_in_and_a_corrupt_one_refused(model_store):
