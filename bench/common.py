@@ -433,8 +433,12 @@ class WorkerProcess:
         tag: str,
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        repo: Path | None = None,
     ):
+        """``repo``: run the worker of another checkout of the project (e.g. a git worktree of an older
+        commit, to compare code side by side); default this one."""
         self.ws, self.tag = ws, tag
+        self.repo = Path(repo) if repo else REPO
         self.output_topic = f"{input_topic}-out"
         self.port = free_port()
         self.log_path = ws.work_dir / f"worker-{ws.run_id}-{tag}.log"
@@ -465,6 +469,8 @@ class WorkerProcess:
             *extra,
         ]
         self.env = {**os.environ, "LOG_FORMAT": "json", **(env or {})}
+        if repo:
+            self.env["PYTHONPATH"] = str(self.repo)  # its packages first, not the installed ones
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -472,7 +478,7 @@ class WorkerProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process; closed in stop()
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=REPO,
+            cwd=self.repo,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -39,6 +39,7 @@ def run_stream(
     prepublish: bool = True,
     worker_args: Sequence[str] = (),
     timeout_s: float = 600.0,
+    worker_repo=None,
 ) -> dict:
     """Publish ``texts`` and have ``workers`` worker processes (one group) classify them.
 
@@ -55,6 +56,7 @@ def run_stream(
             cache_prefix=cache_prefix,
             tag=f"{tag}-{i}",
             extra=worker_args,
+            repo=worker_repo,
         )
         for i in range(workers)
     ]

@@ -2,9 +2,9 @@
 
 ``python -m bench.profile [--messages 6000] [--cached] [--torch-threads N]``
 
-Not part of ``make bench`` (py-spy is not a project dependency: ``pip install py-spy``). It publishes the
-stream, starts one worker, attaches ``py-spy record --threads --format raw`` to it for the drain, and sums the
-samples per thread into the steps of the worker loop (Kafka poll, decode, tokenisation, cache, model forward,
+Part 8 of ``make bench`` (bench/ceiling.py) profiles the cached path with it; this command profiles any
+drain. It publishes the stream, starts one worker, attaches ``py-spy record --threads --format raw`` to it for
+the drain, and sums the samples per thread into the steps of the worker loop (Kafka poll, decode, tokenisation, cache, model forward,
 publish, commit, ...). ``--cached`` profiles a second pass over the same stream served from Redis (what
 bounds the cached throughput). Writes the raw collapsed stacks and a JSON summary into the work dir.
 """
@@ -26,7 +26,7 @@ from bench import common, e2e
 # commit time, not idle time).
 CATEGORIES = (
     ("model forward", ("LoadedModel._forward",)),
-    ("tokenize", ("tokenization_utils", "tokenizers", "token_lengths")),
+    ("tokenize", ("tokenization_utils", "tokenizers", "token_lengths", "token_budget")),
     ("redis cache", ("worker/cache.py", "redis/")),
     ("commit (producer flush + sync commit)", ("Worker._maybe_commit", "_on_revoked")),
     ("publish outputs (JSON + producer.send)", ("Worker._publish", "Worker._send")),
@@ -64,6 +64,31 @@ def summarize(raw: Path) -> dict:
     return out
 
 
+def pyspy_binary() -> str | None:
+    found = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
+def record_drain(worker: common.WorkerProcess, messages: int, raw: Path, rate: int = 100,
+                 timeout_s: float = 600) -> Path:
+    """Attach py-spy to a running worker once it has handled its first message, until it has handled
+    ``messages``; the raw collapsed stacks go to ``raw``."""
+    pyspy = pyspy_binary()
+    if pyspy is None:
+        raise RuntimeError("py-spy is not installed (pip install py-spy)")
+    while worker.handled() == 0:  # attach once the drain has started
+        worker.check_alive()
+        time.sleep(0.05)
+    with open(raw.with_suffix(".log"), "wb") as spy_log:
+        spy = subprocess.Popen([pyspy, "record", "--pid", str(worker.proc.pid), "--threads", "--format", "raw",
+                                "--rate", str(rate), "--output", str(raw), "--nonblocking"],
+                               stdout=spy_log, stderr=subprocess.STDOUT)
+        common.wait_handled([worker], messages, timeout_s)
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        spy.wait(60)
+    return raw
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
@@ -74,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     args = parser.parse_args(argv)
-    pyspy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
-    if not Path(pyspy).exists():
+    if pyspy_binary() is None:
         parser.exit(2, "bench.profile: py-spy is not installed (pip install py-spy)\n")
     texts = common.stream_texts(args.messages)
     extra = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
@@ -92,31 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
         with common.running_workers([worker]):
-            while worker.handled() == 0:  # attach once the drain has started
-                worker.check_alive()
-                time.sleep(0.05)
-            with open(raw.with_suffix(".log"), "wb") as spy_log:
-                spy = subprocess.Popen(
-                    [
-                        pyspy,
-                        "record",
-                        "--pid",
-                        str(worker.proc.pid),
-                        "--threads",
-                        "--format",
-                        "raw",
-                        "--rate",
-                        str(args.rate),
-                        "--output",
-                        str(raw),
-                        "--nonblocking",
-                    ],
-                    stdout=spy_log,
-                    stderr=subprocess.STDOUT,
-                )
-                common.wait_handled([worker], len(texts), 600)
-                spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-                spy.wait(60)
+            record_drain(worker, len(texts), raw, args.rate)
         outputs = common.read_outputs(ws, worker.output_topic, len(texts))
     summary = {
         "messages": len(texts),

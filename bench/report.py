@@ -21,6 +21,7 @@ HEADLINE = (
     "baseline_pipeline_msgs_per_s",
     "model_only_msgs_per_s",
     "cached_msgs_per_s",
+    "ceiling_msgs_per_s",
     "gemm_limit_msgs_per_s",
     "latency_ms_p50",
     "latency_ms_p95",
@@ -247,6 +248,8 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
         ]
     if "delivery" in p:
         out += ["", *_delivery_md(p["delivery"])]
+    if "ceiling" in p:
+        out += ["", *_ceiling_md(p["ceiling"])]
     out += ["", *_gpu_md(s.get("gpu_sweep"))]
     if plots:
         out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
@@ -489,6 +492,26 @@ def _delivery_md(d: dict) -> list[str]:
         "",
         _table(delivery.TABLE_HEADER, delivery.table_rows(d)),
     ]
+
+
+def _ceiling_md(c: dict) -> list[str]:
+    from bench import ceiling
+
+    out = [
+        "## 8. Ceiling: the worker with the model's cost taken out",
+        "",
+        (f"{c['unique']:,} distinct texts are classified once (that fills Redis), then {c['messages']:,} "
+         f"messages repeating them are drained from a {c['partitions']}-partition backlog: every message is a "
+         "cache hit, so this is the whole production path (poll, decode, batch, Redis, publish, commit) "
+         "without the model: the most a worker process can pass to a GPU that is never the bottleneck."),
+        "",
+        _table(["variant", "messages", "msgs/s", "vs first"], ceiling.table_rows(c)),
+    ]
+    if c.get("profile"):
+        out += ["", (f"Where one worker's time goes (py-spy, {c['profile']['msgs_per_s']:,.0f} msgs/s while "
+                     "sampled; share of each thread's samples):"), "",
+                _table(["thread", "samples", "step", "share"], ceiling.profile_rows(c))]
+    return out
 
 
 def _gpu_md(g: dict | None) -> list[str]:

@@ -12,7 +12,9 @@ Starts the local stack (its own broker and Redis), uses the newest checkpoint in
 4. the same stream again, fully cached;
 5. overhead = end-to-end / model-only at the worker's batch setting (computed from 1 and 2);
 6. one vs two worker processes on a 4-partition topic;
-7. exactly-once against at-least-once at two commit intervals, on a cached stream (``bench/delivery.py``).
+7. exactly-once against at-least-once at two commit intervals, on a cached stream (``bench/delivery.py``);
+8. the ceiling: the worker path with the model's cost taken out (every message a cache hit), one and two
+   processes, and a py-spy profile of where its time goes (``bench/ceiling.py``).
 
 Sized to finish well within 20 minutes on a 2-core machine (``--quick`` shrinks every part for a smoke run).
 A part that fails is recorded with its error and the others still run; the exit status is then 1.
@@ -46,12 +48,13 @@ def run_all(
     e2e_seconds: float | None = None,
     scale_seconds: float | None = None,
     delivery_sizes: dict | None = None,
+    ceiling_sizes: dict | None = None,
 ) -> dict:
     """All parts on one workspace; ``scale`` shrinks the fixed time boxes (GEMM timing, model-only over the
     stream) for smoke runs. ``e2e_seconds``/``scale_seconds`` cap the e2e/cache stream and each scale-out
     variant at that many seconds of the model-only rate measured first, so a slow CPU still finishes in
     time and a fast one gets the full counts."""
-    from bench import alternatives, brokers, cache, delivery, e2e, model_only, pipeline_baseline, scale_out
+    from bench import alternatives, brokers, cache, ceiling, delivery, e2e, model_only, pipeline_baseline, scale_out
 
     stream = common.stream_texts(messages)
     delivery_sizes = delivery_sizes or {}
@@ -104,6 +107,7 @@ def run_all(
     )
     part("scale_out", lambda: scale_out.run(ws, messages=min(scale_messages, len(stream)), stream=stream))
     part("delivery", lambda: delivery.run(ws, stream=stream, **delivery_sizes))
+    part("ceiling", lambda: ceiling.run(ws, stream=stream, **(ceiling_sizes or {})))
     if mo:
         results["gpu_inputs"] = mo.pop("gpu_inputs")
     return results
@@ -122,9 +126,9 @@ def sized(count: int, rate: float | None, seconds: float | None) -> int:
 def summarize(results: dict, settings: dict, machine: dict) -> dict:
     """The headline keys (each from this run), ratios and targets."""
     p = results["parts"]
-    mo, e, pl, ca, so, alt, br, dv = (
+    mo, e, pl, ca, so, alt, br, dv, ce = (
         p.get(k) for k in ("model_only", "e2e", "pipeline_baseline", "cache", "scale_out", "alternatives",
-                           "brokers", "delivery")
+                           "brokers", "delivery", "ceiling")
     )
     e2e_rate = e["backlog"]["msgs_per_s"] if e else None
     model_rate = mo["stream"]["msgs_per_s"] if mo else None
@@ -134,6 +138,7 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "baseline_pipeline_msgs_per_s": pl["msgs_per_s"] if pl else None,
         "model_only_msgs_per_s": model_rate,
         "cached_msgs_per_s": ca["cached"]["msgs_per_s"] if ca else None,
+        "ceiling_msgs_per_s": ce["ceiling_msgs_per_s"] if ce else None,
         "gemm_limit_msgs_per_s": mo["stream"]["limit_msgs_per_s"] if mo else None,
         "latency_ms_p50": steady.get("p50"),
         "latency_ms_p95": steady.get("p95"),
@@ -153,6 +158,7 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "best_efficiency": {n: b["efficiency"] for n, b in best_served.items()},
         "two_workers_over_one": so["two_over_one"] if so else None,
         "tansu_over_kafka_e2e": br["backlog_over_reference"] if br else None,
+        "ceiling_two_over_one": ce["two_over_one"] if ce else None,
         **(dv["ratios"] if dv else {}),
     }
     st = e["steady"] if e else {}
@@ -168,6 +174,7 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
             for n, v in ratios["best_efficiency"].items()
         },
         "cached >= 5,000 msgs/s": _target(headline["cached_msgs_per_s"], 5000, ">="),
+        "ceiling >= 50,000 msgs/s (one process)": _target(headline["ceiling_msgs_per_s"], 50_000, ">="),
         "p99 at 70% load < 4 x (max_wait + one batch)": _target(
             st.get("latency_ms", {}).get("p99"), st.get("p99_bound_ms"), "<"
         ),
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256", help="model-only sweep")
     parser.add_argument(
         "--parts",
-        default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery",
+        default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,ceiling",
         help="comma-separated subset of parts",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute")
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds_per_point, args.alt_seconds, args.batch_sizes = 0.05, 0.2, "1,8,64"
         args.skip_alternatives = "compile,onnx"
     delivery_sizes = {"unique": 60, "repeat": 4, "rate": 200.0, "seconds": 2.0} if args.quick else {}
+    ceiling_sizes = {"messages": 3000, "unique": 100, "profile_messages": 0} if args.quick else {}
 
     from bench import report
     from bert_stream.logs import configure_logging
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             e2e_seconds=args.e2e_seconds,
             scale_seconds=args.scale_seconds,
             delivery_sizes=delivery_sizes,
+            ceiling_sizes=ceiling_sizes,
         )
         broker = ws.broker
     mo = results["parts"].get("model_only") or {}

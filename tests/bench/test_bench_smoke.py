@@ -29,9 +29,10 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
             scale=0.02,
             # the broker comparison starts Tansu beside Apache Kafka: in the Apache Kafka pass
             parts={"model_only", "alternatives", "e2e", "pipeline_baseline", "cache", "scale_out", "delivery",
-                   *(["brokers"] if BROKER == "kafka" else [])},
+                   "ceiling", *(["brokers"] if BROKER == "kafka" else [])},
             delivery_sizes={"unique": 20, "repeat": 3, "rate": 100.0, "seconds": 1.0,
                             "variants": (("at-least-once", 100), ("exactly-once", 100))},
+            ceiling_sizes={"messages": 200, "unique": 20, "profile_messages": 0},
         )
         settings = {"model_version": ws.checkpoint_folder()[0], "broker": ws.broker, "messages": 120}
     assert results["errors"] == {}
@@ -55,6 +56,10 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
     assert set(modes) == {"at-least-once", "exactly-once"} and modes["exactly-once"]["steady"]["transactions"] >= 1
     assert all(v["backlog"]["duplicates"] == 0 and v["backlog"]["cached_fraction"] == 1.0 for v in modes.values())
     assert data["ratios"]["eos_over_alos_100ms"] > 0
+    ceiling = data["parts"]["ceiling"]
+    assert set(ceiling["variants"]) == {"1 process", "2 processes"}
+    assert all(v["cached_fraction"] == 1.0 for v in ceiling["variants"].values())
+    assert "## 8. Ceiling" in (out / "RESULTS.md").read_text()
     md = (out / "RESULTS.md").read_text()
     assert "## Targets" in md and "e2e_msgs_per_s" in md
     assert (out / "model_only.png").stat().st_size > 0

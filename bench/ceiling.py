@@ -1,0 +1,131 @@
+"""Part 8: the worker's ceiling: the whole path at full speed with the model's cost taken out.
+
+``python -m bench.ceiling [--messages 100000] [--unique 2000] [--compare-ref REF] [--workers 1,2]``
+
+Every message is a cache hit: the unique texts are classified once (that fills Redis), then the stream
+repeats them, so the worker runs everything but the model: poll, decode, batch, Redis lookup, publish,
+ack, commit, through the real broker. That is what a GPU worker carries around a model that is ~never the
+bottleneck (an H200 runs e5-small at ~100k titles/s). Nothing here is a benchmark-only code path: the
+cache is the production one.
+
+- variants, each with its own worker process(es), one group, the same 4-partition backlog:
+  this checkout with 1 process (``ceiling_msgs_per_s``), 2 processes (two replicas in one group, as on one
+  GPU), and optionally the worker of another commit (``--compare-ref``: a git worktree of it), for
+  before/after figures from one run;
+- a py-spy profile of a separate drain (sampling slows the worker a little: its own msgs/s is reported
+  apart): the share of samples per pipeline step, per thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import common, e2e, profile
+
+PARTITIONS = 4
+
+
+def _worktree(ref: str, work_dir: Path) -> Path:
+    """A detached git worktree of ``ref`` in the work dir (reused when it is there)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=common.REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    path = work_dir / f"ref-{sha}"
+    if not (path / "worker").exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha], cwd=common.REPO,
+                       capture_output=True, check=True)
+    return path
+
+
+def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
+        workers: Sequence[int] = (1, 2), profile_messages: int = 40_000,
+        stream: Sequence[str] | None = None) -> dict:
+    base = list(stream or common.stream_texts(unique))[:unique]
+    texts = (base * (messages // len(base) + 1))[:messages]
+    prefix = f"bench:{ws.run_id}:ceiling:"
+    fill = e2e.backlog(ws, base, tag="ceiling-fill", cache_prefix=prefix)
+    variants: dict[str, dict] = {}
+
+    def drain(name: str, tag: str, **kw) -> None:
+        r = e2e.run_stream(ws, texts, tag=tag, cache_prefix=prefix, partitions=PARTITIONS, **kw)
+        variants[name] = {k: r[k] for k in ("messages", "msgs_per_s", "seconds", "cached_fraction", "workers")}
+        variants[name]["extra_args"] = list(kw.get("worker_args", ()))
+        print(f"ceiling {name}: {r['msgs_per_s']:,.0f} msgs/s ({r['cached_fraction']:.0%} cached)", flush=True)
+
+    if compare_ref:
+        drain(f"at {compare_ref}", "ceiling-ref", worker_repo=_worktree(compare_ref, ws.work_dir))
+    for n in workers:
+        drain("1 process" if n == 1 else f"{n} processes", f"ceiling-p{n}", workers=n)
+    result = {"messages": len(texts), "unique": len(base), "partitions": PARTITIONS, "variants": variants,
+              "fill_msgs_per_s": fill["msgs_per_s"], "compare_ref": compare_ref,
+              "ceiling_msgs_per_s": variants.get("1 process", {}).get("msgs_per_s")}
+    if "2 processes" in variants:
+        result["two_over_one"] = common.ratio(variants["2 processes"]["msgs_per_s"], result["ceiling_msgs_per_s"])
+    if compare_ref:
+        result["over_ref"] = common.ratio(result["ceiling_msgs_per_s"], variants[f"at {compare_ref}"]["msgs_per_s"])
+    if profile_messages and profile.pyspy_binary():
+        result["profile"] = _profile(ws, texts[:profile_messages], prefix)
+    print_tables(result)
+    return result
+
+
+def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str) -> dict:
+    tag = "ceiling-profile"
+    topic = ws.name(tag)
+    common.create_topics(ws, {topic: PARTITIONS})
+    common.publish(ws, topic, texts, id_prefix=f"{tag}-", partitions=PARTITIONS)
+    worker = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=prefix,
+                                  tag=tag)
+    raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
+    with common.running_workers([worker]):
+        profile.record_drain(worker, len(texts), raw)
+    outputs = common.read_outputs(ws, worker.output_topic, len(texts))
+    return {"messages": len(texts), **common.stream_throughput(outputs), "threads": profile.summarize(raw),
+            "raw": str(raw)}
+
+
+def table_rows(r: dict) -> list[list]:
+    first = next(iter(r["variants"].values()))["msgs_per_s"]
+    return [[name, v["messages"], v["msgs_per_s"], common.ratio(v["msgs_per_s"], first)]
+            for name, v in r["variants"].items()]
+
+
+def profile_rows(r: dict, top: int = 8) -> list[list]:
+    rows = []
+    for thread, x in (r.get("profile") or {}).get("threads", {}).items():
+        for step, share in list(x["shares"].items())[:top]:
+            rows.append([thread, x["samples"], step, f"{share:.0%}"])
+    return rows
+
+
+def print_tables(r: dict) -> None:
+    common.print_table(f"Ceiling: {r['messages']:,} cached messages, {r['partitions']} partitions",
+                       ["variant", "messages", "msgs/s", "vs first"], table_rows(r))
+    if r.get("profile"):
+        common.print_table(f"Where the time goes (py-spy, {r['profile']['msgs_per_s']:,.0f} msgs/s while sampled)",
+                           ["thread", "samples", "step", "share"], profile_rows(r))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
+    parser.add_argument("--messages", type=int, default=100_000, help="cached messages per variant")
+    parser.add_argument("--unique", type=int, default=2000, help="distinct texts (classified once: the fill)")
+    parser.add_argument("--compare-ref", default=None, help="also run the worker of this git commit/tag")
+    parser.add_argument("--workers", default="1,2", help="worker process counts to run (one group each)")
+    parser.add_argument("--profile-messages", type=int, default=40_000, help="py-spy drain size (0: none)")
+    parser.add_argument("--output", default=str(common.WORK_DIR / "ceiling.json"), help="JSON written here")
+    args = parser.parse_args(argv)
+    with common.open_workspace(args.model_dir) as ws:
+        result = run(ws, messages=args.messages, unique=args.unique, compare_ref=args.compare_ref,
+                     workers=[int(p) for p in args.workers.split(",") if p],
+                     profile_messages=args.profile_messages)
+    common.save_json(Path(args.output), result)
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
