@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def _worktree(ref: str, work_dir: Path) -> Path:
 
 
 def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
-        workers: Sequence[int] = (1, 2), profile_messages: int = 40_000,
+        workers: Sequence[int] = (1, 2), profile_messages: int = 40_000, client_messages: int = 60_000,
         stream: Sequence[str] | None = None) -> dict:
     base = list(stream or common.stream_texts(unique))[:unique]
     texts = (base * (messages // len(base) + 1))[:messages]
@@ -65,10 +66,80 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
         result["two_over_one"] = common.ratio(variants["2 processes"]["msgs_per_s"], result["ceiling_msgs_per_s"])
     if compare_ref:
         result["over_ref"] = common.ratio(result["ceiling_msgs_per_s"], variants[f"at {compare_ref}"]["msgs_per_s"])
+    if client_messages and 1 in workers:
+        result["client_floor"] = client_floor(ws, ws.name("ceiling-p1"), min(client_messages, len(texts)))
+        print("client floor: " + ", ".join(f"{k} {result['client_floor'][k]:,.0f} msgs/s"
+                                           for k in ("kafka-python", "confluent-kafka")), flush=True)
     if profile_messages and profile.pyspy_binary():
         result["profile"] = _profile(ws, texts[:profile_messages], prefix)
     print_tables(result)
     return result
+
+
+def client_floor(ws: common.Workspace, topic: str, messages: int, value_bytes: int = 420) -> dict:
+    """What the Kafka client alone costs on the worker's path: consume ``messages`` from ``topic`` in a new
+    group and produce one output-sized record per input to the same partition number, flush, commit; no
+    decoding, batching, Redis or JSON. Once with kafka-python (the worker's client, its settings), once with
+    confluent-kafka (librdkafka), back to back on the same records: how far each client's own floor lies."""
+    out = ws.name("floor-out")
+    partitions = PARTITIONS
+    common.create_topics(ws, {out: partitions})
+    value = b"x" * value_bytes
+    return {"kafka-python": _floor_kafka_python(ws, topic, out, messages, value),
+            "confluent-kafka": _floor_confluent(ws, topic, out, messages, value), "messages": messages,
+            "value_bytes": value_bytes}
+
+
+def _floor_kafka_python(ws: common.Workspace, topic: str, out: str, messages: int, value: bytes) -> float:
+    from bert_stream.kafka import make_consumer, make_producer
+
+    consumer = make_consumer(ws.kafka, ws.name("floor-kp"), topic)
+    producer = make_producer(ws.kafka)
+    try:
+        while not consumer.assignment():
+            consumer.poll(timeout_ms=1000, max_records=1)  # the join
+            if consumer.assignment():
+                consumer.seek_to_beginning()  # a record the joining poll returned is read again
+        done, t0 = 0, time.perf_counter()
+        while done < messages:
+            for records in consumer.poll(timeout_ms=200, max_records=1024).values():
+                for r in records:
+                    producer.send(out, value=value, key=r.key, partition=r.partition)
+                done += len(records)
+        producer.flush()
+        consumer.commit()
+        return messages / (time.perf_counter() - t0)
+    finally:
+        producer.close()
+        consumer.close(autocommit=False)
+
+
+def _floor_confluent(ws: common.Workspace, topic: str, out: str, messages: int, value: bytes) -> float:
+    import confluent_kafka
+
+    servers = ws.bootstrap_servers
+    consumer = confluent_kafka.Consumer({"bootstrap.servers": servers, "group.id": ws.name("floor-ck"),
+                                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    producer = confluent_kafka.Producer({"bootstrap.servers": servers, "acks": "all", "linger.ms": 5,
+                                         "enable.idempotence": True})
+    try:
+        consumer.subscribe([topic])
+        first = None
+        while first is None:  # the join (its first record counts below)
+            first = consumer.poll(1.0)
+        pending, done, t0 = [first], 0, time.perf_counter()
+        while done < messages:
+            for m in pending:
+                if m.error() is None:
+                    producer.produce(out, value, m.key(), partition=m.partition())
+                    done += 1
+            producer.poll(0)
+            pending = consumer.consume(num_messages=1024, timeout=0.2)
+        producer.flush()
+        consumer.commit(asynchronous=False)
+        return messages / (time.perf_counter() - t0)
+    finally:
+        consumer.close()
 
 
 def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str) -> dict:

@@ -507,6 +507,13 @@ def _ceiling_md(c: dict) -> list[str]:
         "",
         _table(["variant", "messages", "msgs/s", "vs first"], ceiling.table_rows(c)),
     ]
+    f = c.get("client_floor")
+    if f:
+        out += ["", (f"The Kafka client alone on the same records ({f['messages']:,} consumed, one "
+                     f"{f['value_bytes']}-byte record produced per input, flush, commit; no worker logic): "
+                     f"kafka-python **{f['kafka-python']:,.0f} msgs/s**, confluent-kafka (librdkafka) "
+                     f"**{f['confluent-kafka']:,.0f} msgs/s** ({_x(f['confluent-kafka'] / f['kafka-python'])}). "
+                     "A worker on kafka-python cannot pass its client's floor.")]
     if c.get("profile"):
         out += ["", (f"Where one worker's time goes (py-spy, {c['profile']['msgs_per_s']:,.0f} msgs/s while "
                      "sampled; share of each thread's samples):"), "",

@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,ceiling",
         help="comma-separated subset of parts",
     )
+    parser.add_argument("--ceiling-compare-ref", default=None,
+                        help="part 8 also runs the worker of this git commit on the same backlog (before/after)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute")
     parser.add_argument("--out-dir", default=str(BENCH_DIR), help="where results.json, RESULTS.md, PNGs go")
     parser.add_argument("--work-dir", default=str(common.WORK_DIR), help="scratch: logs, stack, ONNX files")
@@ -238,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds_per_point, args.alt_seconds, args.batch_sizes = 0.05, 0.2, "1,8,64"
         args.skip_alternatives = "compile,onnx"
     delivery_sizes = {"unique": 60, "repeat": 4, "rate": 200.0, "seconds": 2.0} if args.quick else {}
-    ceiling_sizes = {"messages": 3000, "unique": 100, "profile_messages": 0} if args.quick else {}
+    ceiling_sizes = ({"messages": 3000, "unique": 100, "profile_messages": 0, "client_messages": 3000}
+                     if args.quick else {})
+    if args.ceiling_compare_ref:
+        ceiling_sizes["compare_ref"] = args.ceiling_compare_ref
 
     from bench import report
     from bert_stream.logs import configure_logging
