@@ -661,7 +661,8 @@ def rederive(summary: dict) -> dict:
     if "model_only" in summary.get("parts", {}):
         derive(summary["parts"]["model_only"])
     keep = {k: summary[k] for k in ("started_at", "duration_s") if k in summary}
-    results = {"parts": summary["parts"], "errors": summary.get("errors", {})}
+    results = {"parts": summary["parts"], "errors": summary.get("errors", {}),
+               **({"sized": summary["sized"]} if "sized" in summary else {})}
     return {**summarize(results, summary["settings"], summary["machine"]), **keep}
 
 
