@@ -125,3 +125,17 @@ def test_sized_caps_a_count_at_seconds_of_the_measured_rate():
     assert sized(20_000, 1.0, 150.0) == MIN_SIZED_MESSAGES, "never fewer than the floor"
     assert sized(300, 1.0, 150.0) == 300, "nor more than asked"
     assert sized(20_000, None, 150.0) == sized(20_000, 50.0, 0) == 20_000, "no rate or no cap: as asked"
+
+
+def test_rerendering_the_committed_results_keeps_their_figures():
+    """``python -m bench.report`` re-derives results.json with this version's rules: the committed run's
+    headline, ratios and sizing come back unchanged (a re-render must not rewrite a measurement)."""
+    import json
+
+    from bench import report
+
+    data = json.loads((common.REPO / "bench" / "results.json").read_text())
+    again = report.rederive(json.loads(json.dumps(data)))
+    assert again["sized"] == data["sized"]
+    assert {k: again[k] for k in report.HEADLINE} == {k: data[k] for k in report.HEADLINE}
+    assert again["ratios"] == data["ratios"]
