@@ -493,15 +493,18 @@ class Worker:
                     action="rewinding to the committed offsets")
 
     def _rewind_to_committed(self) -> None:
-        """Seek the partitions marked by :meth:`_abort` to the group's committed offsets (with read_committed
-        the fetch waits until no transaction holds pending offsets for them: KIP-447), else the log start."""
-        for tp in self._needs_rewind & self.consumer.assignment():
+        """Seek the marked partitions (:meth:`_abort`, :meth:`_forget`) that this worker owns to the group's
+        committed offsets (with read_committed the fetch waits until no transaction holds pending offsets
+        for them: KIP-447), else the log start. A marked partition not assigned right now (a rejoin in
+        flight) stays marked: :meth:`_on_assigned` keeps it if it comes back, and it is rewound then."""
+        owned = self._needs_rewind & self.consumer.assignment()
+        for tp in owned:
             committed = self.consumer.committed(tp)
             if committed is None:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
-        self._needs_rewind.clear()
+        self._needs_rewind -= owned
 
     def _update_lag(self) -> None:
         """``bert_stream_consumer_lag`` per assigned partition: end offset minus the group's committed offset
@@ -541,8 +544,13 @@ class Worker:
         dropped = self.batcher.drop(lambda job: _tp(job.message.source.topic, job.message.source.partition)
                                     in revoked)
         # kafka-python keeps a partition's fetch position when the same consumer is given it back, so what
-        # was dropped here would never be read again: rewind those partitions on reassignment.
-        for job in dropped:
+        # was dropped here would never be read again: rewind those partitions on reassignment. Under
+        # at-least-once to the first dropped offset (all before it is published); under exactly-once to the
+        # group's committed offset, the only one that says what readers see (a published record counts only
+        # once its transaction committed, and the commit on revocation may not have).
+        if self.delivery.transactional:
+            self._needs_rewind.update(revoked)
+        for job in [] if self.delivery.transactional else dropped:
             tp = _tp(job.message.source.topic, job.message.source.partition)
             self._rewind[tp] = min(job.message.source.offset, self._rewind.get(tp, job.message.source.offset))
         self.tracker.revoke(revoked)
@@ -550,6 +558,13 @@ class Worker:
         self.metrics.rebalances.labels("revoked").inc()
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
                  dropped=len(dropped))
+
+    def _lose(self, lost: set) -> None:
+        """Exactly-once, membership lost: abort the open transaction, if any, and end the epoch (batches
+        still in the classifier are dropped when they come back, not published into the next transaction),
+        then forget the partitions; :meth:`_forget` marks them to be rewound to the committed offsets."""
+        self._abort("the group dropped this member: nothing more of its partitions may commit")
+        self._forget(lost)
 
     def _rejoin(self, exc: struct.error) -> None:
         """Leave the group and join it again after an assignment kafka-python could not decode.
@@ -612,6 +627,17 @@ def rebalance_listener(worker: Worker):
                     worker.metrics.commits.labels("failed").inc()
                     log.warning("revocation_commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             worker._forget(set(revoked))
+
+        async def on_partitions_lost(self, lost):
+            # KIP-429: the group already dropped this member (session expired, unknown member id), so the
+            # partitions may have a new owner. Under exactly-once nothing more of them is published or
+            # committed (kafka-python would send the offsets with no generation, which skips the fencing):
+            # the open transaction is aborted and the partitions are read again from the committed offsets
+            # if they come back. Under at-least-once publishing what the model holds is still right.
+            if worker.delivery.transactional:
+                worker._lose(set(lost))
+            else:
+                await self.on_partitions_revoked(lost)
 
         async def on_partitions_assigned(self, assigned):
             worker._on_assigned(assigned)
