@@ -21,6 +21,9 @@ The worker loop is the same in both modes (poll -> decode -> batch -> classify -
       every ``TxnOffsetCommit``; the group coordinator refuses the offsets of a member whose generation is
       stale (kafka-python turns that into an abortable ``CommitFailedError``). So a worker that lost its
       partitions in a rebalance, or was presumed dead, cannot commit a transaction over the new owner's work.
+    - A member the group already dropped (session expired, unknown member id: kafka-python's
+      ``on_partitions_lost``) has no valid generation left to send its offsets with; the worker aborts
+      instead and commits nothing more of those partitions (worker/run.py ``_lose``).
     - The new owner's consumer reads with ``read_committed``, so its OffsetFetch asks for stable offsets
       (``require_stable``): while a dead worker's transaction with offsets is still pending, the broker
       answers UNSTABLE_OFFSET_COMMIT and kafka-python retries; the new owner starts only after that
