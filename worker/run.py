@@ -631,9 +631,9 @@ def rebalance_listener(worker: Worker):
         async def on_partitions_lost(self, lost):
             # KIP-429: the group already dropped this member (session expired, unknown member id), so the
             # partitions may have a new owner. Under exactly-once nothing more of them is published or
-            # committed (kafka-python would send the offsets with no generation, which skips the fencing):
-            # the open transaction is aborted and the partitions are read again from the committed offsets
-            # if they come back. Under at-least-once publishing what the model holds is still right.
+            # committed (the member has no valid generation left to fence its offsets with): the open
+            # transaction is aborted and the partitions are read again from the committed offsets if they
+            # come back. Under at-least-once publishing what the model holds is still right.
             if worker.delivery.transactional:
                 worker._lose(set(lost))
             else:
