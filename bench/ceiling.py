@@ -49,14 +49,16 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
     fill = e2e.backlog(ws, base, tag="ceiling-fill", cache_prefix=prefix)
     variants: dict[str, dict] = {}
 
-    def drain(name: str, tag: str, **kw) -> None:
-        r = e2e.run_stream(ws, texts, tag=tag, cache_prefix=prefix, partitions=PARTITIONS, **kw)
+    def drain(name: str, tag: str, cache_prefix: str = prefix, **kw) -> None:
+        r = e2e.run_stream(ws, texts, tag=tag, cache_prefix=cache_prefix, partitions=PARTITIONS, **kw)
         variants[name] = {k: r[k] for k in ("messages", "msgs_per_s", "seconds", "cached_fraction", "workers")}
         variants[name]["extra_args"] = list(kw.get("worker_args", ()))
         print(f"ceiling {name}: {r['msgs_per_s']:,.0f} msgs/s ({r['cached_fraction']:.0%} cached)", flush=True)
 
-    if compare_ref:
-        drain(f"at {compare_ref}", "ceiling-ref", worker_repo=_worktree(compare_ref, ws.work_dir))
+    if compare_ref:  # its own fill, by its own worker: the cache's entry format may differ between commits
+        ref_repo, ref_prefix = _worktree(compare_ref, ws.work_dir), f"{prefix}ref:"
+        e2e.backlog(ws, base, tag="ceiling-ref-fill", cache_prefix=ref_prefix, worker_repo=ref_repo)
+        drain(f"at {compare_ref}", "ceiling-ref", cache_prefix=ref_prefix, worker_repo=ref_repo)
     for n in workers:
         drain("1 process" if n == 1 else f"{n} processes", f"ceiling-p{n}", workers=n)
     result = {"messages": len(texts), "unique": len(base), "partitions": PARTITIONS, "variants": variants,

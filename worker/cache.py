@@ -1,8 +1,11 @@
 """The result cache on Redis: keys, one-round-trip lookup, pipelined store, outage handling.
 
-Key: ``<prefix><model version>:<sha256 of the normalised text>``. The version is part of the key, so a new
-model never serves its predecessor's answers, and the old entries simply expire (TTL). The text is the
-normalised text (:func:`worker.messages.normalize_text`) the model itself classifies.
+Key: ``<prefix><model version>:<entry format>:<sha256 of the normalised text>``. The version is part of the
+key, so a new model never serves its predecessor's answers, and the old entries simply expire (TTL). The
+text is the normalised text (:func:`worker.messages.normalize_text`) the model itself classifies. The value
+is the prediction's part of the output record (:attr:`worker.messages.Prediction.json`); its format is in
+the key too, so during a rolling upgrade that changes it the old and the new workers each keep their own
+entries instead of overwriting each other's with values the other reads as misses.
 
 A batch costs two round trips at most: one ``MGET`` for all its texts before inference, one pipelined
 batch of ``SET ... EX ttl`` for the new results after it.
@@ -28,8 +31,11 @@ MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 
 
+ENTRY_FORMAT = "j1"  # a JSON object of the output's prediction fields (before it: a JSON array, no tag)
+
+
 def cache_key(prefix: str, version: str, text: str) -> str:
-    return f"{prefix}{version}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+    return f"{prefix}{version}:{ENTRY_FORMAT}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
 
 
 class ResultCache:

@@ -57,6 +57,41 @@ def test_output_record_round_trips():
     assert set(out["timing"]) == {"queue_ms", "infer_ms"}
 
 
+def test_a_cached_prediction_publishes_the_same_bytes_as_a_fresh_one():
+    msg = m.decode(rec("  央行 降准 ".encode()))
+    fresh = m.Prediction("财经", 1, 0.123456789, (("财经", 0.123456789), ("体育", 0.0000004)))
+    cached = m.Prediction.from_cache(fresh.to_cache())
+    assert cached.json == fresh.json and cached.label == "财经" and cached.top_k[1] == ("体育", 0.0)
+    kw = dict(model_version="v1", cached=False, queue_ms=1.23456, infer_ms=0.0)
+    assert m.output_value(msg, cached, **kw) == m.output_value(msg, fresh, **kw)
+    out = m.parse_output(m.output_value(msg, cached, **kw))
+    assert out == {"id": "in-2-7", "label": "财经", "label_id": 1, "score": 0.123457,
+                   "top_k": [{"label": "财经", "score": 0.123457}, {"label": "体育", "score": 0.0}],
+                   "truncated": False, "model_version": "v1", "cached": False,
+                   "source": {"topic": "in", "partition": 2, "offset": 7},
+                   "timing": {"queue_ms": 1.235, "infer_ms": 0.0}}
+
+
+@pytest.mark.parametrize("raw", [
+    '["体育", 0, 0.9, [["体育", 0.9]], false]'.encode(),  # the entry format before the JSON object
+    b'{"label": "x", "label_id": 0, "score": 0.9, "top_k": [], "truncated": false, "extra": 1}',
+    b'{"label": "x", "label_id": 0, "score": 0.9, "top_k": [{"label": "x"}], "truncated": false}',
+    b'{"label": "x", "label_id": "zero", "score": 0.9, "top_k": [], "truncated": false}',
+    b"not json", b"", b"[]", b"null",
+])
+def test_a_cache_entry_of_another_shape_is_unreadable(raw):
+    with pytest.raises(ValueError, match="unreadable cache entry"):
+        m.Prediction.from_cache(raw)
+
+
+def test_an_id_with_a_lone_surrogate_still_gives_valid_json():
+    msg = m.decode(rec(rb'{"id": "a\ud800b", "text": "\u597d"}'))  # JSON escapes: the stdlib decodes them
+    assert msg.id == "a\ud800b"
+    pred = m.Prediction("体育", 0, 0.9, (("体育", 0.9),))
+    out = json.loads(m.output_value(msg, pred, model_version="v1", cached=True, queue_ms=0, infer_ms=0))
+    assert out["id"] == "a\ud800b" and out["label"] == "体育"
+
+
 @settings(max_examples=300, deadline=None)
 @given(value=st.one_of(st.none(), st.binary(max_size=300), st.text(max_size=100).map(str.encode)),
        fmt=st.sampled_from(m.INPUT_FORMATS))
