@@ -19,6 +19,8 @@ from collections.abc import Iterator
 
 import structlog
 
+_PROCESS: dict[str, object] = {}  # bind_process(): on every line of the process, from every thread
+
 _CHATTY = ("kafka", "urllib3", "filelock", "transformers", "accelerate", "matplotlib", "PIL", "jieba")
 
 
@@ -34,6 +36,7 @@ def configure_logging(level: str | None = None, json_lines: bool | None = None) 
 
     shared = [
         structlog.contextvars.merge_contextvars,
+        _merge_process,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -66,6 +69,18 @@ def configure_logging(level: str | None = None, json_lines: bool | None = None) 
     root.setLevel(numeric)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+
+
+def bind_process(**values: object) -> None:
+    """Context for every line this process logs, whatever the thread (contextvars are per thread: a new
+    thread starts without them); e.g. which of a worker's several processes this is."""
+    _PROCESS.update(values)
+
+
+def _merge_process(_logger, _method, event_dict):
+    for key, value in _PROCESS.items():
+        event_dict.setdefault(key, value)
+    return event_dict
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

@@ -48,7 +48,7 @@ from collections import deque
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from bert_stream.kafka import JOIN_POLL_TIMEOUT_MS, close_producer, ensure_topics, make_consumer, make_producer
-from bert_stream.logs import configure_logging, get_logger
+from bert_stream.logs import bind_process, configure_logging, get_logger
 from bert_stream.settings import parse_settings, public_view
 from trainer.checkpoint import CheckpointError
 from worker.batcher import Batch, Batcher
@@ -663,6 +663,12 @@ def _tp(topic: str, partition: int):
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(WorkerSettings, argv, prog="python -m worker.run", description=__doc__.split("\n")[0])
     configure_logging(settings.log_level)
+    if settings.processes > 1:
+        from worker import processes
+
+        return processes.supervise(settings, list(sys.argv[1:] if argv is None else argv))
+    if os.environ.get("BERT_STREAM_PROCESS_INDEX"):  # one of several (worker.processes): which, on every line
+        bind_process(process=int(os.environ["BERT_STREAM_PROCESS_INDEX"]))
     worker = Worker(settings, freeze_heap=True)
 
     def on_signal(signum, _frame):

@@ -102,6 +102,10 @@ class WorkerSettings:
                                                "transaction (a commit interval plus a drain).")
 
     # ---- operations -----------------------------------------------------------------------------------------
+    processes: int = setting(1, env="BERT_STREAM_PROCESSES",
+                             help="Worker processes to run, one consumer group member each, sharing the device: "
+                                  "more than one where a single process cannot keep a GPU busy (ops ports "
+                                  "http_port, +1, ...; worker/processes.py).")
     http_port: int = setting(8000, env="BERT_STREAM_HTTP_PORT",
                              help="Port of /metrics, /healthz and /readyz; 0 picks a free port, -1 disables.")
     log_level: str = setting("INFO", env="LOG_LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -117,6 +121,7 @@ class WorkerSettings:
                 "max_queued_messages must be at least max_batch_size")
         require(self.max_message_bytes >= 16, "max_message_bytes must be at least 16")
         require(self.top_k >= 1, "top_k must be at least 1")
+        require(1 <= self.processes <= 64, "processes must be between 1 and 64")
         require(len({self.input_topic, self.output_topic, self.dlq_topic}) == 3,
                 "input, output and DLQ topics must differ")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

@@ -133,7 +133,7 @@ _ENV_NAMES = {  # WorkerSettings field -> its environment variable (worker/setti
     "cache_timeout_ms": "BERT_STREAM_CACHE_TIMEOUT_MS", "commit_interval_ms": "BERT_STREAM_COMMIT_INTERVAL_MS",
     "commit_every": "BERT_STREAM_COMMIT_EVERY", "http_port": "BERT_STREAM_HTTP_PORT", "log_level": "LOG_LEVEL",
     "delivery": "BERT_STREAM_DELIVERY", "instance_id": "BERT_STREAM_INSTANCE_ID",
-    "transaction_timeout_ms": "BERT_STREAM_TRANSACTION_TIMEOUT_MS",
+    "transaction_timeout_ms": "BERT_STREAM_TRANSACTION_TIMEOUT_MS", "processes": "BERT_STREAM_PROCESSES",
 }
 
 

@@ -12,6 +12,8 @@ from bert_stream.kafka import ensure_topics
 from tests.worker.conftest import produce, read_topic
 from worker import publish as publish_cli
 from worker import tail as tail_cli
+from worker.processes import child_args
+from worker.settings import WorkerSettings
 
 
 def run_cli(module: str, *args: str, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
@@ -63,3 +65,11 @@ def test_publish_file_and_tail(kafka_settings, names, stack, tmp_path):
                     "--json", env=env)
     assert json.loads(shown.stdout)["error"] == "invalid_json"
     assert tail_cli  # imported: the module loads without a broker
+
+
+def test_children_get_their_own_port_and_instance_id():
+    s = WorkerSettings(http_port=9000, instance_id="gpu-0", processes=3)
+    args = child_args(s, ["--processes", "3", "--device", "cuda"], 2)
+    assert args[-8:] == ["--device", "cuda", "--processes", "1", "--http-port", "9002", "--instance-id",
+                         "gpu-0-2"]
+    assert child_args(WorkerSettings(http_port=0), [], 1)[-2:] == ["--processes", "1"]  # 0: each picks one
