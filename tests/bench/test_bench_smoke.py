@@ -114,3 +114,17 @@ def test_train_recipes_times_the_trainers_own_steps(tmp_path):
     assert timed["recipes"]["R-Drop + FGM + EMA"]["vs_reference"] == 1.0
     with pytest.raises(SystemExit):
         train_recipes.main(["--recipes", "plain,nonsense"])
+
+
+def test_gpu_check_script_runs_on_cpu(stack, tmp_path):
+    """The end-to-end GPU check, on the CPU at toy sizes against the session's stack: every part runs."""
+    from bench import gpu_check
+
+    texts = gpu_check.stream(50)
+    assert len(set(texts)) == 50 and all("\u4e00" <= c <= "\u9fa5" for t in texts for c in t)
+    r = gpu_check.run(device="cpu", budgets=[512], dtypes=["fp32"], messages=60, model_seconds=0.1,
+                      ceiling_messages=200, work_dir=tmp_path / "work", stack=stack)
+    assert r["model_only"][0]["msgs_per_s"] > 0 and r["e2e"][0]["msgs_per_s"] > 0
+    assert r["e2e"][0]["latency_ms"]["n"] == 60 and "samples" in r["e2e"][0]["gpu"]
+    assert set(r["ceiling"]["variants"]) == {"1 process", "2 processes"}
+    json.dumps(r)

@@ -1,0 +1,228 @@
+"""The worker end to end on a GPU, in one command with no network: what to run when a device is lent.
+
+``python -m bench.gpu_check [--device cuda] [--budgets 8192,16384,32768] [--output gpu_check.json]``
+
+On the GPU machine (torch and transformers are there; the rest of the worker's packages travel as wheels,
+which ``make gpu-wheels`` downloads here into ``.whl/``)::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:. python3 -m bench.gpu_check --output $OUT/gpu_check.json
+
+What it runs, against a local stack it starts (Apache Kafka where ``java`` is, else Tansu; Redis):
+
+1. a checkpoint of the served model's shape (``bench/gpu_inputs.json``: e5-small, 12 layers of 384, the
+   labels) with random weights and one token per character (the CJK block as vocabulary). A forward pass
+   costs what the trained model's costs at the same token counts; its labels mean nothing, so no accuracy
+   is reported. Texts are random characters with the token lengths of the real mixed stream (titles and
+   reviews, as the worker's tokenizer cut them), all distinct: every message reaches the model.
+2. model-only, per token budget and dtype: the worker's own engine (``LoadedModel.predict``: tokenize, pad,
+   forward, softmax, copy to the host) on the batches the worker's batcher cuts from the stream.
+3. end to end, per token budget: a 4-partition backlog through ``python -m worker.run --device <device>``:
+   msgs/s, and the GPU's utilisation and memory sampled by ``nvidia-smi`` every 200 ms meanwhile.
+4. the ceiling (``bench.ceiling``): the same worker on a stream that is all cache hits, 1 and 2 processes:
+   what the path around the model carries, against which the GPU's model-only rate is the one to compare.
+
+It also runs on a CPU (``--device cpu``, small ``--messages``): that is how it is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import common
+
+INPUTS = common.REPO / "bench" / "gpu_inputs.json"
+CJK = range(0x4E00, 0x9FA6)
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def stream(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct texts of random CJK characters, token lengths drawn from the real mixed stream."""
+    lengths = json.loads(INPUTS.read_text())["token_lengths"]
+    pool = [n_tokens for values in lengths.values() for n_tokens in values]
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        text = "".join(chr(rng.choice(CJK)) for _ in range(max(1, rng.choice(pool) - 2)))
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def publish_random_model(store: Path) -> str:
+    """A checkpoint of the served shape with random weights and a character vocabulary, published as the
+    trainer publishes (a version folder, LATEST)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from trainer import checkpoint
+
+    store.mkdir(parents=True, exist_ok=True)
+    vocab = store / "vocab.txt"
+    vocab.write_text("\n".join([*SPECIALS, *(chr(c) for c in CJK)]) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    shape = json.loads(INPUTS.read_text())["config"]
+    config = BertConfig(**{k: shape[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                 "intermediate_size", "max_position_embeddings",
+                                                 "type_vocab_size")},
+                        vocab_size=len(SPECIALS) + len(CJK), id2label=shape["id2label"],
+                        label2id={v: int(k) for k, v in shape["id2label"].items()})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    version = checkpoint.new_version_id()
+    staged = checkpoint.staging_dir(store, version)
+    model.save_pretrained(staged, safe_serialization=True)
+    tokenizer.save_pretrained(staged)
+    checkpoint.publish(store, staged, version)
+    return version
+
+
+class GpuSampler:
+    """``nvidia-smi`` sampling utilisation (%) and memory (MiB) every 200 ms for the ``with`` block; empty
+    where there is no nvidia-smi (a CPU run)."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        self._proc = None
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        for line in out.splitlines():
+            try:
+                util, mem = (float(x) for x in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((util, mem))
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"samples": 0}
+        util = [u for u, _ in self.samples]
+        return {"samples": len(util), "util_mean": round(statistics.fmean(util), 1),
+                "util_p90": common.percentile(util, 90), "memory_max_mib": max(m for _, m in self.samples)}
+
+
+def model_only(store: Path, device: str, texts: list[str], budgets: list[int], dtypes: list[str],
+               seconds: float) -> list[dict]:
+    from worker.batcher import Batcher
+    from worker.engine import Engine
+
+    rows = []
+    for dtype in dtypes:
+        engine = Engine(store, device=device, dtype=dtype, max_length=128, top_k=3).start()
+        model = engine.current
+        for budget in budgets:
+            batcher: Batcher[str] = Batcher(max(64, budget // 32), budget, 0.0)
+            for text, n in zip(texts, model.token_budget(texts)):
+                batcher.add(text, n, 0.0)
+            batches = []
+            while (batch := batcher.pop_ready(0.0, flush=True)) is not None:
+                batches.append(batch.items)
+            model.predict(batches[0])  # warm-up: kernels chosen, memory allocated
+            done, t0, i = 0, time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds or i < 3:
+                done += len(model.predict(batches[i % len(batches)]))
+                i += 1
+            rate = done / (time.perf_counter() - t0)
+            rows.append({"dtype": dtype, "budget": budget, "batches": i, "mean_batch": round(done / i, 1),
+                         "msgs_per_s": round(rate, 1)})
+            print(f"model-only {dtype} budget {budget}: {rate:,.0f} msgs/s (mean batch {done / i:.0f})",
+                  flush=True)
+        del engine, model  # the next dtype's copy replaces this one on the device
+    return rows
+
+
+def end_to_end(ws: common.Workspace, device: str, texts: list[str], budgets: list[int]) -> list[dict]:
+    from bench import e2e
+
+    rows = []
+    for budget in budgets:
+        args = ["--device", device, "--max-batch-tokens", str(budget), "--max-batch-size", str(max(64, budget // 32)),
+                "--max-queued-messages", str(max(2048, 4 * max(64, budget // 32)))]
+        with GpuSampler() as gpu:
+            r = e2e.backlog(ws, texts, tag=f"gpu-e2e-{budget}", partitions=4, worker_args=args)
+        rows.append({"budget": budget, "msgs_per_s": round(r["msgs_per_s"], 1), "latency_ms": r["latency_ms"],
+                     "batch_infer_ms": r["batch_infer_ms"], "gpu": gpu.summary()})
+        print(f"e2e budget {budget}: {r['msgs_per_s']:,.0f} msgs/s, GPU {gpu.summary()}", flush=True)
+    return rows
+
+
+def run(*, device: str, budgets: list[int], dtypes: list[str], messages: int, model_seconds: float,
+        ceiling_messages: int, work_dir: Path, stack=None) -> dict:
+    """Every part, into one dict; ``stack``: a running local stack to use (else one is started and stopped)."""
+    store = Path(work_dir) / "store"
+    version = publish_random_model(store)
+    texts = stream(messages)
+    result: dict = {"device": device, "model_version": version, "messages": messages, "budgets": budgets,
+                    "versions": common.package_versions()}
+    if device.startswith("cuda"):
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name()
+    result["model_only"] = model_only(store, device, texts, budgets, dtypes, model_seconds)
+    with common.open_workspace(model_dir=store, work_dir=work_dir, stack=stack) as ws:
+        result["broker"] = ws.broker
+        result["e2e"] = end_to_end(ws, device, texts, budgets)
+        if ceiling_messages:
+            from bench import ceiling
+
+            c = ceiling.run(ws, messages=ceiling_messages, unique=min(2000, len(texts)), workers=(1, 2),
+                            profile_messages=0, client_messages=0, stream=texts)
+            result["ceiling"] = {k: c[k] for k in ("variants", "ceiling_msgs_per_s", "two_over_one") if k in c}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a check of the script itself)")
+    parser.add_argument("--budgets", default="8192,16384,32768", help="padded-token budgets per batch")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="model-only dtypes (e2e uses the worker's auto)")
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per end-to-end run")
+    parser.add_argument("--model-seconds", type=float, default=5.0, help="time per model-only point")
+    parser.add_argument("--ceiling-messages", type=int, default=60_000, help="cached messages (0: no ceiling)")
+    parser.add_argument("--output", default=str(common.WORK_DIR / "gpu_check.json"), help="JSON written here")
+    args = parser.parse_args(argv)
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        parser.error(f"--budgets must be integers separated by commas, got {args.budgets!r}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device here: use --device cpu to check the script on a CPU")
+    if "BROKER" not in os.environ and not shutil.which("java"):
+        os.environ["BROKER"] = "tansu"
+        print("gpu_check: no java here: the local stack runs Tansu", flush=True)
+    result = run(device=args.device, budgets=budgets, dtypes=args.dtypes.split(","), messages=args.messages,
+                 model_seconds=args.model_seconds, ceiling_messages=args.ceiling_messages,
+                 work_dir=common.WORK_DIR / f"gpu-check-{time.strftime('%H%M%S')}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    print(json.dumps({k: result[k] for k in ("device", "broker", "model_only", "e2e")}, indent=1)[:6000])
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
