@@ -42,7 +42,7 @@ def _worktree(ref: str, work_dir: Path) -> Path:
 
 def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
         workers: Sequence[int] = (1, 2), profile_messages: int = 40_000, client_messages: int = 60_000,
-        stream: Sequence[str] | None = None) -> dict:
+        stream: Sequence[str] | None = None, clients: Sequence[str] = ("kafka-python", "confluent-kafka")) -> dict:
     base = list(stream or common.stream_texts(unique))[:unique]
     texts = (base * (messages // len(base) + 1))[:messages]
     prefix = f"bench:{ws.run_id}:ceiling:"
@@ -59,11 +59,15 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
         ref_repo, ref_prefix = _worktree(compare_ref, ws.work_dir), f"{prefix}ref:"
         e2e.backlog(ws, base, tag="ceiling-ref-fill", cache_prefix=ref_prefix, worker_repo=ref_repo)
         drain(f"at {compare_ref}", "ceiling-ref", cache_prefix=ref_prefix, worker_repo=ref_repo)
-    for n in workers:
-        drain("1 process" if n == 1 else f"{n} processes", f"ceiling-p{n}", workers=n)
+    for client in clients:  # the default client's variants keep the plain names (the headline's)
+        suffix, args = ("", ()) if client == "kafka-python" else (f", {client}", ("--kafka-client", client))
+        for n in workers:
+            drain(("1 process" if n == 1 else f"{n} processes") + suffix, f"ceiling-p{n}{suffix[2:8]}", workers=n,
+                  worker_args=args)
     result = {"messages": len(texts), "unique": len(base), "partitions": PARTITIONS, "variants": variants,
               "fill_msgs_per_s": fill["msgs_per_s"], "compare_ref": compare_ref,
-              "ceiling_msgs_per_s": variants.get("1 process", {}).get("msgs_per_s")}
+              "ceiling_msgs_per_s": variants.get("1 process", {}).get("msgs_per_s"),
+              "ceiling_confluent_msgs_per_s": variants.get("1 process, confluent-kafka", {}).get("msgs_per_s")}
     if "2 processes" in variants:
         result["two_over_one"] = common.ratio(variants["2 processes"]["msgs_per_s"], result["ceiling_msgs_per_s"])
     if compare_ref:
@@ -74,6 +78,8 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
                                            for k in ("kafka-python", "confluent-kafka")), flush=True)
     if profile_messages and profile.pyspy_binary():
         result["profile"] = _profile(ws, texts[:profile_messages], prefix)
+        if "confluent-kafka" in clients:
+            result["profile_confluent"] = _profile(ws, texts[:profile_messages], prefix, "confluent-kafka")
     print_tables(result)
     return result
 
@@ -144,13 +150,13 @@ def _floor_confluent(ws: common.Workspace, topic: str, out: str, messages: int, 
         consumer.close()
 
 
-def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str) -> dict:
-    tag = "ceiling-profile"
+def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str, client: str = "kafka-python") -> dict:
+    tag = "ceiling-profile" if client == "kafka-python" else "ceiling-profile-ck"
     topic = ws.name(tag)
     common.create_topics(ws, {topic: PARTITIONS})
     common.publish(ws, topic, texts, id_prefix=f"{tag}-", partitions=PARTITIONS)
     worker = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=prefix,
-                                  tag=tag)
+                                  tag=tag, extra=("--kafka-client", client))
     raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
     with common.running_workers([worker]):
         profile.record_drain(worker, len(texts), raw)
@@ -165,9 +171,9 @@ def table_rows(r: dict) -> list[list]:
             for name, v in r["variants"].items()]
 
 
-def profile_rows(r: dict, top: int = 8) -> list[list]:
+def profile_rows(r: dict, top: int = 8, key: str = "profile") -> list[list]:
     rows = []
-    for thread, x in (r.get("profile") or {}).get("threads", {}).items():
+    for thread, x in (r.get(key) or {}).get("threads", {}).items():
         for step, share in list(x["shares"].items())[:top]:
             rows.append([thread, x["samples"], step, f"{share:.0%}"])
     return rows
@@ -179,6 +185,10 @@ def print_tables(r: dict) -> None:
     if r.get("profile"):
         common.print_table(f"Where the time goes (py-spy, {r['profile']['msgs_per_s']:,.0f} msgs/s while sampled)",
                            ["thread", "samples", "step", "share"], profile_rows(r))
+    if r.get("profile_confluent"):
+        common.print_table(f"The same with confluent-kafka ({r['profile_confluent']['msgs_per_s']:,.0f} msgs/s "
+                           "while sampled)", ["thread", "samples", "step", "share"],
+                           profile_rows(r, key="profile_confluent"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-ref", default=None, help="also run the worker of this git commit/tag")
     parser.add_argument("--workers", default="1,2", help="worker process counts to run (one group each)")
     parser.add_argument("--profile-messages", type=int, default=40_000, help="py-spy drain size (0: none)")
+    parser.add_argument("--clients", default="kafka-python,confluent-kafka", help="worker Kafka clients to run")
     parser.add_argument("--output", default=str(common.WORK_DIR / "ceiling.json"), help="JSON written here")
     args = parser.parse_args(argv)
     with common.open_workspace(args.model_dir) as ws:
         result = run(ws, messages=args.messages, unique=args.unique, compare_ref=args.compare_ref,
                      workers=[int(p) for p in args.workers.split(",") if p],
-                     profile_messages=args.profile_messages)
+                     profile_messages=args.profile_messages, clients=args.clients.split(","))
     common.save_json(Path(args.output), result)
     print(f"\nwrote {args.output}")
     return 0

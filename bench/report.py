@@ -518,6 +518,10 @@ def _ceiling_md(c: dict) -> list[str]:
         out += ["", (f"Where one worker's time goes (py-spy, {c['profile']['msgs_per_s']:,.0f} msgs/s while "
                      "sampled; share of each thread's samples):"), "",
                 _table(["thread", "samples", "step", "share"], ceiling.profile_rows(c))]
+    if c.get("profile_confluent"):
+        out += ["", (f"The same worker with `BERT_STREAM_KAFKA_CLIENT=confluent-kafka` "
+                     f"({c['profile_confluent']['msgs_per_s']:,.0f} msgs/s while sampled):"), "",
+                _table(["thread", "samples", "step", "share"], ceiling.profile_rows(c, key="profile_confluent"))]
     return out
 
 

@@ -237,7 +237,7 @@ class Worker:
                 records = self._poll()                         # keeps membership, also while a batch infers
                 self._route(records)                           # decode: bad -> DLQ now, good -> batcher
                 self._submit_ready()                           # -> inference thread: cache, model, cache
-                self._publish(self.classifier.completed())     # outputs in input order, same key/partition
+                self._publish(self.classifier.completed(self._done_wait()))  # in input order, same key/partition
                 self._backpressure()                           # pause partitions while too much is queued
                 self._maybe_commit()                           # flush producer, commit the acked prefix
             self._finish()                                     # last batches -> publish -> flush -> commit
@@ -265,11 +265,18 @@ class Worker:
         stack.callback(self.classifier.close)
         producer_overrides, consumer_overrides = delivery.client_overrides(
             s.delivery, s.group_id, s.instance_id, s.transaction_timeout_ms)
-        self.consumer = make_consumer(s.kafka, s.group_id, **consumer_overrides)
+        if s.kafka_client == "confluent-kafka":  # librdkafka behind kafka-python's interface (at-least-once)
+            from bert_stream import confluent
+
+            self.consumer = confluent.Consumer(s.kafka, s.group_id, **consumer_overrides)
+            new_producer = lambda: confluent.Producer(s.kafka, **producer_overrides)  # noqa: E731
+        else:
+            self.consumer = make_consumer(s.kafka, s.group_id, **consumer_overrides)
+            new_producer = lambda: make_producer(s.kafka, **producer_overrides)  # noqa: E731
         stack.callback(self.consumer.close, autocommit=False)
         # the delivery owns the producer: exactly-once registers its transactional id, and replaces it after
         # a transactional call that hangs (worker.delivery.ExactlyOnce)
-        self.delivery.start(self.consumer, lambda: make_producer(s.kafka, **producer_overrides))
+        self.delivery.start(self.consumer, new_producer)
         self.producer = self.delivery.producer
         # bounded: after _finish everything is flushed; on the way out of an error nothing may hang the exit
         stack.callback(lambda: close_producer(self.producer, PRODUCER_CLOSE_S))
@@ -309,6 +316,8 @@ class Worker:
             # JoinGroup): while one is in flight, wait for it. An eager rebalance keeps the old assignment
             # until the join completes, so assignment() alone does not tell.
             timeout_ms = JOIN_POLL_TIMEOUT_MS
+        elif self._input_waiting():
+            timeout_ms = 0  # work is queued already: the wait, if any, is for the model (_done_wait)
         elif self.classifier.batches_in_flight:
             timeout_ms = BUSY_POLL_MS
         else:
@@ -325,6 +334,20 @@ class Worker:
             records = [r for r in records if _tp(r.topic, r.partition) not in self._needs_rewind]
             self._rewind_to_committed()
         return records
+
+    def _input_waiting(self) -> bool:
+        """A full batch is queued for the model: polling can wait, the model cannot."""
+        return len(self.batcher) >= self.settings.max_batch_size
+
+    def _done_wait(self) -> float | None:
+        """How long to wait for the model after submitting: while input is queued and the model holds all the
+        batches it may, until a batch is done (at most BUSY_POLL_MS), else not at all (the poll waits). The
+        main thread then sleeps on whichever side it waits for, never a fixed poll timeout while the other
+        side has work: a client that hands over a whole backlog in one poll (librdkafka) otherwise left the
+        model idle for a poll timeout per batch."""
+        if self._input_waiting() and not self.classifier.has_room():
+            return BUSY_POLL_MS / 1000
+        return None
 
     def _route(self, records: list) -> None:
         if not records:

@@ -7,12 +7,14 @@ ConfigMap sets the variables). Each help text states the trade-off the setting c
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 from bert_stream.kafka import KafkaSettings
 from bert_stream.settings import require, setting
 from worker.delivery import DELIVERY_MODES
 
 INPUT_FORMATS = ("auto", "text", "json")
+KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
 DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
 
 
@@ -75,6 +77,12 @@ class WorkerSettings:
     cache_timeout_ms: int = setting(100, env="BERT_STREAM_CACHE_TIMEOUT_MS",
                                     help="A slower Redis is treated as down for the batch (the model runs).")
 
+    kafka_client: str = setting("kafka-python", env="BERT_STREAM_KAFKA_CLIENT", choices=KAFKA_CLIENTS,
+                                help="The worker's Kafka client. kafka-python: the default, every delivery mode. "
+                                     "confluent-kafka (librdkafka; pip install 'bert-stream[confluent]'): "
+                                     "consumes and produces for a fraction of the CPU (for a GPU worker that "
+                                     "the path around the model holds back); at-least-once only for now.")
+
     # ---- delivery and commits -------------------------------------------------------------------------------
     delivery: str = setting("at-least-once", env="BERT_STREAM_DELIVERY", choices=DELIVERY_MODES,
                             help="at-least-once: a crash may publish the last commit interval's outputs again. "
@@ -122,6 +130,12 @@ class WorkerSettings:
         require(self.max_message_bytes >= 16, "max_message_bytes must be at least 16")
         require(self.top_k >= 1, "top_k must be at least 1")
         require(1 <= self.processes <= 64, "processes must be between 1 and 64")
+        if self.kafka_client == "confluent-kafka":
+            require(self.delivery == "at-least-once",
+                    "exactly-once runs on the kafka-python client (kafka_client=kafka-python) for now")
+            require(importlib.util.find_spec("confluent_kafka") is not None,
+                    "kafka_client=confluent-kafka needs the confluent-kafka package: "
+                    "pip install 'bert-stream[confluent]'")
         require(len({self.input_topic, self.output_topic, self.dlq_topic}) == 3,
                 "input, output and DLQ topics must differ")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

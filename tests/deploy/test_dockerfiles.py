@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((REPO / "deploy" / "docker").glob("Dockerfile.*"))
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # target -> (entry module, the extras its venv may install)
-TARGETS = {"worker": ("worker.run", set()), "trainer": ("trainer.run", {"models"})}
+TARGETS = {"worker": ("worker.run", {"confluent"}), "trainer": ("trainer.run", {"models"})}
 # What only the builder may have: compilers, package managers' tools, the installers themselves.
 BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|clang|make|build-essential|cmake|git|uv|pip|curl|wget)\b")
 WEIGHTS = ("checkpoints", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.onnx", "models")

@@ -134,6 +134,7 @@ _ENV_NAMES = {  # WorkerSettings field -> its environment variable (worker/setti
     "commit_every": "BERT_STREAM_COMMIT_EVERY", "http_port": "BERT_STREAM_HTTP_PORT", "log_level": "LOG_LEVEL",
     "delivery": "BERT_STREAM_DELIVERY", "instance_id": "BERT_STREAM_INSTANCE_ID",
     "transaction_timeout_ms": "BERT_STREAM_TRANSACTION_TIMEOUT_MS", "processes": "BERT_STREAM_PROCESSES",
+    "kafka_client": "BERT_STREAM_KAFKA_CLIENT",
 }
 
 
@@ -525,6 +526,11 @@ def count(sent: Sent, reader: TopicReader) -> Counts:
 
 
 REPORTS: list[tuple[str, str]] = []  # (test, line) for the terminal summary
+
+
+def variant(delivery: str, client: str = "kafka-python") -> str:
+    """A fault-count label: the delivery mode, and the Kafka client when it is not the default."""
+    return delivery if client == "kafka-python" else f"{delivery}, {client}"
 
 
 def report(test: str, counts: Counts, **extra: object) -> str:

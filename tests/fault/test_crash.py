@@ -49,13 +49,15 @@ def _published_uncommitted(committed: dict[int, int | None], reader: h.TopicRead
     return sum(1 for (p, o) in reader.by_source if o >= (committed.get(p) or 0))
 
 
-@pytest.mark.parametrize("delivery", [
-    "at-least-once",
-    pytest.param("exactly-once", marks=xfail_on_broker(
+@pytest.mark.parametrize("delivery, client", [
+    ("at-least-once", "kafka-python"),
+    pytest.param("exactly-once", "kafka-python", marks=xfail_on_broker(
         "tansu", "it never aborts a killed producer's open transaction (no transaction timeout), so "
                  "read_committed readers wait behind it for good")),
+    ("at-least-once", "confluent-kafka"),
 ])
-def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store, stack, workers, delivery):
+def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store, stack, workers, delivery,
+                                              client):
     rng = random.Random(SEED)
     _topics(kafka_settings, names)
     messages = h.make_messages(CRASH_MESSAGES, seed=SEED)
@@ -71,7 +73,7 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
 
     def start(i: int) -> h.WorkerProcess:
         env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                           redis_url=stack.redis_url, group_id=group, delivery=delivery)
+                           redis_url=stack.redis_url, group_id=group, delivery=delivery, kafka_client=client)
         return workers.start(f"worker-{i}", env)
 
     try:
@@ -110,7 +112,7 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
         reader.drain()
         exit_code = last.terminate()
         counts = h.count(sent, reader)
-        h.report(f"crash({delivery})", counts, kills=len(shares), window=window, kill_points=";".join(kill_log),
+        h.report(f"crash({h.variant(delivery, client)})", counts, kills=len(shares), window=window, kill_points=";".join(kill_log),
                  commits_ahead_of_outputs=commits_ahead, seconds=round(time.monotonic() - started, 1))
     finally:
         reader.close()

@@ -73,3 +73,14 @@ def test_children_get_their_own_port_and_instance_id():
     assert args[-8:] == ["--device", "cuda", "--processes", "1", "--http-port", "9002", "--instance-id",
                          "gpu-0-2"]
     assert child_args(WorkerSettings(http_port=0), [], 1)[-2:] == ["--processes", "1"]  # 0: each picks one
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--kafka-client", "confluent-kafka", "--delivery", "exactly-once"], "exactly-once runs on the kafka-python"),
+    (["--kafka-client", "librdkafka"], "invalid choice"),
+    (["--processes", "0"], "processes must be between 1 and 64"),
+])
+def test_worker_bad_client_or_processes_exit_2_with_one_line(args, says):
+    result = run_cli("worker.run", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and says in result.stderr

@@ -63,8 +63,9 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent-kafka"])
 def test_every_message_gets_one_output_or_a_dead_letter(kafka_settings, names, worker_settings, start_worker,
-                                                        stack, model_labels):
+                                                        stack, model_labels, client):
     confluent = pytest.importorskip("confluent_kafka")
     ensure_topics(kafka_settings, {names.input_topic: 2})
     texts = chinese_messages(300, seed=1)
@@ -79,7 +80,7 @@ def test_every_message_gets_one_output_or_a_dead_letter(kafka_settings, names, w
         producer.produce(names.input_topic, value=value, key=key, headers=[("trace", b"c")])
     assert producer.flush(30) == 0
 
-    worker = start_worker(worker_settings(max_message_bytes=2000))
+    worker = start_worker(worker_settings(max_message_bytes=2000, kafka_client=client))
     outputs = read_topic(kafka_settings, names.output_topic, expect=len(good), timeout=90)
     dead = read_topic(kafka_settings, names.dlq_topic, expect=len(BAD), timeout=30)
 
