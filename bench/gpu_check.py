@@ -78,13 +78,7 @@ def publish_random_model(store: Path) -> str:
                         vocab_size=len(SPECIALS) + len(CJK), id2label=shape["id2label"],
                         label2id={v: int(k) for k, v in shape["id2label"].items()})
     torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
-    version = checkpoint.new_version_id()
-    staged = checkpoint.staging_dir(store, version)
-    model.save_pretrained(staged, safe_serialization=True)
-    tokenizer.save_pretrained(staged)
-    checkpoint.publish(store, staged, version)
-    return version
+    return checkpoint.publish_pretrained(store, BertForSequenceClassification(config), tokenizer)
 
 
 class GpuSampler:

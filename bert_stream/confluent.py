@@ -137,16 +137,16 @@ class Consumer:
                         for tp in tps])
 
     def _on_revoke(self, _consumer, partitions) -> None:
-        tps = {self._tp(p.topic, p.partition) for p in partitions}
-        if self._listener is not None:
-            _run(self._listener.on_partitions_revoked(tps))
-        self._assignment, self._paused = set(), set()
-        self._c.unassign()
+        self._release(partitions, "on_partitions_revoked")
 
     def _on_lost(self, _consumer, partitions) -> None:
+        self._release(partitions, "on_partitions_lost")
+
+    def _release(self, partitions, listener_method: str) -> None:
+        """Tell the listener (revoked, or lost), then give the whole assignment up (eager protocol)."""
         tps = {self._tp(p.topic, p.partition) for p in partitions}
         if self._listener is not None:
-            _run(self._listener.on_partitions_lost(tps))
+            _run(getattr(self._listener, listener_method)(tps))
         self._assignment, self._paused = set(), set()
         self._c.unassign()
 

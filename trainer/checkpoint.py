@@ -54,6 +54,19 @@ def staging_dir(root: Path | str, version: str) -> Path:
     return path
 
 
+def publish_pretrained(root: Path | str, model, tokenizer) -> str:
+    """Save a transformers ``model`` and ``tokenizer`` as a new version of the store (staged, then
+    :func:`publish`); returns the version. For models made outside the trainer (tests, benchmarks)."""
+    version = new_version_id()
+    while (Path(root) / version).exists():
+        version = new_version_id()
+    staged = staging_dir(root, version)
+    model.save_pretrained(staged, safe_serialization=True)
+    tokenizer.save_pretrained(staged)
+    publish(root, staged, version)
+    return version
+
+
 def publish(root: Path | str, staged: Path, version: str, *, update_latest: bool = True,
             classifier: bool = True) -> Path:
     """Move a fully written staging folder into place as ``version``, then point ``LATEST`` at it.

@@ -41,15 +41,21 @@ def _child_pids(w: h.WorkerProcess) -> list[int]:
     return w.wait_event("worker_processes_started", 30)["pids"]
 
 
-def test_two_processes_share_the_partitions_and_stop_together(kafka_settings, names, model_store, stack, workers):
+def _start_pair(kafka_settings, names, model_store, stack, workers):
+    """``--processes 2`` on a 4-partition topic, once both children own partitions: (parent, pids, owners)."""
     _topics(kafka_settings, names, PARTITIONS)
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
                        redis_url=stack.redis_url, processes=2)
     pair = workers.start("pair", env)
     pids = _child_pids(pair)
-    assert len(pids) == 2
     owners = h.wait_until(lambda: _settled(pair, names.input_topic), 150, "both processes to own partitions",
                           pair.tail)
+    return pair, pids, owners
+
+
+def test_two_processes_share_the_partitions_and_stop_together(kafka_settings, names, model_store, stack, workers):
+    pair, pids, owners = _start_pair(kafka_settings, names, model_store, stack, workers)
+    assert len(pids) == 2
     messages = h.make_messages(400, seed=21)
     sent = h.publish(kafka_settings, names.input_topic, [v for _, v in messages], ids=[i for i, _ in messages])
     reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic)
@@ -68,12 +74,7 @@ def test_two_processes_share_the_partitions_and_stop_together(kafka_settings, na
 
 
 def test_a_child_that_dies_takes_the_set_down(kafka_settings, names, model_store, stack, workers):
-    _topics(kafka_settings, names, PARTITIONS)
-    env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                       redis_url=stack.redis_url, processes=2)
-    pair = workers.start("pair", env)
-    pids = _child_pids(pair)
-    h.wait_until(lambda: _settled(pair, names.input_topic), 150, "both processes to own partitions", pair.tail)
+    pair, pids, _ = _start_pair(kafka_settings, names, model_store, stack, workers)
     os.kill(pids[1], signal.SIGKILL)
     assert pair.proc.wait(timeout=60) == 1
     assert not any(_alive(pid) for pid in pids)

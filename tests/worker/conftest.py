@@ -38,15 +38,7 @@ def publish_tiny_model(store: Path, seed: int = 0, labels: tuple[str, ...] = LAB
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=512,
                         id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
-    model = BertForSequenceClassification(config)
-    version = checkpoint.new_version_id()
-    while (store / version).exists():
-        version = checkpoint.new_version_id()
-    staged = checkpoint.staging_dir(store, version)
-    model.save_pretrained(staged, safe_serialization=True)
-    tokenizer.save_pretrained(staged)
-    checkpoint.publish(store, staged, version)
-    return version
+    return checkpoint.publish_pretrained(store, BertForSequenceClassification(config), tokenizer)
 
 
 @pytest.fixture(scope="session")
