@@ -219,15 +219,15 @@ class Worker:
         self._acks: deque = deque()         # (epoch, tp, offset) appended by the producer's I/O thread
         self._send_errors: deque = deque()  # (epoch, tp, offset, exception)
         self._epoch = 0                     # +1 per aborted transaction: what was in flight before is dropped
-        self._needs_rewind: set = set()     # partitions to seek back to the committed offset (after an abort)
+        self._needs_rewind: set = set()     # partitions to seek back to the committed offset (see _on_assigned)
         self._partitions: dict[str, int] = {}
         self._next_commit = 0.0
         self._since_commit = 0
         self._next_lag = 0.0
-        self._rewind: dict = {}             # tp -> first offset dropped at revocation (see _forget)
         self._joining = True                # from a revocation to the next assignment: a group join in flight
         self._rejoins = 0                   # undecodable assignments since the last good one
         self._fast_handover = settings.kafka_client == "confluent-kafka"  # see _input_waiting
+        self._rewind_on_assign = settings.kafka_client == "kafka-python"  # see _on_assigned
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -331,9 +331,10 @@ class Worker:
             self._rejoin(exc)
             return []
         records = [r for records in polled.values() for r in records]
-        if self._needs_rewind:  # after an abort: what was fetched from before the rewind is read again
+        if self._needs_rewind:  # what was fetched from before the rewind is read again after it
             records = [r for r in records if _tp(r.topic, r.partition) not in self._needs_rewind]
-            self._rewind_to_committed()
+            if not self._joining:  # the assignment is settled: no I/O of ours between the join's polls
+                self._rewind_to_committed()
         return records
 
     def _input_waiting(self) -> bool:
@@ -530,18 +531,23 @@ class Worker:
                     action="rewinding to the committed offsets")
 
     def _rewind_to_committed(self) -> None:
-        """Seek the marked partitions (:meth:`_abort`, :meth:`_forget`) that this worker owns to the group's
-        committed offsets (with read_committed the fetch waits until no transaction holds pending offsets
-        for them: KIP-447), else the log start. A marked partition not assigned right now (a rejoin in
-        flight) stays marked: :meth:`_on_assigned` keeps it if it comes back, and it is rewound then."""
+        """Seek the marked partitions (:meth:`_abort`, :meth:`_on_assigned`) that this worker owns to the
+        group's committed offsets (with read_committed the fetch waits until no transaction holds pending
+        offsets for them: KIP-447), else the log start. A marked partition not assigned right now stays
+        marked: :meth:`_on_assigned` decides when it comes back."""
         owned = self._needs_rewind & self.consumer.assignment()
         for tp in owned:
-            committed = self.consumer.committed(tp)
+            try:
+                committed = self.consumer.committed(tp)
+            except KafkaError as exc:  # the coordinator is moving (a broker restart): the next poll retries
+                log.warning("rewind_deferred", partition=f"{tp.topic}:{tp.partition}",
+                            error=f"{type(exc).__name__}: {exc}"[:300])
+                return
             if committed is None:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
-        self._needs_rewind -= owned
+            self._needs_rewind.discard(tp)
 
     def _update_lag(self) -> None:
         """``bert_stream_consumer_lag`` per assigned partition: end offset minus the group's committed offset
@@ -580,16 +586,8 @@ class Worker:
             return
         dropped = self.batcher.drop(lambda job: _tp(job.message.source.topic, job.message.source.partition)
                                     in revoked)
-        # kafka-python keeps a partition's fetch position when the same consumer is given it back, so what
-        # was dropped here would never be read again: rewind those partitions on reassignment. Under
-        # at-least-once to the first dropped offset (all before it is published); under exactly-once to the
-        # group's committed offset, the only one that says what readers see (a published record counts only
-        # once its transaction committed, and the commit on revocation may not have).
-        if self.delivery.transactional:
-            self._needs_rewind.update(revoked)
-        for job in [] if self.delivery.transactional else dropped:
-            tp = _tp(job.message.source.topic, job.message.source.partition)
-            self._rewind[tp] = min(job.message.source.offset, self._rewind.get(tp, job.message.source.offset))
+        # what was dropped is read again from the committed offset by whoever owns the partition next (this
+        # worker too: see _on_assigned)
         self.tracker.revoke(revoked)
         self.health.assigned = 0
         self.metrics.rebalances.labels("revoked").inc()
@@ -599,7 +597,7 @@ class Worker:
     def _lose(self, lost: set) -> None:
         """Exactly-once, membership lost: abort the open transaction, if any, and end the epoch (batches
         still in the classifier are dropped when they come back, not published into the next transaction),
-        then forget the partitions; :meth:`_forget` marks them to be rewound to the committed offsets."""
+        then forget the partitions; whoever is assigned them next starts at the committed offsets."""
         self._abort("the group dropped this member: nothing more of its partitions may commit")
         self._forget(lost)
 
@@ -624,11 +622,19 @@ class Worker:
         self._joining = True
 
     def _on_assigned(self, assigned) -> None:
-        for tp in assigned:
-            if tp in self._rewind:
-                self.consumer.seek(tp, self._rewind[tp])  # no I/O: sets the next fetch position
-        self._rewind.clear()  # partitions that went elsewhere are read by their new owner from the commit
-        self._needs_rewind &= set(assigned)  # the same for an abort's rewinds (done by the next _poll)
+        """Every assigned partition starts at the group's committed offset. librdkafka does that by itself.
+        kafka-python keeps the fetch position of a partition that is in both its previous and its new
+        assignment, and its previous assignment is not always the last generation's: kafka-python 3.0.12
+        drops a join that completes between two polls (the next poll sends a fresh JoinGroup), so a
+        worker can be given back, in a later generation, partitions that another member processed and
+        committed meanwhile. Resuming from the kept position re-published all of that (a fresh clone saw
+        41 and 125 duplicates under exactly-once, in two rebalance runs of ten). So with kafka-python every
+        assigned partition is marked, and the next poll after the join seeks it to the committed offset
+        (one OffsetFetch per partition and rebalance); what was fetched before that is dropped."""
+        if self._rewind_on_assign:
+            self._needs_rewind = set(assigned)
+        else:
+            self._needs_rewind &= set(assigned)  # an abort's rewinds of partitions still owned
         self._joining = False
         self._rejoins = 0
         self.health.assigned = len(assigned)

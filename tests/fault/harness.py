@@ -525,6 +525,16 @@ def count(sent: Sent, reader: TopicReader) -> Counts:
     return Counts(len(sent), output, dlq, dup, lost)
 
 
+def duplicated(sent: Sent, reader: TopicReader) -> str:
+    """Where the duplicates are: per input partition, the offset range and count ("p0:512-552 x41"), for
+    the report of a test that found some."""
+    offsets: dict[int, list[int]] = defaultdict(list)
+    for partition, offset in sent.sources:
+        if len(reader.by_source.get((partition, offset), [])) > 1:
+            offsets[partition].append(offset)
+    return " ".join(f"p{p}:{min(o)}-{max(o)}x{len(o)}" for p, o in sorted(offsets.items())) or "-"
+
+
 REPORTS: list[tuple[str, str]] = []  # (test, line) for the terminal summary
 
 

@@ -90,7 +90,8 @@ def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, 
                  assignments_a=len(a.events("partitions_assigned")), failed_commits=len(failed_commits),
                  dropped_on_revocation=sum(e.get("dropped", 0) for w in (a, b)
                                            for e in w.events("partitions_revoked")),
-                 rejoins=len(b.events("assignment_undecodable")), seconds=round(time.monotonic() - started, 1))
+                 rejoins=len(b.events("assignment_undecodable")), seconds=round(time.monotonic() - started, 1),
+                 duplicated=h.duplicated(sent, reader))
     finally:
         publisher.stop.set()
         reader.close()

@@ -118,8 +118,8 @@ class _Consumer:
         return polled
 
 
-def _worker() -> Worker:
-    worker = Worker(WorkerSettings(input_topic="in", output_topic="out", dlq_topic="dlq", delivery="exactly-once"))
+def _worker(delivery: str = "exactly-once") -> Worker:
+    worker = Worker(WorkerSettings(input_topic="in", output_topic="out", dlq_topic="dlq", delivery=delivery))
     worker.producer, worker.consumer = _TransactionalProducer(), _Consumer()
     worker.delivery.start(worker.consumer, lambda: worker.producer)
     worker._joining = False
@@ -176,6 +176,26 @@ def test_a_failed_commit_aborts_and_rewinds_to_the_committed_offsets():
     assert sorted(worker.consumer.seeks, key=str) == sorted([(TP0, 2), (TP1, "beginning")], key=str)
     worker.consumer.polled = {TP0: [_record(0, 2, b"again")]}
     assert [(r.partition, r.offset) for r in worker._poll()] == [(0, 2)]
+
+
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+def test_every_assigned_partition_starts_at_the_committed_offset(delivery):
+    """kafka-python keeps the fetch position of a partition in both its previous and its new assignment, and
+    drops a join that completes between two polls: a worker can get back, a generation later, a partition
+    that another member processed and committed meanwhile. It must start at that commit, not at its own
+    kept position (seen: 41 and 125 duplicates under exactly-once in a rebalance test)."""
+    worker = _worker(delivery)
+    worker.consumer = _Consumer(committed={TP0: 40})
+    worker._forget({TP0, TP1})  # a revocation: the join is in flight from here
+    worker._joining = True
+    worker.consumer.polled = {TP0: [_record(0, 7, b"fetched before")]}
+    assert [r.offset for r in worker._poll()] == [7] and worker.consumer.seeks == []  # no I/O of ours mid-join
+    worker._on_assigned({TP0, TP1})  # the assignment of a later generation: the same partitions
+    worker.consumer.polled = {TP0: [_record(0, 8, b"from the kept position")]}
+    assert worker._poll() == []  # dropped: read again from the committed offset
+    assert sorted(worker.consumer.seeks, key=str) == sorted([(TP0, 40), (TP1, "beginning")], key=str)
+    worker.consumer.polled = {TP0: [_record(0, 40, b"after the rewind")]}
+    assert [r.offset for r in worker._poll()] == [40]
 
 
 def test_results_classified_before_an_abort_are_not_published():
