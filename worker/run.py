@@ -338,11 +338,11 @@ class Worker:
         return records
 
     def _input_waiting(self) -> bool:
-        """A full batch is queued for the model: polling can wait, the model cannot. Only with a client that
-        runs the rebalance listener inside ``poll`` on this thread (librdkafka). kafka-python runs it on its
-        I/O thread, and a poll that returns at once can let this thread publish and commit while the listener
-        drains and commits the same partitions: a fresh clone saw 34 duplicates under exactly-once in a
-        rebalance with this shortcut on kafka-python (none in the runs before it, which polled >= 5 ms)."""
+        """A full batch is queued for the model: polling can wait, the model cannot. Only with librdkafka:
+        with this shortcut on kafka-python a fresh clone saw 34 duplicates under exactly-once in a rebalance.
+        The cause found later was kafka-python dropping a join that completes between two polls (see
+        :meth:`_on_assigned`, now handled), which zero-timeout polls make likelier; the shortcut was not
+        measured again on kafka-python."""
         return self._fast_handover and len(self.batcher) >= self.settings.max_batch_size
 
     def _done_wait(self) -> float | None:
