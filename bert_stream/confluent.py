@@ -106,7 +106,6 @@ class Consumer:
         self._assignment: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()
         self._tps: dict[tuple[str, int], TopicPartition] = {}
-        self._seeks: dict[TopicPartition, int] | None = None  # while an assignment is being made
 
     # ---- group membership ----------------------------------------------------------------------------
     def subscribe(self, topics: Iterable[str], listener=None) -> None:
@@ -125,16 +124,11 @@ class Consumer:
 
     def _on_assign(self, _consumer, partitions) -> None:
         tps = {self._tp(p.topic, p.partition) for p in partitions}
-        self._assignment, self._paused, self._seeks = tps, set(), {}
-        try:
-            if self._listener is not None:
-                _run(self._listener.on_partitions_assigned(tps))
-            seeks = self._seeks
-        finally:
-            self._seeks = None
-        # a seek inside the listener sets where the partition starts; the others start at the committed offset
-        self._c.assign([self._ck.TopicPartition(tp.topic, tp.partition, seeks.get(tp, self._ck.OFFSET_STORED))
-                        for tp in tps])
+        self._assignment, self._paused = tps, set()
+        if self._listener is not None:
+            _run(self._listener.on_partitions_assigned(tps))
+        # every partition starts at the group's committed offset (what the worker asks of any client)
+        self._c.assign([self._ck.TopicPartition(tp.topic, tp.partition, self._ck.OFFSET_STORED) for tp in tps])
 
     def _on_revoke(self, _consumer, partitions) -> None:
         self._release(partitions, "on_partitions_revoked")
@@ -192,9 +186,6 @@ class Consumer:
         self._paused -= set(tps)
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        if self._seeks is not None:  # inside the assignment: where the partition starts
-            self._seeks[tp] = offset
-            return
         self._c.seek(self._ck.TopicPartition(tp.topic, tp.partition, offset))
 
     def seek_to_beginning(self, *tps: TopicPartition) -> None:

@@ -627,10 +627,10 @@ class Worker:
         assignment, and its previous assignment is not always the last generation's: kafka-python 3.0.12
         drops a join that completes between two polls (the next poll sends a fresh JoinGroup), so a
         worker can be given back, in a later generation, partitions that another member processed and
-        committed meanwhile. Resuming from the kept position re-published all of that (a fresh clone saw
-        41 and 125 duplicates under exactly-once, in two rebalance runs of ten). So with kafka-python every
-        assigned partition is marked, and the next poll after the join seeks it to the committed offset
-        (one OffsetFetch per partition and rebalance); what was fetched before that is dropped."""
+        committed meanwhile. Resuming from the kept position re-published all of that (CI saw 41 duplicates
+        under exactly-once in a rebalance test; 44 and 125 here in two runs of four). So with kafka-python
+        every assigned partition is marked, and the next poll after the join seeks it to the committed
+        offset (one OffsetFetch per partition and rebalance); what was fetched before that is dropped."""
         if self._rewind_on_assign:
             self._needs_rewind = set(assigned)
         else:
