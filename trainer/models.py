@@ -210,6 +210,36 @@ def add_mean_pooling_layer(model: PreTrainedModel, residual_scale: float = 100.0
     log.info("model.mean_pooling_layer", layers=config.num_hidden_layers)
 
 
+def kept_layer_indices(layers: int, keep: int) -> list[int]:
+    """Which of ``layers`` encoder layers a ``keep``-layer student keeps: evenly spaced, the last always
+    (12 -> 6: 1, 3, 5, 7, 9, 11), the usual initialisation of a layer-dropped student (DistilBERT took every
+    other layer of its teacher)."""
+    if not 1 <= keep <= layers:
+        raise ModelSourceError(f"cannot keep {keep} of {layers} encoder layers")
+    return [round((i + 1) * layers / keep) - 1 for i in range(keep)]
+
+
+def keep_layers(model: PreTrainedModel, keep: int) -> list[int]:
+    """Cut a BERT classifier's encoder to ``keep`` layers (:func:`kept_layer_indices`) in place; returns the
+    kept indices. A mean-pooling layer on top (:func:`add_mean_pooling_layer`) is kept and not counted: it
+    pools, it does not encode. Inference costs about kept/all of the encoder's."""
+    encoder = getattr(getattr(model, "bert", None), "encoder", None)
+    if encoder is None or not hasattr(encoder, "layer"):
+        raise ModelSourceError(f"--student-layers needs a BERT model; {type(model).__name__} is not one")
+    pooling = bool(getattr(model.config, MEAN_POOLING_MARK, False))
+    encoding = len(encoder.layer) - pooling
+    kept = kept_layer_indices(encoding, keep)
+    layers = [encoder.layer[i] for i in kept] + ([encoder.layer[-1]] if pooling else [])
+    for i, layer in enumerate(layers):  # transformers numbers layers for its caches; keep them consecutive
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+    encoder.layer = torch.nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+    log.info("model.layers_kept", kept=kept, of=encoding, mean_pooling_layer=pooling)
+    return kept
+
+
 def _resolve(spec: str) -> tuple[str, bool]:
     """(what to pass to from_pretrained, local_files_only) for a model id or a local path."""
     path = Path(spec).expanduser()

@@ -9,6 +9,11 @@ processes/GPUs: every process trains and evaluates its shard, only the main proc
 (On CPUs ``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun, or ``accelerate
 launch --multi_gpu --num_processes N``, starts N, joined over gloo: tests/trainer/test_launch.py.)
 
+A smaller, faster model for CPU workers is the same program: ``--student-layers N`` cuts the base model's
+encoder to N evenly spaced layers, and ``--teacher <checkpoint>`` adds the teacher's soft predictions to the
+loss (its logits for the training set are computed once, through the worker's engine, before training).
+With ``--model`` set to the teacher too, the student starts from the fine-tuned weights.
+
 Exit status: 0 published; 2 bad flags, data or model (one line on stderr, no traceback); 3 refused by the
 quality gate (the model is kept in ``<output-dir>/.rejected/<version>`` and ``LATEST`` is untouched);
 130/143 interrupted by SIGINT/SIGTERM after saving resumable state (continue with ``--resume``).
@@ -54,8 +59,9 @@ from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view
 from trainer import checkpoint, metrics, plots, runstate
 from trainer.data import DataError, DataSpec, Example, Splits, load_splits
-from trainer.models import ModelSourceError, load_for_classification
-from trainer.settings import Hyperparameters, TrainSettings, max_train_examples, resolve
+from trainer.models import ModelSourceError, keep_layers, load_for_classification
+from trainer.settings import (DISTILL_ALPHA, DISTILL_TEMPERATURE, Hyperparameters, TrainSettings,
+                              max_train_examples, resolve)
 
 PROG = "python -m trainer.run"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 2, 3
@@ -102,13 +108,16 @@ def train(settings: TrainSettings) -> int:
         model, tokenizer = load_for_classification(
             settings.model, splits.labels, corpus=[e.text for e in splits.train],
             scratch_preset=settings.scratch_preset, pooling=settings.pooling, text_prefix=settings.text_prefix)
+    if settings.student_layers:
+        keep_layers(model, settings.student_layers)
     data = build_data(settings, splits, tokenizer, getattr(model.config, "max_position_embeddings", 512),
                       accelerator.num_processes)
     say("train.data", **splits.describe()["sizes"], labels=len(splits.labels), max_length=data.hyper.max_length,
         steps_per_epoch=data.steps_per_epoch, eval_steps=data.hyper.eval_steps)
 
     run = open_run(settings, accelerator, fingerprint=run_fingerprint(settings, data.hyper, splits, accelerator))
-    prepared = prepare(accelerator, model, data)
+    teacher = teacher_logits(settings, splits, data.hyper.max_length, say) if settings.teacher else None
+    prepared = prepare(accelerator, model, data, teacher)
     with StopSignals() as stop:
         fit = fit_model(accelerator, prepared, data, run, stop, say)
     if fit.stopped_by is not None:
@@ -303,6 +312,8 @@ def build_data(settings: TrainSettings, splits: Splits, tokenizer, model_max: in
 def run_fingerprint(settings: TrainSettings, hyper: Hyperparameters, splits: Splits, accelerator) -> str:
     """What must match for a saved state to be continued: same model, data, hyperparameters, layout."""
     identity = {"model": settings.model, "scratch_preset": settings.scratch_preset, "pooling": settings.pooling,
+                **({"student_layers": settings.student_layers} if settings.student_layers else {}),
+                **({"teacher": settings.teacher} if settings.teacher else {}),
                 "hyper": dataclasses.asdict(hyper), "data": splits.fingerprint,
                 "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -391,6 +402,7 @@ class Prepared:
     test: DataLoader
     total_steps: int  # optimizer steps of the whole run, per process
     ema: AveragedModel | None  # --ema: the moving average of the weights, what is evaluated and kept
+    teacher: torch.Tensor | None = None  # --teacher: its logits for every training example (by "idx")
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -425,7 +437,8 @@ def layer_depth(model: torch.nn.Module) -> dict[str, int]:
             for name, i in layer_of.items()}
 
 
-def prepare(accelerator: Accelerator, model: torch.nn.Module, data: Data) -> Prepared:
+def prepare(accelerator: Accelerator, model: torch.nn.Module, data: Data,
+            teacher: torch.Tensor | None = None) -> Prepared:
     hyper = data.hyper
     model, optimizer, train, validation, test = accelerator.prepare(
         model, make_optimizer(model, hyper), data.train, data.validation, data.test)
@@ -441,7 +454,8 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, data: Data) -> Pre
     # so validation sees it as it sees the model) and is updated after every optimizer step.
     ema = (AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(hyper.ema))
            if hyper.ema > 0 else None)
-    return Prepared(model, optimizer, scheduler, train, validation, test, total_steps, ema)
+    return Prepared(model, optimizer, scheduler, train, validation, test, total_steps, ema,
+                    None if teacher is None else teacher.to(accelerator.device))
 
 
 @dataclasses.dataclass
@@ -496,6 +510,40 @@ class LossMeter:
         self.total.zero_()
         self.count = 0
         return mean
+
+
+def teacher_logits(settings: TrainSettings, splits: Splits, max_length: int, say) -> torch.Tensor:
+    """The teacher's logits for every training example, columns in the student's label order. The teacher
+    runs through the worker's engine (its dtype and padding-free forward): one pass, before training."""
+    from worker.engine import Engine
+
+    try:
+        teacher = Engine(settings.teacher, max_length=max_length).start().current
+    except (OSError, checkpoint.CheckpointError) as exc:
+        raise ModelSourceError(f"--teacher {settings.teacher}: {exc}") from None
+    missing = sorted(set(splits.labels) - set(teacher.labels))
+    if missing:
+        raise ModelSourceError(f"--teacher {settings.teacher} ({teacher.version}) does not know the labels "
+                               f"{', '.join(missing[:5])}: distil from a model trained on the same labels")
+    t0 = time.perf_counter()
+    texts = [e.text for e in splits.train]
+    logits = torch.cat([teacher.logits(texts[i:i + 512]) for i in tqdm(
+        range(0, len(texts), 512), desc="teacher", unit="batch", disable=not sys.stderr.isatty())])
+    logits = logits[:, [teacher.labels.index(label) for label in splits.labels]]
+    gold = torch.tensor([splits.labels.index(e.label) for e in splits.train])
+    say("train.teacher", teacher=settings.teacher, teacher_version=teacher.version,
+        train_accuracy=round((logits.argmax(-1) == gold).float().mean().item(), 5),
+        seconds=round(time.perf_counter() - t0, 1), alpha=DISTILL_ALPHA, temperature=DISTILL_TEMPERATURE)
+    return logits
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Hinton et al. (2015): cross-entropy on the labels, plus KL from the teacher's distribution at
+    temperature T to the student's (times T^2, so its gradients keep their size as T changes)."""
+    t = DISTILL_TEMPERATURE
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher.float() / t, -1), log_target=True,
+                  reduction="batchmean") * t * t
+    return (1 - DISTILL_ALPHA) * F.cross_entropy(logits, labels) + DISTILL_ALPHA * kl
 
 
 def symmetric_kl(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -565,9 +613,12 @@ def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperp
                progress: Progress, losses: LossMeter) -> bool:
     """One micro-batch forward/backward; True when it completed an optimizer step."""
     p.model.train()
-    batch.pop("idx")
+    idx = batch.pop("idx")
     with accelerator.accumulate(p.model):  # no_sync + loss scaling until the last micro-batch
-        if hyper.rdrop > 0 and hyper.adversarial > 0 and hyper.rdrop_pair == "adversarial":
+        if p.teacher is not None:
+            loss = distillation_loss(p.model(**batch).logits.float(), batch["labels"], p.teacher[idx])
+            accelerator.backward(loss)
+        elif hyper.rdrop > 0 and hyper.adversarial > 0 and hyper.rdrop_pair == "adversarial":
             loss = adversarial_rdrop_backward(accelerator, p.model, batch, hyper.rdrop, hyper.adversarial)
         else:
             loss = rdrop_loss(p.model, batch, hyper.rdrop) if hyper.rdrop > 0 else p.model(**batch).loss

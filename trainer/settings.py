@@ -18,6 +18,10 @@ MIXED_PRECISION_HELP = ("auto: bf16 where it is faster (CUDA with bf16, or a CPU
                         "startup probe measures bf16 faster than fp32: 2-4x on some), fp16 on older GPUs, else "
                         "no (fp32).")  # the fine-tuner's and the pretrainer's --mixed-precision
 AUTO_RDROP, AUTO_ADVERSARIAL, AUTO_EMA = 1.0, 1.0, 0.99  # full runs of a pretrained model; see TrainSettings
+# Distillation (--teacher, Hinton et al. 2015): the share of the loss that is the teacher's soft labels, and
+# the temperature both distributions are softened at (the KL term is scaled by its square).
+DISTILL_ALPHA = 0.5
+DISTILL_TEMPERATURE = 2.0
 RDROP_PAIRS = ("dropout", "adversarial")  # what --rdrop compares; see TrainSettings.rdrop_pair
 POOLINGS = ("cls", "mean")  # trainer.models.load_for_classification(pooling=...)
 
@@ -120,6 +124,18 @@ class TrainSettings:
                                      "optimizer step and evaluate, select and publish the average instead of "
                                      "the last weights: smooths out the noise of the last steps. 0 disables. "
                                      f"Unset: {AUTO_EMA} for a pretrained model, 0 with --quick or scratch.")
+    # ---- a smaller, faster model ----------------------------------------------------------------------------
+    student_layers: int = setting(0, env="BERT_STREAM_STUDENT_LAYERS",
+                                  help="Keep this many of the base model's encoder layers (evenly spaced, the "
+                                       "last kept) and fine-tune that: inference costs about layers/12 of "
+                                       "e5-small's. Best with --model and --teacher set to a trained "
+                                       "checkpoint (a distilled student). 0: all layers.")
+    teacher: str | None = setting(None, env="BERT_STREAM_TEACHER",
+                                  help="Knowledge distillation: a trained checkpoint (store or folder) with the "
+                                       "same labels whose predictions the model learns as well as the labels "
+                                       f"(loss = {DISTILL_ALPHA} x KL at temperature {DISTILL_TEMPERATURE} + "
+                                       f"{1 - DISTILL_ALPHA} x cross-entropy). R-Drop, FGM and EMA default to off "
+                                       "with a teacher.")
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm: bounds the damage of one bad batch; "
                                              "0 disables.")
     max_length: int | None = setting(None, env="BERT_STREAM_MAX_LENGTH",
@@ -191,6 +207,10 @@ class TrainSettings:
         require(self.adversarial is None or self.adversarial >= 0,
                 "adversarial must not be negative (0 disables it)")
         require(self.ema is None or 0 <= self.ema < 1, "ema must be in [0, 1) (0 disables it)")
+        require(self.student_layers >= 0, "student_layers must not be negative (0 keeps all layers)")
+        require(self.teacher is None or not (self.rdrop or self.adversarial),
+                "a --teacher run trains on the teacher's predictions instead of R-Drop and FGM: leave "
+                "--rdrop and --adversarial unset or 0")
         require(self.max_grad_norm >= 0, "max_grad_norm must not be negative (0 disables clipping)")
         require(self.max_length is None or 8 <= self.max_length <= 8192, "max_length must be in [8, 8192]")
         require(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be at least 1")
@@ -268,7 +288,7 @@ def resolve(settings: TrainSettings, *, token_lengths: list[int], model_max_leng
     else:
         learning_rate = (SCRATCH_LR if settings.model == "scratch"
                          else QUICK_PRETRAINED_LR if settings.quick else PRETRAINED_LR)
-    regularised = settings.model != "scratch" and not settings.quick
+    regularised = settings.model != "scratch" and not settings.quick and settings.teacher is None
 
     def auto(value: float | None, default: float) -> float:
         return value if value is not None else default if regularised else 0.0

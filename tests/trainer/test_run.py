@@ -85,7 +85,8 @@ def test_help_lists_every_flag_with_its_env_var(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "many"], ["--no-such-flag"], ["--mixed-precision", "fp8"],
-                                  ["--min-accuracy", "1.5"], ["--validation-file", "v.csv"]])
+                                  ["--min-accuracy", "1.5"], ["--validation-file", "v.csv"],
+                                  ["--student-layers", "-1"], ["--teacher", "t/", "--rdrop", "1"]])
 def test_bad_flags_exit_2_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         run.main(argv)
@@ -491,3 +492,67 @@ def test_eta_is_the_remaining_steps_at_the_pace_so_far():
     assert progress.eta_s(750) == 3 * (750 - 63)
     progress.step, progress.fit_seconds = 750, 2250.0
     assert progress.eta_s(750) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A distilled student (--student-layers, --teacher)
+
+
+def test_distilled_student_is_a_smaller_published_checkpoint(published, tiny_csv, tmp_path, capsys):
+    store = tmp_path / "students"
+    status = run.main(train_args(tiny_csv, store, "--model", str(published), "--teacher", str(published),
+                                 "--student-layers", "1", "--log-level", "INFO"))
+    assert status == run.EXIT_OK
+    folder = store / checkpoint.latest_version(store)
+    config = checkpoint.validate(folder)
+    assert config["num_hidden_layers"] == 1  # the teacher has 2 ("tiny")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.8, metrics["test"]  # chance is 1/3
+    settings = json.loads((folder / "training_args.json").read_text())["settings"]
+    assert settings["teacher"] == str(published) and settings["student_layers"] == 1
+    teacher_log = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+                   if '"train.teacher"' in line]
+    assert teacher_log and teacher_log[0]["teacher_version"] == checkpoint.latest_version(published)
+
+
+def test_a_teacher_with_other_labels_is_one_line_exit_2(tiny_csv, tmp_path, capsys):
+    from tests.worker.conftest import publish_tiny_model
+
+    teacher = tmp_path / "teacher"
+    publish_tiny_model(teacher)  # news-topic labels, not the CSV's
+    status = run.main(train_args(tiny_csv, tmp_path / "out", "--teacher", str(teacher)))
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not know the labels" in err[-1]
+    assert checkpoint.latest_version(tmp_path / "out") is None
+
+
+def test_distillation_loss_is_cross_entropy_plus_the_pull_to_the_teacher():
+    from trainer.settings import DISTILL_ALPHA
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 3, requires_grad=True), torch.randint(0, 3, (8,))
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    same = run.distillation_loss(logits, labels, logits.detach())
+    assert same.item() == pytest.approx((1 - DISTILL_ALPHA) * ce.item(), abs=1e-6)  # KL(p || p) = 0
+    confident = torch.zeros(8, 3)
+    confident[:, 2] = 20.0  # a teacher sure of class 2 everywhere
+    run.distillation_loss(logits, labels, confident).backward()
+    assert (logits.grad[:, 2] < 0).all(), "descending the loss raises every row's class-2 logit"
+
+
+def test_keep_layers_spaces_them_and_keeps_the_pooling_layer():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from trainer.models import add_mean_pooling_layer, keep_layers, kept_layer_indices
+
+    assert kept_layer_indices(12, 6) == [1, 3, 5, 7, 9, 11]
+    assert kept_layer_indices(12, 4) == [2, 5, 8, 11] and kept_layer_indices(3, 3) == [0, 1, 2]
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4,
+                                                     num_attention_heads=2, intermediate_size=64))
+    add_mean_pooling_layer(model)
+    layers = list(model.bert.encoder.layer)
+    assert keep_layers(model, 2) == [1, 3]
+    assert list(model.bert.encoder.layer) == [layers[1], layers[3], layers[4]]  # the pooling layer stays on top
+    assert model.config.num_hidden_layers == 3
+    model.eval()(input_ids=torch.tensor([[1, 2, 3]]))  # still runs
