@@ -53,8 +53,9 @@ test-fast: setup
 demo: setup
 	$(PY) -m demo
 
+# A distilled student published into students/ (README, "Training") is measured beside the served model.
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(if $(wildcard students/LATEST),--student-dir students)
 
 # For a lent GPU machine (no network there; torch and transformers installed, Python 3.12): the worker's other
 # packages as wheels in .whl/, to carry with the repository for `python -m bench.gpu_check` (its docstring).

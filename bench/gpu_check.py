@@ -15,8 +15,9 @@ What it runs, against a local stack it starts (Apache Kafka where ``java`` is, e
    costs what the trained model's costs at the same token counts; its labels mean nothing, so no accuracy
    is reported. Texts are random characters with the token lengths of the real mixed stream (titles and
    reviews, as the worker's tokenizer cut them), all distinct: every message reaches the model.
-2. model-only, per token budget and dtype: the worker's own engine (``LoadedModel.predict``: tokenize, pad,
-   forward, softmax, copy to the host) on the batches the worker's batcher cuts from the stream.
+2. model-only, per token budget, dtype and backend (padded: ``auto``'s choice on CUDA; packed: the CPU's,
+   never measured on a GPU yet): the worker's own engine (``LoadedModel.predict``: tokenize, forward,
+   softmax, copy to the host) on the batches the worker's batcher cuts from the stream.
 3. end to end, per token budget: a 4-partition backlog through ``python -m worker.run --device <device>``:
    msgs/s, and the GPU's utilisation and memory sampled by ``nvidia-smi`` every 200 ms meanwhile.
 4. the ceiling (``bench.ceiling``): the same worker on a stream that is all cache hits, 1 and 2 processes:
@@ -122,8 +123,8 @@ def model_only(store: Path, device: str, texts: list[str], budgets: list[int], d
     from worker.engine import Engine
 
     rows = []
-    for dtype in dtypes:
-        engine = Engine(store, device=device, dtype=dtype, max_length=128, top_k=3).start()
+    for dtype, backend in [(d, b) for d in dtypes for b in ("padded", "packed")]:
+        engine = Engine(store, device=device, dtype=dtype, max_length=128, top_k=3, backend=backend).start()
         model = engine.current
         for budget in budgets:
             batcher: Batcher[str] = Batcher(max(64, budget // 32), budget, 0.0)
@@ -138,10 +139,10 @@ def model_only(store: Path, device: str, texts: list[str], budgets: list[int], d
                 done += len(model.predict(batches[i % len(batches)]))
                 i += 1
             rate = done / (time.perf_counter() - t0)
-            rows.append({"dtype": dtype, "budget": budget, "batches": i, "mean_batch": round(done / i, 1),
-                         "msgs_per_s": round(rate, 1)})
-            print(f"model-only {dtype} budget {budget}: {rate:,.0f} msgs/s (mean batch {done / i:.0f})",
-                  flush=True)
+            rows.append({"dtype": dtype, "backend": model.backend, "budget": budget, "batches": i,
+                         "mean_batch": round(done / i, 1), "msgs_per_s": round(rate, 1)})
+            print(f"model-only {dtype} {model.backend} budget {budget}: {rate:,.0f} msgs/s "
+                  f"(mean batch {done / i:.0f})", flush=True)
         del engine, model  # the next dtype's copy replaces this one on the device
     return rows
 

@@ -49,6 +49,7 @@ def run_all(
     scale_seconds: float | None = None,
     delivery_sizes: dict | None = None,
     ceiling_sizes: dict | None = None,
+    student_dir: str | None = None,
 ) -> dict:
     """All parts on one workspace; ``scale`` shrinks the fixed time boxes (GEMM timing, model-only over the
     stream) for smoke runs. ``e2e_seconds``/``scale_seconds`` cap the e2e/cache stream and each scale-out
@@ -93,7 +94,7 @@ def run_all(
     part(
         "alternatives",
         lambda: alternatives.run(ws, seconds=alt_seconds, skip=skip_alternatives, stream=stream[:4000],
-                                 agreement_texts=max(100, round(4000 * scale))),
+                                 agreement_texts=max(100, round(4000 * scale)), student_dir=student_dir),
     )
     e = part("e2e", lambda: e2e.run(ws, messages=messages, steady_seconds=steady_seconds, stream=stream))
     part("brokers", lambda: brokers.run(ws, stream[:messages], kafka_backlog=e["backlog"] if e else None))
@@ -210,7 +211,10 @@ def _forward_ratios(alt: dict | None) -> dict:
     rates = alt["rates_msgs_per_s"]
     stream = rates.get("e2e stream, worker batches", {})
     titles = rates.get("titles, batch 64", {})
+    students = [name for name in stream if name.startswith("student")]
     return {
+        **({"student_over_padded_stream": common.ratio(stream[students[0]], stream.get(alt["reference"]))}
+           if students else {}),
         "served_over_padded_stream": common.ratio(stream.get(served), stream.get(alt["reference"])),
         "served_over_padded_titles": common.ratio(titles.get(served), titles.get(alt["reference"])),
         "served_agreement_with_fp32": alt["agreement_with_fp32"].get(served),
@@ -253,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,ceiling",
         help="comma-separated subset of parts",
     )
+    parser.add_argument("--student-dir", default=None,
+                        help="part 1b also measures this store's model (a distilled student: trainer.run "
+                             "--teacher --student-layers), its speed and its own test accuracy")
     parser.add_argument("--ceiling-compare-ref", default=None,
                         help="part 8 also runs the worker of this git commit on the same backlog (before/after)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute")
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_seconds=args.scale_seconds,
             delivery_sizes=delivery_sizes,
             ceiling_sizes=ceiling_sizes,
+            student_dir=args.student_dir,
         )
         broker = ws.broker
     mo = results["parts"].get("model_only") or {}

@@ -131,6 +131,7 @@ def test_gpu_check_script_runs_on_cpu(stack, tmp_path):
     r = gpu_check.run(device="cpu", budgets=[512], dtypes=["fp32"], messages=60, model_seconds=0.1,
                       ceiling_messages=200, work_dir=tmp_path / "work", stack=stack)
     assert r["model_only"][0]["msgs_per_s"] > 0 and r["e2e"][0]["msgs_per_s"] > 0
+    assert {row["backend"] for row in r["model_only"]} == {"padded", "packed"}
     assert r["e2e"][0]["latency_ms"]["n"] == 60 and "samples" in r["e2e"][0]["gpu"]
     assert set(r["ceiling"]["variants"]) == CEILING_VARIANTS
     json.dumps(r)
