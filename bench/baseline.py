@@ -12,7 +12,7 @@ Two protocols per data set:
   measured that way. Expect about a point of difference either way: a 2,000-text test set has a standard
   error near 0.8 points, and those figures deduplicated without NFKC.
 
-Vectoriser and SVM use scikit-learn's defaults on purpose: a baseline tuned on the test split is not one.
+The model is :mod:`trainer.baseline`'s, the one every ``trainer.run`` also fits on its own split.
 """
 
 from __future__ import annotations
@@ -20,40 +20,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from pathlib import Path
 
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
-from sklearn.svm import LinearSVC
 from tqdm import tqdm
 
 from bert_stream.logs import configure_logging, get_logger
-from trainer.data import BUILTINS, DataSpec, Example, builtin_examples, load_splits
+from trainer.baseline import MODEL, fit_and_score
+from trainer.data import BUILTINS, DataSpec, builtin_examples, load_splits
 
 log = get_logger(__name__)
-MODEL = "TfidfVectorizer(analyzer='char', ngram_range=(1, 3)) + LinearSVC() (scikit-learn defaults otherwise)"
-
-
-def fit_and_score(train: list[Example], test: list[Example]) -> dict:
-    """Fit on ``train``, score on ``test``: accuracy, macro-F1 and the fit time (vectorising included)."""
-    started = time.perf_counter()
-    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3))
-    classifier = LinearSVC()
-    classifier.fit(vectorizer.fit_transform([e.text for e in train]), [e.label for e in train])
-    fit_s = time.perf_counter() - started
-    predicted = classifier.predict(vectorizer.transform([e.text for e in test]))
-    truth = [e.label for e in test]
-    return {
-        "train": len(train),
-        "test": len(test),
-        "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, average="macro")),
-        "fit_s": round(fit_s, 2),
-    }
-
-
 def ours(name: str, seed: int = 0) -> dict:
     """The trainer's own split (``trainer.run --seed``): the number to compare a fine-tuned model against."""
     splits = load_splits(DataSpec(data=name, seed=seed))

@@ -57,7 +57,7 @@ from transformers.utils import logging as hf_logging
 from bert_stream import precision
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view
-from trainer import checkpoint, metrics, plots, runstate
+from trainer import baseline, checkpoint, metrics, plots, runstate
 from trainer.data import DataError, DataSpec, Example, Splits, load_splits
 from trainer.models import ModelSourceError, keep_layers, load_for_classification
 from trainer.settings import (DISTILL_ALPHA, DISTILL_TEMPERATURE, Hyperparameters, TrainSettings,
@@ -135,6 +135,10 @@ def train(settings: TrainSettings) -> int:
         test_macro_f1=round(final.test["macro_f1"], 5), eval_s=round(final.eval_seconds, 1))
     status = EXIT_OK
     if accelerator.is_main_process:
+        final.baseline = baseline.versus(final.test, baseline.fit_and_score(splits.train, splits.test))
+        say("train.baseline", model="tfidf-char-1-3+linear-svc", test_accuracy=final.baseline["accuracy"],
+            test_macro_f1=final.baseline["macro_f1"], gain_accuracy=final.baseline["gain_accuracy"],
+            gain_macro_f1=final.baseline["gain_macro_f1"], fit_s=final.baseline["fit_s"])
         status = save_and_publish(settings, accelerator, prepared.model, tokenizer, data, fit, final,
                                   time.monotonic() - started)
         shutil.rmtree(run, ignore_errors=True)  # finished: nothing left to resume
@@ -758,6 +762,7 @@ class Final:
     test: dict
     test_predictions: list[int]
     eval_seconds: float
+    baseline: dict | None = None  # trainer.baseline.versus: the classical model on the same split
 
 
 def final_evaluation(accelerator: Accelerator, p: Prepared, data: Data, fit: Fit) -> Final:
@@ -776,10 +781,17 @@ def final_evaluation(accelerator: Accelerator, p: Prepared, data: Data, fit: Fit
         test_predictions=test_pred, eval_seconds=time.monotonic() - started)
 
 
-def gate(settings: TrainSettings, test: dict, test_fingerprint: str) -> list[str]:
-    """Reasons to refuse publishing (empty: publish). Against the --min-* floors, and against the published
-    model when it was tested on the same split (a lower test macro-F1, the selection metric, is worse)."""
+def gate(settings: TrainSettings, test: dict, test_fingerprint: str,
+         versus_baseline: dict | None = None) -> list[str]:
+    """Reasons to refuse publishing (empty: publish). Against the --min-* floors, the classical baseline's
+    accuracy plus --min-gain-over-baseline, and the published model when it was tested on the same split (a
+    lower test macro-F1, the selection metric, is worse)."""
     reasons = []
+    floor = settings.min_gain_over_baseline
+    if floor is not None and versus_baseline is not None and versus_baseline["gain_accuracy"] < floor:
+        reasons.append(f"test accuracy {test['accuracy']:.4f} beats the classical baseline's "
+                       f"{versus_baseline['accuracy']:.4f} by {versus_baseline['gain_accuracy']:+.4f} < "
+                       f"--min-gain-over-baseline {floor:.4f}")
     if settings.min_accuracy is not None and test["accuracy"] < settings.min_accuracy:
         reasons.append(f"test accuracy {test['accuracy']:.4f} < --min-accuracy {settings.min_accuracy:.4f}")
     if settings.min_macro_f1 is not None and test["macro_f1"] < settings.min_macro_f1:
@@ -811,7 +823,7 @@ def save_and_publish(settings: TrainSettings, accelerator: Accelerator, model, t
     try:
         write_checkpoint(staged, settings, accelerator, model, tokenizer, data, fit, final, version,
                          total_seconds)
-        reasons = gate(settings, final.test, splits.test_fingerprint)
+        reasons = gate(settings, final.test, splits.test_fingerprint, final.baseline)
         if reasons and not settings.force:
             rejected = root / REJECTED_DIR / version
             rejected.parent.mkdir(exist_ok=True)
@@ -847,7 +859,7 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
     _write_json(folder / "metrics.json", {
         "version": version, "model": settings.model, "data": splits.name, "labels": splits.labels,
         "data_fingerprint": splits.fingerprint, "test_fingerprint": splits.test_fingerprint,
-        "validation": final.validation, "test": final.test,
+        "validation": final.validation, "test": final.test, "baseline": final.baseline,
         "best_step": progress.best_step, "steps": progress.step, "early_stopped": progress.early_stopped,
         "epochs": round(progress.step / data.steps_per_epoch, 3), "max_length": data.hyper.max_length,
         "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes,

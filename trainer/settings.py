@@ -167,6 +167,11 @@ class TrainSettings:
     min_macro_f1: float | None = setting(None, env="BERT_STREAM_MIN_MACRO_F1",
                                          help="Refuse to publish (exit 3) when test macro-F1 is below this "
                                               "(0-1).")
+    min_gain_over_baseline: float | None = setting(
+        None, env="BERT_STREAM_MIN_GAIN_OVER_BASELINE",
+        help="Refuse to publish (exit 3) unless test accuracy beats the classical baseline (TF-IDF char 1-3-grams "
+             "+ LinearSVC, fitted on the same training split in the same run) by at least this much (0.03: 3 "
+             "points). Every run reports the gain either way.")
     force: bool = setting(False, help="Publish even when the gate refuses (below --min-*, or worse than the "
                                       "published model on the same test split).")
     redis_url: str | None = setting(None, env="REDIS_URL",
@@ -216,6 +221,8 @@ class TrainSettings:
         require(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be at least 1")
         require(self.early_stopping_patience >= 0, "early_stopping_patience must not be negative")
         require(self.torch_threads >= 0, "torch_threads must not be negative (0: torch's default)")
+        require(self.min_gain_over_baseline is None or -1 <= self.min_gain_over_baseline <= 1,
+                "min_gain_over_baseline must be in [-1, 1] (accuracy points as a fraction: 0.03 is 3 points)")
         for name in ("min_accuracy", "min_macro_f1"):
             value = getattr(self, name)
             require(value is None or 0 <= value <= 1, f"{name} must be in [0, 1]")

@@ -164,6 +164,10 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
         assert sum(map(sum, report["confusion_matrix"])) == report["n"]
     assert metrics["test"]["accuracy"] >= 0.8, metrics["test"]  # chance is 1/3
     assert metrics["train_time_s"] > 0 and metrics["train_examples_per_s"] > 0
+    # the classical baseline, fitted on the same split in the same run, and the model's gain over it
+    versus = metrics["baseline"]
+    assert "LinearSVC" in versus["model"] and 0 < versus["accuracy"] <= 1 and versus["fit_s"] >= 0
+    assert versus["gain_accuracy"] == pytest.approx(metrics["test"]["accuracy"] - versus["accuracy"], abs=1e-4)
     assert metrics["model"] == "scratch" and metrics["data"] == "tiny.csv"
     args = json.loads((folder / "training_args.json").read_text())
     assert args["hyperparameters"]["epochs"] == 3 and args["settings"]["scratch_preset"] == "tiny"
@@ -397,6 +401,20 @@ def test_gate_compares_only_on_the_same_test_split(tmp_path):
     floors = TrainSettings(output_dir=str(store), min_accuracy=0.96, min_macro_f1=0.5)
     (reason,) = run.gate(floors, better, "abc")
     assert "--min-accuracy" in reason
+
+
+def test_gate_can_demand_a_margin_over_the_classical_baseline(tmp_path):
+    from trainer import baseline
+
+    test = {"accuracy": 0.82, "macro_f1": 0.80}
+    versus = baseline.versus(test, {"accuracy": 0.80, "macro_f1": 0.70, "fit_s": 1.0})
+    assert versus["gain_accuracy"] == pytest.approx(0.02) and versus["gain_macro_f1"] == pytest.approx(0.10)
+    settings = TrainSettings(output_dir=str(tmp_path / "empty"), min_gain_over_baseline=0.03)
+    (reason,) = run.gate(settings, test, "abc", versus)
+    assert "classical baseline" in reason and "+0.0200 < --min-gain-over-baseline 0.0300" in reason
+    assert run.gate(TrainSettings(output_dir=str(tmp_path / "empty"), min_gain_over_baseline=0.01), test, "abc",
+                    versus) == []
+    assert run.gate(TrainSettings(output_dir=str(tmp_path / "empty")), test, "abc", versus) == []  # reported only
 
 
 def test_mixed_precision_auto_follows_the_cpu_probe(monkeypatch):
