@@ -118,6 +118,9 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
                  _x(s["ratios"].get("served_over_padded_stream"))],
                 ["served forward (packed) / padded forward, model-only, titles batch 64",
                  _x(s["ratios"].get("served_over_padded_titles"))],
+                *([["distilled student (part 1b) / padded forward, model-only, mixed stream",
+                    _x(s["ratios"]["student_over_padded_stream"])]] if "student_over_padded_stream" in s["ratios"]
+                  else []),
                 *[
                     [f"{_served(s)} efficiency at best batch size, {n}", _pct(x)]
                     for n, x in _best_efficiency(s["ratios"]).items()
@@ -302,12 +305,14 @@ def _verdict(name: str, t: dict) -> str:
 def _fmt_target(name: str, value) -> str:
     if value is None:
         return "-"
+    if "p99" in name:
+        return f"{value:.0f} ms"
+    if "labels" in name:
+        return f"{value:.2%}"
     if "efficiency" in name or "overhead" in name or "%" in name:
         return _pct(value)
     if "6x" in name or "2x" in name:
         return _x(value)
-    if "p99" in name:
-        return f"{value:.0f} ms"
     return f"{value:,.0f} msgs/s"
 
 
@@ -333,7 +338,8 @@ def _model_only_md(mo: dict) -> list[str]:
         "## 1. Model-only throughput through the worker's engine",
         "",
         (
-            "`worker.engine.LoadedModel.predict` (tokenize, sort by length, chunk, pad, forward, softmax, top-k), "
+            "`worker.engine.LoadedModel.predict` (tokenize, sort by length, forward with the worker's backend: "
+            "packed on the CPU since 2026-12-04, before that padded chunks; softmax, top-k), "
             f"{' and '.join(g)} interleaved on the same texts{_no_bf16_note(g)}. The limit is the GEMM rate "
             "measured in this run "
             "(`torch.matmul` at one layer's shapes, the best of before and after the sweep) divided by the FLOPs "
