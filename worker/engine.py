@@ -98,9 +98,9 @@ class LoadedModel:
         id2label = self.model.config.id2label or config["id2label"]
         self.labels = [str(id2label[i]) for i in range(len(id2label))]
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.backend, self.backend_note = choose_backend(backend, self.model, device)
-        if backend == "packed" and self.backend_note:
-            log.warning("packed_backend_unavailable", model_version=version, reason=self.backend_note)
+        self.backend, why_not_packed = choose_backend(backend, self.model, device)
+        if backend == "packed" and why_not_packed:
+            log.warning("packed_backend_unavailable", model_version=version, reason=why_not_packed)
         self.packed = packed.PackedBert(self.model) if self.backend == "packed" else None
 
     def token_budget(self, texts: Sequence[str]) -> list[int]:

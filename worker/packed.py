@@ -94,7 +94,6 @@ class PackedBert:
         why = unsupported(model)
         if why:
             raise ValueError(f"cannot run packed: {why}")
-        self.model = model
         self.embeddings = model.bert.embeddings
         self.layers = [_Layer(layer) for layer in model.bert.encoder.layer]
         self.pooler, self.classifier = model.bert.pooler, model.classifier
