@@ -156,16 +156,14 @@ def with_backend(loaded, backend: str) -> object:
 
 
 @contextlib.contextmanager
-def chunk_tokens(n: int):
-    """Temporarily change the engine's padded-tokens-per-forward-pass constant (read at call time)."""
-    import worker.engine as engine_module
-
-    saved = engine_module.CHUNK_TOKENS
-    engine_module.CHUNK_TOKENS = n
+def chunk_tokens(loaded, n: int):
+    """Temporarily change a loaded model's padded tokens per forward pass."""
+    saved = loaded.chunk_tokens
+    loaded.chunk_tokens = n
     try:
         yield
     finally:
-        engine_module.CHUNK_TOKENS = saved
+        loaded.chunk_tokens = saved
 
 
 def build_variants(
@@ -182,7 +180,7 @@ def build_variants(
     notes: dict[str, dict] = {name: {} for name in paths}
 
     def chunked(texts):
-        with chunk_tokens(8192):
+        with chunk_tokens(padded, 8192):
             return padded.predict(texts)
 
     predicts[f"{base} padded chunk=8192"] = chunked

@@ -24,6 +24,9 @@ What it runs, against a local stack it starts (Apache Kafka where ``java`` is, e
    what the path around the model carries, against which the GPU's model-only rate is the one to compare.
 
 It also runs on a CPU (``--device cpu``, small ``--messages``): that is how it is checked without a GPU.
+``--parts``, ``--backends`` and ``--clients`` cut it down when device time is short; the JSON is rewritten after
+each part, so a run stopped by its time limit keeps what it measured. Copied to ``bench/gpu_check.json`` it is
+rendered into RESULTS.md by ``python -m bench.report``.
 """
 
 from __future__ import annotations
@@ -118,12 +121,15 @@ class GpuSampler:
 
 
 def model_only(store: Path, device: str, texts: list[str], budgets: list[int], dtypes: list[str],
-               seconds: float) -> list[dict]:
+               seconds: float, backends: list[str] = ("padded", "packed")) -> list[dict]:
+    """The engine's ``predict`` per dtype, backend and budget, each batch shape run once before the clock starts
+    (a GPU loads a kernel the first time a shape needs it: the first pass over the stream ran at a tenth of
+    the second); ``tokenize_msgs_per_s``: the tokenizer alone on the same batches, the host's share."""
     from worker.batcher import Batcher
     from worker.engine import Engine
 
     rows = []
-    for dtype, backend in [(d, b) for d in dtypes for b in ("padded", "packed")]:
+    for dtype, backend in [(d, b) for d in dtypes for b in backends]:
         engine = Engine(store, device=device, dtype=dtype, max_length=128, top_k=3, backend=backend).start()
         model = engine.current
         for budget in budgets:
@@ -133,57 +139,103 @@ def model_only(store: Path, device: str, texts: list[str], budgets: list[int], d
             batches = []
             while (batch := batcher.pop_ready(0.0, flush=True)) is not None:
                 batches.append(batch.items)
-            model.predict(batches[0])  # warm-up: kernels chosen, memory allocated
+            t0 = time.perf_counter()
+            for batch in batches:  # warm-up: every shape once, within a bound
+                model.predict(batch)
+                if time.perf_counter() - t0 > 4 * seconds:
+                    break
             done, t0, i = 0, time.perf_counter(), 0
             while time.perf_counter() - t0 < seconds or i < 3:
                 done += len(model.predict(batches[i % len(batches)]))
                 i += 1
             rate = done / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for j in range(i):
+                model.tokenizer(list(batches[j % len(batches)]), truncation=True, max_length=model.max_length)
+            tokenize_rate = done / (time.perf_counter() - t0)
             rows.append({"dtype": dtype, "backend": model.backend, "budget": budget, "batches": i,
-                         "mean_batch": round(done / i, 1), "msgs_per_s": round(rate, 1)})
+                         "mean_batch": round(done / i, 1), "msgs_per_s": round(rate, 1),
+                         "tokenize_msgs_per_s": round(tokenize_rate, 1)})
             print(f"model-only {dtype} {model.backend} budget {budget}: {rate:,.0f} msgs/s "
-                  f"(mean batch {done / i:.0f})", flush=True)
+                  f"(mean batch {done / i:.0f}; tokenizer alone {tokenize_rate:,.0f} msgs/s)", flush=True)
         del engine, model  # the next dtype's copy replaces this one on the device
     return rows
 
 
-def end_to_end(ws: common.Workspace, device: str, texts: list[str], budgets: list[int]) -> list[dict]:
+def end_to_end(ws: common.Workspace, device: str, texts: list[str], budgets: list[int],
+               clients: list[str]) -> list[dict]:
+    """A backlog per token budget (one kafka-python worker), then at the largest budget the ways to feed one GPU
+    harder: 2 processes sharing it, and each other client with 1 and 2 processes."""
     from bench import e2e
 
+    top = max(budgets)
+    plan = [(budget, "kafka-python", 1) for budget in budgets]
+    plan += [(top, "kafka-python", 2)] + [(top, client, n) for client in clients if client != "kafka-python"
+                                          for n in (1, 2)]
     rows = []
-    for budget in budgets:
+    for budget, client, processes in plan:
         args = ["--device", device, "--max-batch-tokens", str(budget), "--max-batch-size", str(max(64, budget // 32)),
-                "--max-queued-messages", str(max(2048, 4 * max(64, budget // 32)))]
+                "--max-queued-messages", str(max(2048, 4 * max(64, budget // 32))), "--kafka-client", client]
+        tag = f"gpu-e2e-{budget}-{client[:8]}-p{processes}"
         with GpuSampler() as gpu:
-            r = e2e.backlog(ws, texts, tag=f"gpu-e2e-{budget}", partitions=4, worker_args=args)
-        rows.append({"budget": budget, "msgs_per_s": round(r["msgs_per_s"], 1), "latency_ms": r["latency_ms"],
+            r = e2e.backlog(ws, texts, tag=tag, partitions=4, workers=processes, worker_args=args)
+        rows.append({"budget": budget, "client": client, "processes": processes,
+                     "msgs_per_s": round(r["msgs_per_s"], 1), "latency_ms": r["latency_ms"],
                      "batch_infer_ms": r["batch_infer_ms"], "gpu": gpu.summary()})
-        print(f"e2e budget {budget}: {r['msgs_per_s']:,.0f} msgs/s, GPU {gpu.summary()}", flush=True)
+        print(f"e2e budget {budget}, {client}, {processes} process(es): {r['msgs_per_s']:,.0f} msgs/s, "
+              f"GPU {gpu.summary()}", flush=True)
     return rows
 
 
+PARTS = ("model", "e2e", "ceiling")
+
+
+def available_clients() -> list[str]:
+    import importlib.util
+
+    return ["kafka-python"] + (["confluent-kafka"] if importlib.util.find_spec("confluent_kafka") else [])
+
+
 def run(*, device: str, budgets: list[int], dtypes: list[str], messages: int, model_seconds: float,
-        ceiling_messages: int, work_dir: Path, stack=None) -> dict:
-    """Every part, into one dict; ``stack``: a running local stack to use (else one is started and stopped)."""
+        ceiling_messages: int, work_dir: Path, stack=None, clients: list[str] | None = None,
+        backends: list[str] = ("padded", "packed"), parts: tuple[str, ...] = PARTS,
+        output: Path | None = None) -> dict:
+    """Every part asked for, into one dict (written to ``output`` after each part, so a run cut short keeps
+    what it measured); ``stack``: a running local stack to use (else one is started and stopped);
+    ``clients``: the Kafka clients to run (default: kafka-python, and confluent-kafka where it is installed)."""
+    clients = clients or available_clients()
     store = Path(work_dir) / "store"
     version = publish_random_model(store)
     texts = stream(messages)
     result: dict = {"device": device, "model_version": version, "messages": messages, "budgets": budgets,
                     "versions": common.package_versions()}
+
+    def save() -> None:
+        if output is not None:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+
     if device.startswith("cuda"):
         import torch
 
         result["gpu"] = torch.cuda.get_device_name()
-    result["model_only"] = model_only(store, device, texts, budgets, dtypes, model_seconds)
+    if "model" in parts:
+        result["model_only"] = model_only(store, device, texts, budgets, dtypes, model_seconds, backends)
+        save()
+    if not {"e2e", "ceiling"} & set(parts):
+        return result
     with common.open_workspace(model_dir=store, work_dir=work_dir, stack=stack) as ws:
         result["broker"] = ws.broker
-        result["e2e"] = end_to_end(ws, device, texts, budgets)
-        if ceiling_messages:
+        if "e2e" in parts:
+            result["e2e"] = end_to_end(ws, device, texts, budgets, clients)
+            save()
+        if ceiling_messages and "ceiling" in parts:
             from bench import ceiling
 
             c = ceiling.run(ws, messages=ceiling_messages, unique=min(2000, len(texts)), workers=(1, 2),
-                            profile_messages=0, client_messages=0, stream=texts)
+                            profile_messages=0, client_messages=0, stream=texts, clients=clients)
             result["ceiling"] = {k: c[k] for k in ("variants", "ceiling_msgs_per_s", "two_over_one") if k in c}
+            save()
     return result
 
 
@@ -195,12 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=20_000, help="messages per end-to-end run")
     parser.add_argument("--model-seconds", type=float, default=5.0, help="time per model-only point")
     parser.add_argument("--ceiling-messages", type=int, default=60_000, help="cached messages (0: no ceiling)")
+    parser.add_argument("--backends", default="padded,packed", help="model-only forward paths")
+    parser.add_argument("--clients", default=None,
+                        help="Kafka clients for e2e and ceiling (default: kafka-python, and confluent-kafka if installed)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="which of model,e2e,ceiling to run")
     parser.add_argument("--output", default=str(common.WORK_DIR / "gpu_check.json"), help="JSON written here")
     args = parser.parse_args(argv)
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
         parser.error(f"--budgets must be integers separated by commas, got {args.budgets!r}")
+    parts = tuple(args.parts.split(","))
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts: choose from {','.join(PARTS)}, got {args.parts!r}")
+    if not set(args.dtypes.split(",")) <= {"bf16", "fp32"}:
+        parser.error(f"--dtypes: choose from bf16,fp32, got {args.dtypes!r}")
     if args.device.startswith("cuda"):
         import torch
 
@@ -209,12 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     if "BROKER" not in os.environ and not shutil.which("java"):
         os.environ["BROKER"] = "tansu"
         print("gpu_check: no java here: the local stack runs Tansu", flush=True)
-    result = run(device=args.device, budgets=budgets, dtypes=args.dtypes.split(","), messages=args.messages,
-                 model_seconds=args.model_seconds, ceiling_messages=args.ceiling_messages,
-                 work_dir=common.WORK_DIR / f"gpu-check-{time.strftime('%H%M%S')}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    print(json.dumps({k: result[k] for k in ("device", "broker", "model_only", "e2e")}, indent=1)[:6000])
+    run(device=args.device, budgets=budgets, dtypes=args.dtypes.split(","), messages=args.messages,
+        model_seconds=args.model_seconds, ceiling_messages=args.ceiling_messages,
+        work_dir=common.WORK_DIR / f"gpu-check-{time.strftime('%H%M%S')}",
+        clients=args.clients.split(",") if args.clients else None, backends=args.backends.split(","),
+        parts=parts, output=Path(args.output))
     print(f"wrote {args.output}")
     return 0
 

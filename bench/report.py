@@ -39,7 +39,9 @@ def write_all(summary: dict, out_dir: Path) -> None:
         summary["gpu_sweep"] = json.loads(gpu_file.read_text())
     common.save_json(out_dir / "results.json", summary)
     plots = write_plots(summary, out_dir)
-    (out_dir / "RESULTS.md").write_text(render(summary, plots, out_dir))
+    check_file = out_dir / "gpu_check.json"  # the worker on a lent GPU: its own file, rendered beside this run
+    view = {**summary, "gpu_check": json.loads(check_file.read_text())} if check_file.exists() else summary
+    (out_dir / "RESULTS.md").write_text(render(view, plots, out_dir))
 
 
 # ---- markdown --------------------------------------------------------------------------------------------
@@ -258,6 +260,8 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
     if "ceiling" in p:
         out += ["", *_ceiling_md(p["ceiling"])]
     out += ["", *_gpu_md(s.get("gpu_sweep"))]
+    if s.get("gpu_check"):
+        out += ["", *_gpu_check_md(s["gpu_check"])]
     if plots:
         out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
     for hand_written in ("ANALYSIS.md", "TRAINING.md"):  # kept across regenerations, appended verbatim
@@ -569,6 +573,33 @@ def _gpu_md(g: dict | None) -> list[str]:
             "",
             _table(["batch size", *bss], rows),
         ]
+    return lines
+
+
+def _gpu_check_md(g: dict) -> list[str]:
+    """``bench/gpu_check.json``: the worker end to end on a lent GPU (``python -m bench.gpu_check``)."""
+    lines = ["## GPU check: the worker on a lent GPU (`python -m bench.gpu_check`)", "",
+             f"{g.get('date', '')}, {g['gpu']}; broker {g.get('broker', '?')}; model: {g.get('model', '?')}; "
+             f"code: {g.get('commit', '?')}. `{g.get('command', '')}`."]
+    lines += [f"- {note}" for note in ([g["source"]] if g.get("source") else []) + g.get("notes", [])]
+    if g.get("model_only"):
+        rows = [[r["dtype"], r["backend"], r["budget"], r["mean_batch"], r["msgs_per_s"],
+                 r.get("pass_in_process", ""), r.get("tokenize_msgs_per_s", "")] for r in g["model_only"]]
+        lines += ["", "Model-only (the engine's `predict`: tokenize, forward, softmax, copy to the host):", "",
+                  _table(["dtype", "backend", "token budget", "mean batch", "msgs/s", "pass", "tokenizer alone msgs/s"],
+                         rows)]
+    if g.get("e2e"):
+        rows = [[r["budget"], r.get("client", "kafka-python"), r.get("processes", 1), r["msgs_per_s"],
+                 r["gpu"].get("util_mean", "-"), r["gpu"].get("util_p90", "-"), r["gpu"].get("memory_max_mib", "-")]
+                for r in g["e2e"]]
+        lines += ["", "End to end (a 4-partition backlog through `python -m worker.run --device cuda`; nvidia-smi "
+                  "sampled every 200 ms):", "",
+                  _table(["token budget", "client", "processes", "msgs/s", "GPU util mean %", "p90 %", "GPU MiB"],
+                         rows)]
+    if g.get("ceiling"):
+        rows = [[name, v["msgs_per_s"]] for name, v in g["ceiling"]["variants"].items()]
+        lines += ["", "Ceiling (every message a cache hit: the path around the model) on the GPU machine's host:", "",
+                  _table(["variant", "msgs/s"], rows)]
     return lines
 
 

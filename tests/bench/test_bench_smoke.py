@@ -133,5 +133,8 @@ def test_gpu_check_script_runs_on_cpu(stack, tmp_path):
     assert r["model_only"][0]["msgs_per_s"] > 0 and r["e2e"][0]["msgs_per_s"] > 0
     assert {row["backend"] for row in r["model_only"]} == {"padded", "packed"}
     assert r["e2e"][0]["latency_ms"]["n"] == 60 and "samples" in r["e2e"][0]["gpu"]
+    assert {(row["client"], row["processes"]) for row in r["e2e"]} == {
+        (client, n) for client in gpu_check.available_clients() for n in (1, 2)}
+    assert all(row["msgs_per_s"] > 0 and row["latency_ms"]["n"] == 60 for row in r["e2e"])
     assert set(r["ceiling"]["variants"]) == CEILING_VARIANTS
     json.dumps(r)

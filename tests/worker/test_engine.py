@@ -24,6 +24,8 @@ def test_dtype_follows_the_hardware(monkeypatch):
     assert choose_dtype("bf16", cpu, "flags\t: avx2\n") == torch.bfloat16  # explicit wins
     assert choose_dtype("fp32", torch.device("cuda")) == torch.float32
     assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):  # not silently the default
+        choose_dtype("fp16", torch.device("cuda"))
 
 
 def test_predictions_keep_order_and_mark_truncation(model_store, model_labels):
@@ -36,6 +38,11 @@ def test_predictions_keep_order_and_mark_truncation(model_store, model_labels):
     for p, q in zip(preds, one_by_one):
         assert p.score == pytest.approx(q.score, abs=1e-4)
     assert all(p.label in model_labels and len(p.top_k) == 2 for p in preds)
+    padded = Engine(model_store, max_length=32, top_k=2, dtype="fp32", backend="padded").start().acquire()
+    assert padded.backend == "padded" and padded.chunk_tokens == 2048  # a CPU pass; a GPU's takes a whole batch
+    for chunk_tokens in (32, 2048):  # one row per pass; all 16 rows in one
+        padded.chunk_tokens = chunk_tokens
+        assert [p.score for p in padded.predict(texts)] == pytest.approx([p.score for p in preds], abs=1e-4)
     lengths = model.token_lengths(texts)
     assert [p.truncated for p in preds] == [len(model.tokenizer(t)["input_ids"]) > 32 for t in texts]
     assert any(p.truncated for p in preds) and not all(p.truncated for p in preds)
