@@ -26,6 +26,7 @@ unfinished run with the same fingerprint. Finished runs (published or refused) d
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -60,8 +61,8 @@ from bert_stream.settings import SettingsError, parse_settings, public_view
 from trainer import baseline, checkpoint, metrics, plots, runstate
 from trainer.data import DataError, DataSpec, Example, Splits, load_splits
 from trainer.models import ModelSourceError, keep_layers, load_for_classification
-from trainer.settings import (DISTILL_ALPHA, DISTILL_TEMPERATURE, Hyperparameters, TrainSettings,
-                              max_train_examples, resolve)
+from trainer.settings import (DISTILL_ALPHA, DISTILL_TEMPERATURE, EARLY_STOPPING_AFTER, Hyperparameters,
+                              TrainSettings, max_train_examples, resolve)
 
 PROG = "python -m trainer.run"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 2, 3
@@ -288,8 +289,10 @@ def build_data(settings: TrainSettings, splits: Splits, tokenizer, model_max: in
     model_max = min(model_max, tokenizer.model_max_length)
     global_batches = math.ceil(len(splits.train) / settings.batch_size)
     steps_per_epoch = math.ceil(math.ceil(global_batches / num_processes) / settings.gradient_accumulation_steps)
-    hyper = resolve(settings, token_lengths=lengths, model_max_length=model_max, steps_per_epoch=steps_per_epoch)
     label_ids = {label: i for i, label in enumerate(splits.labels)}
+    counts = collections.Counter(label_ids[e.label] for e in splits.train)
+    hyper = resolve(settings, token_lengths=lengths, model_max_length=model_max, steps_per_epoch=steps_per_epoch,
+                    label_counts=[counts[i] for i in range(len(label_ids))])
     # pad_to_multiple_of=8: tensor-core / AMX tile friendly shapes for a few padded tokens
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     train_set = encode(tokenizer, splits.train, label_ids, hyper.max_length)
@@ -407,6 +410,7 @@ class Prepared:
     total_steps: int  # optimizer steps of the whole run, per process
     ema: AveragedModel | None  # --ema: the moving average of the weights, what is evaluated and kept
     teacher: torch.Tensor | None = None  # --teacher: its logits for every training example (by "idx")
+    class_weights: torch.Tensor | None = None  # --class-weights, resolved: the loss's weight per label id
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -458,8 +462,10 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, data: Data,
     # so validation sees it as it sees the model) and is updated after every optimizer step.
     ema = (AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(hyper.ema))
            if hyper.ema > 0 else None)
+    weights = (None if hyper.class_weights is None
+               else torch.tensor(hyper.class_weights, dtype=torch.float32, device=accelerator.device))
     return Prepared(model, optimizer, scheduler, train, validation, test, total_steps, ema,
-                    None if teacher is None else teacher.to(accelerator.device))
+                    None if teacher is None else teacher.to(accelerator.device), weights)
 
 
 @dataclasses.dataclass
@@ -541,13 +547,14 @@ def teacher_logits(settings: TrainSettings, splits: Splits, max_length: int, say
     return logits
 
 
-def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hinton et al. (2015): cross-entropy on the labels, plus KL from the teacher's distribution at
     temperature T to the student's (times T^2, so its gradients keep their size as T changes)."""
     t = DISTILL_TEMPERATURE
     kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher.float() / t, -1), log_target=True,
                   reduction="batchmean") * t * t
-    return (1 - DISTILL_ALPHA) * F.cross_entropy(logits, labels) + DISTILL_ALPHA * kl
+    return (1 - DISTILL_ALPHA) * F.cross_entropy(logits, labels, weight=weight) + DISTILL_ALPHA * kl
 
 
 def symmetric_kl(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -557,13 +564,19 @@ def symmetric_kl(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
             + F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")) / 2
 
 
-def rdrop_loss(model, batch: dict, alpha: float) -> torch.Tensor:
+def classification_loss(model, batch: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the batch (each example weighted by its label's ``weight`` when given)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return F.cross_entropy(model(**inputs).logits.float(), batch["labels"], weight=weight)
+
+
+def rdrop_loss(model, batch: dict, alpha: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """R-Drop: the batch twice in one forward pass (independent dropout masks), cross-entropy of both
     halves plus ``alpha`` times the symmetric KL divergence between their predicted distributions."""
     labels = batch["labels"]
     inputs = {k: torch.cat([v, v]) for k, v in batch.items() if k != "labels"}
     first, second = model(**inputs).logits.float().chunk(2)
-    ce = (F.cross_entropy(first, labels) + F.cross_entropy(second, labels)) / 2
+    ce = (F.cross_entropy(first, labels, weight=weight) + F.cross_entropy(second, labels, weight=weight)) / 2
     return ce + alpha * symmetric_kl(first, second)
 
 
@@ -586,16 +599,17 @@ def pushed_embeddings(accelerator: Accelerator, model, epsilon: float):
         weight.data.sub_(delta)
 
 
-def adversarial_backward(accelerator: Accelerator, model, batch: dict, epsilon: float) -> None:
+def adversarial_backward(accelerator: Accelerator, model, batch: dict, epsilon: float,
+                         weight: torch.Tensor | None = None) -> None:
     """FGM after the clean backward pass: backpropagate the loss at the pushed embeddings too (gradients
     add up)."""
     with pushed_embeddings(accelerator, model, epsilon) as moved:
         if moved:
-            accelerator.backward(model(**batch).loss)
+            accelerator.backward(classification_loss(model, batch, weight))
 
 
 def adversarial_rdrop_backward(accelerator: Accelerator, model, batch: dict, alpha: float,
-                               epsilon: float) -> torch.Tensor:
+                               epsilon: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """R-Drop whose pair is the clean batch and its FGM copy (two passes where R-Drop + FGM take three):
     cross-entropy of the clean batch, backward; then at the pushed embeddings cross-entropy plus ``alpha``
     times the symmetric KL to the clean prediction, which is held fixed (the pushed one is pulled to it,
@@ -603,12 +617,12 @@ def adversarial_rdrop_backward(accelerator: Accelerator, model, batch: dict, alp
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     clean = model(**inputs).logits.float()
-    clean_ce = F.cross_entropy(clean, labels)
+    clean_ce = F.cross_entropy(clean, labels, weight=weight)
     accelerator.backward(clean_ce)
     clean = clean.detach()
     with pushed_embeddings(accelerator, model, epsilon):
         pushed = model(**inputs).logits.float()
-        pushed_ce, kl = F.cross_entropy(pushed, labels), symmetric_kl(clean, pushed)
+        pushed_ce, kl = F.cross_entropy(pushed, labels, weight=weight), symmetric_kl(clean, pushed)
         accelerator.backward(pushed_ce + alpha * kl)
     return ((clean_ce + pushed_ce) / 2 + alpha * kl).detach()
 
@@ -620,15 +634,18 @@ def train_step(accelerator: Accelerator, p: Prepared, batch: dict, hyper: Hyperp
     idx = batch.pop("idx")
     with accelerator.accumulate(p.model):  # no_sync + loss scaling until the last micro-batch
         if p.teacher is not None:
-            loss = distillation_loss(p.model(**batch).logits.float(), batch["labels"], p.teacher[idx])
+            loss = distillation_loss(p.model(**batch).logits.float(), batch["labels"], p.teacher[idx],
+                                     p.class_weights)
             accelerator.backward(loss)
         elif hyper.rdrop > 0 and hyper.adversarial > 0 and hyper.rdrop_pair == "adversarial":
-            loss = adversarial_rdrop_backward(accelerator, p.model, batch, hyper.rdrop, hyper.adversarial)
+            loss = adversarial_rdrop_backward(accelerator, p.model, batch, hyper.rdrop, hyper.adversarial,
+                                              p.class_weights)
         else:
-            loss = rdrop_loss(p.model, batch, hyper.rdrop) if hyper.rdrop > 0 else p.model(**batch).loss
+            loss = (rdrop_loss(p.model, batch, hyper.rdrop, p.class_weights) if hyper.rdrop > 0
+                    else classification_loss(p.model, batch, p.class_weights))
             accelerator.backward(loss)
             if hyper.adversarial > 0:
-                adversarial_backward(accelerator, p.model, batch, hyper.adversarial)
+                adversarial_backward(accelerator, p.model, batch, hyper.adversarial, p.class_weights)
         if accelerator.sync_gradients and hyper.max_grad_norm > 0:
             accelerator.clip_grad_norm_(p.model.parameters(), hyper.max_grad_norm)
         p.optimizer.step()  # skipped by accelerate until the gradients are synced
@@ -725,7 +742,8 @@ def evaluate_during_training(accelerator: Accelerator, p: Prepared, data: Data, 
     else:
         progress.evals_without_improvement += 1
     patience = data.hyper.early_stopping_patience
-    progress.early_stopped = patience > 0 and progress.evals_without_improvement >= patience
+    progress.early_stopped = (patience > 0 and progress.evals_without_improvement >= patience
+                              and progress.step >= EARLY_STOPPING_AFTER * p.total_steps)
     entry = {"step": progress.step, "epoch": round(progress.step / data.steps_per_epoch, 3),
              "train_loss": progress.losses[-1][1], "accuracy": round(scores["accuracy"], 5),
              "macro_f1": round(scores["macro_f1"], 5), "lr": float(max(p.scheduler.get_last_lr()))}

@@ -431,8 +431,13 @@ def test_mixed_precision_auto_follows_the_cpu_probe(monkeypatch):
 
 def test_auto_hyperparameters_and_the_quick_preset():
     lengths = list(range(10, 110))  # p99 = 108 -> 112
-    full = resolve(TrainSettings(), token_lengths=lengths, model_max_length=512, steps_per_epoch=100)
-    assert (full.max_length, full.epochs, full.eval_steps, full.max_train_examples) == (112, 3.0, 25, None)
+    full = resolve(TrainSettings(), token_lengths=lengths, model_max_length=512, steps_per_epoch=250)
+    assert (full.max_length, full.epochs, full.eval_steps, full.max_train_examples) == (112, 3.0, 63, None)
+    # A small set: as many optimizer steps as a default run (600+), in more passes; evaluated at epoch ends
+    small = resolve(TrainSettings(), token_lengths=lengths, model_max_length=512, steps_per_epoch=32)
+    assert (small.epochs, small.eval_steps) == (19.0, 51)
+    assert resolve(TrainSettings(), token_lengths=lengths, model_max_length=512, steps_per_epoch=2).epochs == 20
+    assert resolve(TrainSettings(epochs=2), token_lengths=lengths, model_max_length=512, steps_per_epoch=32).epochs == 2
     quick = resolve(TrainSettings(quick=True), token_lengths=lengths, model_max_length=512, steps_per_epoch=100)
     assert quick.max_length == QUICK_MAX_LENGTH and quick.epochs == 1.0 and quick.max_train_examples
     assert quick.learning_rate > full.learning_rate, "one short epoch gets a higher rate"
@@ -574,3 +579,46 @@ def test_keep_layers_spaces_them_and_keeps_the_pooling_layer():
     assert list(model.bert.encoder.layer) == [layers[1], layers[3], layers[4]]  # the pooling layer stays on top
     assert model.config.num_hidden_layers == 3
     model.eval()(input_ids=torch.tensor([[1, 2, 3]]))  # still runs
+
+
+def test_early_stopping_waits_for_half_the_planned_steps(tiny_csv, tmp_path):
+    """Patience 1 and a model that cannot improve (a learning rate of 1e-9): the first evaluation without a
+    better macro-F1 (step 12 of 36) does not stop it, the first one at half the steps (18) does."""
+    out = tmp_path / "store"
+    assert run.main(train_args(tiny_csv, out, "--learning-rate", "1e-9", "--early-stopping-patience", "1",
+                               "--force")) == run.EXIT_OK
+    metrics = json.loads((out / checkpoint.latest_version(out) / "metrics.json").read_text())
+    assert metrics["early_stopped"] and metrics["steps"] == 18
+    assert [h["step"] for h in metrics["history"]] == [6, 12, 18]
+
+
+def test_class_weights_follow_the_imbalance():
+    from trainer.settings import class_weights
+
+    assert class_weights("auto", [100, 90, 80]) is None  # within 3x: the plain loss
+    skewed = class_weights("auto", [1000, 100])  # 10x: sqrt weights, the rare class counts more
+    assert skewed == class_weights("sqrt", [1000, 100]) and skewed[1] / skewed[0] == pytest.approx(10 ** 0.5, rel=1e-3)
+    balanced = class_weights("balanced", [1000, 100])
+    assert balanced[1] / balanced[0] == pytest.approx(10, rel=1e-3)
+    for w in (skewed, balanced):  # the mean weight over the training examples stays 1: the loss keeps its scale
+        assert (1000 * w[0] + 100 * w[1]) / 1100 == pytest.approx(1, rel=1e-3)
+    assert class_weights("none", [1000, 100]) is None and class_weights("auto", [5, 0]) is None
+
+
+def test_class_weights_reach_the_loss(tiny_csv, tmp_path):
+    """--class-weights balanced on a split with one class cut to a fifth: the weights are resolved from the
+    training split's counts, recorded with the run, and training runs (every loss path takes them)."""
+    rows = list(csv.reader(tiny_csv.open(encoding="utf-8")))
+    header, body = rows[0], rows[1:]
+    kept = [r for r in body if r[1] != "果园"] + [r for r in body if r[1] == "果园"][:16]
+    skewed = tmp_path / "skewed.csv"
+    with skewed.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *kept])
+    out = tmp_path / "store"
+    assert run.main(train_args(skewed, out, "--class-weights", "balanced", "--rdrop", "0.5",
+                           "--adversarial", "0.1", "--force")) == run.EXIT_OK
+    folder = out / checkpoint.latest_version(out)
+    args = json.loads((folder / "training_args.json").read_text())
+    weights = args["hyperparameters"]["class_weights"]
+    labels = sorted(CLASSES)
+    assert weights[labels.index("果园")] > 3 * max(w for label, w in zip(labels, weights) if label != "果园")
