@@ -156,15 +156,17 @@ def write_csv(path: Path, examples: Sequence) -> Path:
     return path
 
 
-def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path) -> dict:
+def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path, train: bool = True) -> dict | None:
     """One trainer run (kept: a finished run with the same entry, seed, arguments and trainer code is read
-    back)."""
+    back; None when there is none and ``train`` is false)."""
     code = [(f.name, f.read_bytes().hex()) for f in sorted((common.REPO / "trainer").glob("*.py"))]
     key = hashlib.sha256(json.dumps([entry.name, seed, list(trainer_args), code]).encode()).hexdigest()[:10]
     folder = work_dir / f"{entry.name}-s{seed}-{key}"
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
+    if not train:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     files = {split: write_csv(folder / f"{split}.csv", examples)
              for split, examples in zip(("train", "validation", "test"), build_splits(entry, seed))}
@@ -290,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", default=None, help=f"comma-separated, instead of the tier's: {', '.join(ENTRIES)}")
     parser.add_argument("--seeds", default=None, help="comma-separated integers, instead of the tier's")
     parser.add_argument("--trainer-args", default="", help="extra `python -m trainer.run` arguments, one string")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the tier's runs already kept in --work-dir")
     parser.add_argument("--work-dir", default=str(common.WORK_DIR / "train_suite"), help="runs kept here")
     parser.add_argument("--out-dir", default=str(BENCH_DIR), help="train_suite.json/.png and TRAINING.md go here")
     args = parser.parse_args(argv)
@@ -312,12 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for entry, seed in (bar := tqdm(plan, desc="train suite", unit="run")):
             bar.set_postfix_str(f"{entry.name} seed {seed}")
-            runs.append(run_one(entry, seed, trainer_args, Path(args.work_dir)))
-            r = runs[-1]
+            r = run_one(entry, seed, trainer_args, Path(args.work_dir), train=not args.report_only)
+            if r is None:
+                tqdm.write(f"{entry.name} seed {seed}: not run yet (--report-only)")
+                continue
+            runs.append(r)
             tqdm.write(f"{entry.name} seed {seed}: accuracy {r['accuracy']:.1%} (baseline {r['baseline_accuracy']:.1%}), "
                        f"macro-F1 {r['macro_f1']:.3f} ({r['baseline_macro_f1']:.3f}), {r['seconds'] / 60:.1f} min")
     except (SuiteError, RuntimeError) as e:
         print(f"train_suite: {e}", file=sys.stderr)
+        return 1
+    if not runs:
+        print("train_suite: no finished runs to report", file=sys.stderr)
         return 1
     out = Path(args.out_dir)
     summary = {"date": time.strftime("%Y-%m-%d"), "tier": args.tier if not (args.entries or args.seeds) else "custom",

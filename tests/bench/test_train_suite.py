@@ -83,5 +83,7 @@ def test_one_entry_end_to_end(tmp_path, capsys):
     assert not list((tmp_path / "work").rglob("*.safetensors"))  # weights are not kept
     assert ts.main(args) == 0  # read back, not trained again
     assert json.loads((tmp_path / "train_suite.json").read_text())["runs"][0]["seconds"] == r["seconds"]
+    assert ts.main([*args, "--report-only"]) == 0
+    assert ts.main([*args[:2], "--seeds", "5", *args[4:], "--report-only"]) == 1  # nothing kept for seed 5
     with pytest.raises(SystemExit):
         ts.main(["--entries", "nonsense"])
