@@ -151,7 +151,7 @@ def model_only(store: Path, device: str, texts: list[str], budgets: list[int], d
             rate = done / (time.perf_counter() - t0)
             t0 = time.perf_counter()
             for j in range(i):
-                model.tokenizer(list(batches[j % len(batches)]), truncation=True, max_length=model.max_length)
+                model.token_lengths(batches[j % len(batches)])
             tokenize_rate = done / (time.perf_counter() - t0)
             rows.append({"dtype": dtype, "backend": model.backend, "budget": budget, "batches": i,
                          "mean_batch": round(done / i, 1), "msgs_per_s": round(rate, 1),

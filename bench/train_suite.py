@@ -168,8 +168,9 @@ def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path
     if not train:
         return None
     folder.mkdir(parents=True, exist_ok=True)
+    splits = build_splits(entry, seed)
     files = {split: write_csv(folder / f"{split}.csv", examples)
-             for split, examples in zip(("train", "validation", "test"), build_splits(entry, seed))}
+             for split, examples in zip(("train", "validation", "test"), splits)}
     store = folder / "store"
     argv = [sys.executable, "-m", "trainer.run", "--train-file", str(files["train"]),
             "--validation-file", str(files["validation"]), "--test-file", str(files["test"]),
@@ -186,7 +187,7 @@ def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path
         child.unlink()
     result = {
         "entry": entry.name, "seed": seed, "trainer_args": list(trainer_args), "seconds": round(time.perf_counter() - t0),
-        "train": len(files["train"].read_text(encoding="utf-8").splitlines()) - 1,
+        "train": len(splits[0]),
         "test_n": m["test"]["n"], "validation_n": m["validation"]["n"],
         "accuracy": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
         "validation_accuracy": m["validation"]["accuracy"], "validation_macro_f1": m["validation"]["macro_f1"],
@@ -235,13 +236,15 @@ def markdown(summary: dict) -> str:
         "| entry | train | test | seeds | accuracy | baseline | gain (points) | macro-F1 | baseline | gain | validation - test (points) | min/run | target |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def sd(r: dict, key: str, scale: float, fmt: str) -> str:  # the spread over seeds, where there are several
+        return f" ± {format(r[key] * scale, fmt)}" if len(r["seeds"]) > 1 else ""
+
     for r in rows:
-        sd = (lambda k, scale=100: f" ± {r[k] * scale:.1f}" if len(r["seeds"]) > 1 else "")
         lines.append(
             f"| {r['entry']} | {r['train']:,} | {r['test_n']:,} | {len(r['seeds'])} | {r['accuracy']:.1%} | "
-            f"{r['baseline_accuracy']:.1%} | {r['gain_accuracy'] * 100:+.1f}{sd('gain_accuracy_sd')} | "
+            f"{r['baseline_accuracy']:.1%} | {r['gain_accuracy'] * 100:+.1f}{sd(r, 'gain_accuracy_sd', 100, '.1f')} | "
             f"{r['macro_f1']:.3f} | {r['baseline_macro_f1']:.3f} | {r['gain_macro_f1']:+.3f}"
-            f"{sd('gain_macro_f1_sd', 1) if len(r['seeds']) > 1 else ''} | {r['validation_test_gap'] * 100:+.1f} | "
+            f"{sd(r, 'gain_macro_f1_sd', 1, '.3f')} | {r['validation_test_gap'] * 100:+.1f} | "
             f"{r['minutes']} | {'met' if r['meets_target'] else 'not met'} |")
     if summary.get("not_run"):
         lines += ["", f"Not run yet (`--report-only` reported the rest): {', '.join(summary['not_run'])}."]

@@ -193,7 +193,7 @@ class LoadedModel:
             # mixed shapes ran at 1/7 to 1/2 of the second. So every shape class a batch can take, once, here.
             token = self.tokenizer.unk_token_id or 0
             for rows in (1, 8, 64, 512, 4096):
-                for length in sorted({16, 32, 64, self.max_length}):
+                for length in sorted({min(n, self.max_length) for n in (16, 32, 64, self.max_length)}):
                     if rows * length <= self.chunk_tokens:
                         self._forward([[token] * length] * rows)
             torch.cuda.synchronize(self.device)
