@@ -193,6 +193,11 @@ def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path
         "validation_accuracy": m["validation"]["accuracy"], "validation_macro_f1": m["validation"]["macro_f1"],
         "baseline_accuracy": m["baseline"]["accuracy"], "baseline_macro_f1": m["baseline"]["macro_f1"],
         "epochs": m.get("epochs"), "best_step": m.get("best_step"), "steps": m.get("steps"),
+        # --hybrid: the transformer's own scores beside the published (hybrid) ones, and the fitted scales
+        "hybrid_kept": bool((m.get("hybrid") or {}).get("kept")),
+        "transformer_accuracy": ((m.get("hybrid") or {}).get("transformer") or {"test": m["test"]})["test"]["accuracy"],
+        "transformer_macro_f1": ((m.get("hybrid") or {}).get("transformer") or {"test": m["test"]})["test"]["macro_f1"],
+        "ngram_scale": (m.get("hybrid") or {}).get("ngram_scale"),
     }
     done.write_text(json.dumps(result, indent=1))
     return result
@@ -211,6 +216,9 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
                      "test_n": rs[0]["test_n"], "minutes": round(statistics.fmean(r["seconds"] for r in rs) / 60, 1)}
         for key in ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1", "validation_accuracy"):
             row[key], row[f"{key}_sd"] = _mean_sd([r[key] for r in rs])
+        for key in ("transformer_accuracy", "transformer_macro_f1"):  # runs kept from before --hybrid lack them
+            row[key] = statistics.fmean(r.get(key, r[key.removeprefix("transformer_")]) for r in rs)
+        row["hybrid_kept"] = sum(bool(r.get("hybrid_kept")) for r in rs)
         row["gain_accuracy"], row["gain_accuracy_sd"] = _mean_sd([r["accuracy"] - r["baseline_accuracy"] for r in rs])
         row["gain_macro_f1"], row["gain_macro_f1_sd"] = _mean_sd([r["macro_f1"] - r["baseline_macro_f1"] for r in rs])
         row["validation_test_gap"] = row["validation_accuracy"] - row["accuracy"]
@@ -233,8 +241,8 @@ def markdown(summary: dict) -> str:
         f"Target: accuracy >= baseline + {TARGET_ACCURACY_GAIN * 100:.0f} points and macro-F1 >= baseline + "
         f"{TARGET_MACRO_F1_GAIN:.2f}: **met on {met} of {len(rows)} entries**.",
         "",
-        "| entry | train | test | seeds | accuracy | baseline | gain (points) | macro-F1 | baseline | gain | validation - test (points) | min/run | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| entry | train | test | seeds | accuracy | baseline | gain (points) | macro-F1 | baseline | gain | transformer alone: accuracy / macro-F1 (hybrid kept) | validation - test (points) | min/run | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def sd(r: dict, key: str, scale: float, fmt: str) -> str:  # the spread over seeds, where there are several
         return f" ± {format(r[key] * scale, fmt)}" if len(r["seeds"]) > 1 else ""
@@ -244,7 +252,8 @@ def markdown(summary: dict) -> str:
             f"| {r['entry']} | {r['train']:,} | {r['test_n']:,} | {len(r['seeds'])} | {r['accuracy']:.1%} | "
             f"{r['baseline_accuracy']:.1%} | {r['gain_accuracy'] * 100:+.1f}{sd(r, 'gain_accuracy_sd', 100, '.1f')} | "
             f"{r['macro_f1']:.3f} | {r['baseline_macro_f1']:.3f} | {r['gain_macro_f1']:+.3f}"
-            f"{sd(r, 'gain_macro_f1_sd', 1, '.3f')} | {r['validation_test_gap'] * 100:+.1f} | "
+            f"{sd(r, 'gain_macro_f1_sd', 1, '.3f')} | {r['transformer_accuracy']:.1%} / {r['transformer_macro_f1']:.3f} "
+            f"({r['hybrid_kept']} of {len(r['seeds'])}) | {r['validation_test_gap'] * 100:+.1f} | "
             f"{r['minutes']} | {'met' if r['meets_target'] else 'not met'} |")
     if summary.get("not_run"):
         lines += ["", f"Not run yet (`--report-only` reported the rest): {', '.join(summary['not_run'])}."]

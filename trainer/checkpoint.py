@@ -30,6 +30,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from bert_stream import ngram
+
 LATEST = "LATEST"
 ANNOUNCE_PREFIX = "bert-stream:model:"
 VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
@@ -152,6 +154,10 @@ def validate(folder: Path | str, *, classifier: bool = True) -> dict:
     if classifier and not config.get("id2label"):
         raise CheckpointError(f"{folder}/config.json has no id2label")
     _check_safetensors(folder / "model.safetensors")
+    if (folder / ngram.CONFIG_FILE).exists():  # a hybrid: its n-gram half must be whole too
+        if not (folder / ngram.WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{folder} is incomplete: {ngram.WEIGHTS_FILE} is missing")
+        _check_safetensors(folder / ngram.WEIGHTS_FILE)
     return config
 
 

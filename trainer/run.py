@@ -42,6 +42,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -57,6 +58,7 @@ from transformers.utils import logging as hf_logging
 
 from bert_stream import precision
 from bert_stream.logs import configure_logging, get_logger
+from bert_stream.ngram import NgramModel
 from bert_stream.settings import SettingsError, parse_settings, public_view
 from trainer import baseline, checkpoint, metrics, plots, runstate
 from trainer.data import DataError, DataSpec, Example, Splits, load_splits
@@ -136,6 +138,11 @@ def train(settings: TrainSettings) -> int:
         test_macro_f1=round(final.test["macro_f1"], 5), eval_s=round(final.eval_seconds, 1))
     status = EXIT_OK
     if accelerator.is_main_process:
+        hybrid = add_ngram_half(settings, splits, final)
+        if hybrid is not None:
+            say("train.hybrid", **hybrid, validation_accuracy=round(final.validation["accuracy"], 5),
+                validation_macro_f1=round(final.validation["macro_f1"], 5),
+                test_accuracy=round(final.test["accuracy"], 5), test_macro_f1=round(final.test["macro_f1"], 5))
         final.baseline = baseline.versus(final.test, baseline.fit_and_score(splits.train, splits.test))
         say("train.baseline", model="tfidf-char-1-3+linear-svc", test_accuracy=final.baseline["accuracy"],
             test_macro_f1=final.baseline["macro_f1"], gain_accuracy=final.baseline["gain_accuracy"],
@@ -733,7 +740,8 @@ def evaluate_during_training(accelerator: Accelerator, p: Prepared, data: Data, 
     the best weights so far (a CPU copy, replaced when macro-F1 improves)."""
     label_ids = {label: i for i, label in enumerate(data.splits.labels)}
     refs = [label_ids[e.label] for e in data.splits.validation]
-    scores = metrics.summary(refs, predict(accelerator, p.evaluated, p.validation), len(label_ids))
+    scores = metrics.summary(refs, predict(accelerator, p.evaluated, p.validation).argmax(1).tolist(),
+                             len(label_ids))
     improved = scores["macro_f1"] > progress.best_macro_f1
     if improved:
         progress.best_macro_f1, progress.best_step = scores["macro_f1"], progress.step
@@ -754,20 +762,20 @@ def evaluate_during_training(accelerator: Accelerator, p: Prepared, data: Data, 
     return best
 
 
-def predict(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> list[int]:
-    """Predicted label ids in the order of the loader's examples, gathered from every process."""
+def predict(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> np.ndarray:
+    """[examples, labels] float32 logits in the order of the loader's examples, gathered from every process."""
     model.eval()
-    by_index: dict[int, int] = {}
+    by_index: dict[int, np.ndarray] = {}
     with torch.no_grad():
         for batch in loader:
             idx = batch.pop("idx")
             batch.pop("labels")
-            logits = model(**batch).logits
-            idx, pred = accelerator.gather_for_metrics((idx, logits.argmax(dim=-1)))
-            by_index.update(zip(idx.tolist(), pred.tolist()))
+            logits = model(**batch).logits.float()
+            idx, logits = accelerator.gather_for_metrics((idx, logits))
+            by_index.update(zip(idx.tolist(), logits.cpu().numpy()))
     n = len(loader.dataset)
     assert sorted(by_index) == list(range(n)), "evaluation lost or invented examples"
-    return [by_index[i] for i in range(n)]
+    return np.stack([by_index[i] for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -780,7 +788,11 @@ class Final:
     test: dict
     test_predictions: list[int]
     eval_seconds: float
+    validation_logits: np.ndarray | None = None  # the transformer's, fp32
+    test_logits: np.ndarray | None = None
     baseline: dict | None = None  # trainer.baseline.versus: the classical model on the same split
+    ngram: NgramModel | None = None  # the hybrid's n-gram half, when it was kept
+    hybrid: dict | None = None  # its fit, and the transformer's own scores beside the published ones
 
 
 def final_evaluation(accelerator: Accelerator, p: Prepared, data: Data, fit: Fit) -> Final:
@@ -791,12 +803,47 @@ def final_evaluation(accelerator: Accelerator, p: Prepared, data: Data, fit: Fit
     plain.load_state_dict(fit.best)
     labels = data.splits.labels
     ids = {label: i for i, label in enumerate(labels)}
-    val_pred = predict(accelerator, plain, p.validation)
-    test_pred = predict(accelerator, plain, p.test)
+    val_logits = predict(accelerator, plain, p.validation)
+    test_logits = predict(accelerator, plain, p.test)
+    test_pred = test_logits.argmax(1).tolist()
     return Final(
-        validation=metrics.report([ids[e.label] for e in data.splits.validation], val_pred, labels),
+        validation=metrics.report([ids[e.label] for e in data.splits.validation], val_logits.argmax(1).tolist(), labels),
         test=metrics.report([ids[e.label] for e in data.splits.test], test_pred, labels),
-        test_predictions=test_pred, eval_seconds=time.monotonic() - started)
+        test_predictions=test_pred, eval_seconds=time.monotonic() - started,
+        validation_logits=val_logits, test_logits=test_logits)
+
+
+def add_ngram_half(settings: TrainSettings, splits: Splits, final: Final) -> dict | None:
+    """``--hybrid auto``: fit the char n-gram model on the training split, scale it and the transformer by
+    validation log-loss (bert_stream.ngram), and when the n-grams get a weight make the sum what is scored
+    and published. Returns the log's fields (None with --hybrid off)."""
+    if settings.hybrid == "off":
+        return None
+    started = time.monotonic()
+    ids = {label: i for i, label in enumerate(splits.labels)}
+    ngram = NgramModel.fit([e.text for e in splits.train], [ids[e.label] for e in splits.train], len(ids))
+    val_texts, test_texts = [e.text for e in splits.validation], [e.text for e in splits.test]
+    fitted = ngram.calibrate(final.validation_logits, val_texts, [ids[e.label] for e in splits.validation])
+    kept = ngram.ngram_scale > 0
+    fitted.update(kept=kept, transformer={"validation": _scores(final.validation), "test": _scores(final.test)})
+    if kept:
+        def hybrid(logits: np.ndarray, texts: list[str]) -> list[int]:
+            return ngram.combine(torch.from_numpy(logits), texts).argmax(-1).tolist()
+
+        transformer_test = final.test_predictions
+        final.validation = metrics.report([ids[e.label] for e in splits.validation],
+                                          hybrid(final.validation_logits, val_texts), splits.labels)
+        final.test_predictions = hybrid(final.test_logits, test_texts)
+        final.test = metrics.report([ids[e.label] for e in splits.test], final.test_predictions, splits.labels)
+        final.ngram = ngram
+        fitted["transformer_test_predictions"] = transformer_test
+    fitted["fit_s"] = round(time.monotonic() - started, 2)
+    final.hybrid = fitted
+    return {k: v for k, v in fitted.items() if k != "transformer_test_predictions"}
+
+
+def _scores(report: dict) -> dict:
+    return {"accuracy": round(report["accuracy"], 5), "macro_f1": round(report["macro_f1"], 5)}
 
 
 def gate(settings: TrainSettings, test: dict, test_fingerprint: str,
@@ -878,6 +925,8 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
         "version": version, "model": settings.model, "data": splits.name, "labels": splits.labels,
         "data_fingerprint": splits.fingerprint, "test_fingerprint": splits.test_fingerprint,
         "validation": final.validation, "test": final.test, "baseline": final.baseline,
+        "hybrid": ({k: v for k, v in final.hybrid.items() if k != "transformer_test_predictions"}
+                   if final.hybrid else None),
         "best_step": progress.best_step, "steps": progress.step, "early_stopped": progress.early_stopped,
         "epochs": round(progress.step / data.steps_per_epoch, 3), "max_length": data.hyper.max_length,
         "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes,
@@ -891,10 +940,13 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
         "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes,
         "versions": _versions(), "argv": sys.argv[1:]})
     _write_json(folder / "data_fingerprint.json", splits.describe())
+    if final.ngram is not None:
+        final.ngram.save(folder)  # ngram.json + ngram.safetensors: the worker adds it to every prediction
+    transformer = (final.hybrid or {}).get("transformer_test_predictions", final.test_predictions)
     with open(folder / "test_predictions.jsonl", "w", encoding="utf-8") as f:
-        for example, pred in zip(splits.test, final.test_predictions):
-            f.write(json.dumps({"text": example.text, "label": example.label,
-                                "predicted": splits.labels[pred]}, ensure_ascii=False) + "\n")
+        for example, pred, alone in zip(splits.test, final.test_predictions, transformer):
+            f.write(json.dumps({"text": example.text, "label": example.label, "predicted": splits.labels[pred],
+                                "transformer": splits.labels[alone]}, ensure_ascii=False) + "\n")
     plots.training_curve(progress.history, progress.losses, folder / "training_curve.png")
     plots.confusion(final.test["confusion_matrix"], splits.labels, folder / "confusion_matrix.png",
                     title=f"{splits.name} test: accuracy {final.test['accuracy']:.3f}, "

@@ -30,6 +30,7 @@ EARLY_STOPPING_AFTER = 0.5
 # A skewed training split (bench/train_suite.py, thucnews-minority10-2000: one class at 23 of 2,000 titles)
 # let the model give up its rare class: macro-F1 0.738 against the baseline's 0.789 at higher accuracy.
 CLASS_WEIGHTS = ("auto", "none", "sqrt", "balanced")
+HYBRID = ("auto", "off")  # bert_stream.ngram: the char n-gram model added to the transformer
 IMBALANCE_RATIO = 3.0
 # Distillation (--teacher, Hinton et al. 2015): the share of the loss that is the teacher's soft labels, and
 # the temperature both distributions are softened at (the KL term is scaled by its square).
@@ -156,6 +157,12 @@ class TrainSettings:
                                       "sqrt (by its square root: the rare classes count more, not as much), "
                                       "none. auto: sqrt when the commonest class of the training split has "
                                       f"{IMBALANCE_RATIO:g}x the examples of the rarest or more, else none.")
+    hybrid: str = setting("auto", env="BERT_STREAM_HYBRID", choices=HYBRID,
+                          help="auto: after training, fit TF-IDF character 1-3-grams + a linear SVM on the "
+                               "training split (seconds) and add its scores to the transformer's "
+                               "log-probabilities, both scaled by validation log-loss; the checkpoint carries "
+                               "it (ngram.safetensors) and workers serve the sum. Kept when validation gives "
+                               "the n-grams a weight. off: the transformer alone.")
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm: bounds the damage of one bad batch; "
                                              "0 disables.")
     max_length: int | None = setting(None, env="BERT_STREAM_MAX_LENGTH",

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bert_stream import precision  # noqa: E402
+from bert_stream.ngram import NgramModel  # noqa: E402
 from bert_stream.logs import get_logger  # noqa: E402
 from trainer import checkpoint  # noqa: E402
 from worker import packed  # noqa: E402
@@ -110,6 +111,11 @@ class LoadedModel:
             log.warning("packed_backend_unavailable", model_version=version, reason=why_not_packed)
         self.packed = packed.PackedBert(self.model) if self.backend == "packed" else None
         self.chunk_tokens = CHUNK_TOKENS if device.type == "cpu" else CUDA_CHUNK_TOKENS
+        # A hybrid checkpoint (trainer --hybrid) carries a char n-gram model whose scores join every prediction.
+        self.ngram = NgramModel.load(folder)
+        if self.ngram is not None and self.ngram.labels != len(self.labels):
+            raise checkpoint.CheckpointError(f"{folder}: the n-gram model has {self.ngram.labels} labels, the "
+                                             f"transformer {len(self.labels)}")
 
     def token_budget(self, texts: Sequence[str]) -> list[int]:
         """What the batcher budgets for each text, without tokenizing it: its characters plus two special
@@ -132,7 +138,7 @@ class LoadedModel:
         truncated = [bool(e.overflowing) for e in enc.encodings]
         out: list[Prediction | None] = [None] * len(truncated)
         for chunk, rows in self._chunks(enc["input_ids"]):
-            for i, pred in zip(chunk, self._forward(rows)):
+            for i, pred in zip(chunk, self._forward(rows, [texts[i] for i in chunk])):
                 out[i] = Prediction(pred[0], pred[1], pred[2], pred[3], truncated[i])
         return out  # type: ignore[return-value]
 
@@ -142,7 +148,7 @@ class LoadedModel:
         out = torch.empty((len(ids), len(self.labels)), dtype=torch.float32)
         with torch.inference_mode():
             for chunk, rows in self._chunks(ids):
-                out[chunk] = self._logits(rows).float().cpu()
+                out[chunk] = self._logits(rows, [texts[i] for i in chunk]).float().cpu()
         return out
 
     def _chunks(self, ids: list[list[int]]):
@@ -164,7 +170,15 @@ class LoadedModel:
             yield chunk, [ids[i] for i in chunk]
             start = end
 
-    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+    def _logits(self, rows: list[list[int]], texts: Sequence[str] | None = None) -> torch.Tensor:
+        """The checkpoint's logits for token rows: the transformer's, plus the n-gram half of a hybrid (which
+        reads ``texts``, the rows' texts; None only in warm-up)."""
+        logits = self._transformer_logits(rows)
+        if self.ngram is not None and texts is not None:
+            logits = self.ngram.combine(logits, texts)
+        return logits
+
+    def _transformer_logits(self, rows: list[list[int]]) -> torch.Tensor:
         if self.packed is not None:
             return self.packed.logits(rows)
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
@@ -174,9 +188,9 @@ class LoadedModel:
         return self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
                           attention_mask=torch.from_numpy(attention).to(self.device, torch.long)).logits
 
-    def _forward(self, rows: list[list[int]]) -> list[tuple[str, int, float, tuple]]:
+    def _forward(self, rows: list[list[int]], texts: Sequence[str] | None = None) -> list[tuple[str, int, float, tuple]]:
         with torch.inference_mode():
-            probs = torch.softmax(self._logits(rows).float(), dim=-1)
+            probs = torch.softmax(self._logits(rows, texts).float(), dim=-1)
             k = min(self.top_k, probs.shape[-1])
             top_p, top_i = probs.topk(k, dim=-1)
         top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()  # one device sync per chunk
@@ -232,7 +246,7 @@ class Engine:
         warm_s = model.warm_up()
         log.info("model_loaded", model_version=version, folder=str(folder), device=str(self.device),
                  dtype=str(self.dtype).removeprefix("torch."), backend=model.backend, labels=len(model.labels),
-                 load_s=round(load_s, 2), warmup_s=round(warm_s, 2))
+                 hybrid=model.ngram is not None, load_s=round(load_s, 2), warmup_s=round(warm_s, 2))
         return model
 
     def start(self) -> Engine:

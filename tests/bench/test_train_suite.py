@@ -77,6 +77,8 @@ def test_one_entry_end_to_end(tmp_path, capsys):
     (r,) = summary["runs"]
     assert r["train"] == 1000 and r["test_n"] == len(test) and r["validation_n"] == len(validation)
     assert 0 < r["baseline_accuracy"] <= 1 and 0 < r["accuracy"] <= 1  # both scored on the same test file
+    assert 0 < r["transformer_accuracy"] <= 1 and isinstance(r["hybrid_kept"], bool)  # the hybrid's halves
+    assert not r["hybrid_kept"] or r["ngram_scale"] > 0
     assert row["gain_accuracy"] == pytest.approx(r["accuracy"] - r["baseline_accuracy"])
     assert (tmp_path / "train_suite.png").stat().st_size > 0
     assert "thucnews-3class-1000" in (tmp_path / "TRAINING.md").read_text()

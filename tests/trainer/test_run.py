@@ -169,6 +169,13 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
     assert "LinearSVC" in versus["model"] and 0 < versus["accuracy"] <= 1 and versus["fit_s"] >= 0
     assert versus["gain_accuracy"] == pytest.approx(metrics["test"]["accuracy"] - versus["accuracy"], abs=1e-4)
     assert metrics["model"] == "scratch" and metrics["data"] == "tiny.csv"
+    # the hybrid's n-gram half: fitted on the same split, scaled on validation; kept only with a weight, and
+    # then in the checkpoint (the disjoint-character topics are what n-grams know best)
+    hybrid = metrics["hybrid"]
+    assert hybrid["kept"] == (hybrid["ngram_scale"] > 0) and hybrid["model_scale"] > 0
+    assert hybrid["log_loss_hybrid"] <= hybrid["log_loss_transformer"]
+    assert 0 < hybrid["transformer"]["test"]["accuracy"] <= 1
+    assert (folder / "ngram.safetensors").exists() == (folder / "ngram.json").exists() == hybrid["kept"]
     args = json.loads((folder / "training_args.json").read_text())
     assert args["hyperparameters"]["epochs"] == 3 and args["settings"]["scratch_preset"] == "tiny"
     # The text prefix travels in the tokenizer (the reload test below predicts through it).
@@ -176,6 +183,28 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.convert_ids_to_tokens(tokenizer("交通")["input_ids"]) == ["[CLS]", "新", "闻", "：", "交", "通",
                                                                               "[SEP]"]
+
+
+@pytest.mark.slow
+def test_hybrid_off_publishes_the_transformer_alone(tiny_csv, tmp_path):
+    out = tmp_path / "out"
+    assert run.main(train_args(tiny_csv, out, "--hybrid", "off")) == run.EXIT_OK
+    folder = out / checkpoint.latest_version(out)
+    assert not (folder / "ngram.json").exists() and not (folder / "ngram.safetensors").exists()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["hybrid"] is None
+    rows = [json.loads(line) for line in (folder / "test_predictions.jsonl").read_text().splitlines()]
+    assert all(r["predicted"] == r["transformer"] for r in rows)
+
+
+def test_a_hybrid_missing_its_ngram_weights_is_refused(published, tmp_path):
+    folder = copy_store(published, tmp_path / "store") / checkpoint.latest_version(published)
+    (folder / "ngram.safetensors").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="ngram.safetensors is missing"):
+        checkpoint.validate(folder)
+    (folder / "ngram.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(checkpoint.CheckpointError, match="not a valid safetensors|truncated"):
+        checkpoint.validate(folder)
 
 
 @pytest.mark.slow
@@ -191,18 +220,26 @@ def test_checkpoint_reloads_with_plain_transformers_and_predicts_the_same_labels
         batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt")
         predicted = [model.config.id2label[i] for i in model(**batch).logits.argmax(-1).tolist()]
-    assert predicted == [r["predicted"] for r in rows]
+    # plain transformers: the transformer half (the whole model when the n-grams were not kept)
+    assert predicted == [r["transformer"] for r in rows]
     metrics = json.loads((folder / "metrics.json").read_text())
     accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
-    assert accuracy == pytest.approx(metrics["test"]["accuracy"])
+    assert accuracy == pytest.approx(metrics["hybrid"]["transformer"]["test"]["accuracy"], abs=1e-5)
+    # the worker's engine: the published model, n-gram half included
+    from worker.engine import Engine
+
+    served = Engine(published, device="cpu", dtype="fp32", max_length=max_length).start().current
+    assert (served.ngram is not None) == metrics["hybrid"]["kept"]
+    assert [p.label for p in served.predict([r["text"] for r in rows])] == [r["predicted"] for r in rows]
 
 
 @pytest.mark.slow
 def test_gate_refuses_a_worse_model_and_leaves_latest(published, tiny_csv, tmp_path, capsys):
     store = copy_store(published, tmp_path / "store")
     before = checkpoint.latest_version(store)
-    # A fraction of an epoch: the same test split, clearly worse than the published model.
-    status = run.main(train_args(tiny_csv, store, "--epochs", "0.1", "--log-level", "INFO"))
+    # A fraction of an epoch, transformer only (the n-grams alone know these topics): the same test split,
+    # clearly worse than the published model.
+    status = run.main(train_args(tiny_csv, store, "--epochs", "0.1", "--hybrid", "off", "--log-level", "INFO"))
     assert status == run.EXIT_REFUSED
     assert checkpoint.latest_version(store) == before and checkpoint.list_versions(store) == [before]
     assert len(list((store / run.REJECTED_DIR).iterdir())) == 1
@@ -216,8 +253,8 @@ def test_gate_refuses_a_worse_model_and_leaves_latest(published, tiny_csv, tmp_p
 
 @pytest.mark.slow
 def test_min_accuracy_gate_on_an_empty_store(tiny_csv, tmp_path, capsys):
-    status = run.main(train_args(tiny_csv, tmp_path / "store", "--epochs", "0.1", "--min-accuracy", "0.99",
-                                 "--log-level", "INFO"))
+    status = run.main(train_args(tiny_csv, tmp_path / "store", "--epochs", "0.1", "--hybrid", "off",
+                                 "--min-accuracy", "0.99", "--log-level", "INFO"))
     assert status == run.EXIT_REFUSED
     assert checkpoint.latest_version(tmp_path / "store") is None
     assert checkpoint.list_versions(tmp_path / "store") == []
