@@ -23,7 +23,7 @@ macro-F1 >= baseline + 0.05 on every entry.
 Not part of ``make bench``: the default recipe takes minutes per entry on 2 cores (``--tier quick``: five
 entries at 1-2k examples, one seed, about 40 minutes; ``full``: every entry at 1k/2k/5k, three seeds, hours).
 Finished runs are kept under ``--work-dir`` and not run again (same entry, seed, trainer arguments and
-``trainer/`` code), so a long tier can be stopped and continued. Writes ``bench/train_suite.json``, ``bench/train_suite.png`` and the
+``trainer/`` and ``bert_stream/ngram.py`` code), so a long tier can be stopped and continued. Writes ``bench/train_suite.json``, ``bench/train_suite.png`` and the
 suite's section of ``bench/TRAINING.md``.
 """
 
@@ -159,7 +159,8 @@ def write_csv(path: Path, examples: Sequence) -> Path:
 def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path, train: bool = True) -> dict | None:
     """One trainer run (kept: a finished run with the same entry, seed, arguments and trainer code is read
     back; None when there is none and ``train`` is false)."""
-    code = [(f.name, f.read_bytes().hex()) for f in sorted((common.REPO / "trainer").glob("*.py"))]
+    code = [(f.name, f.read_bytes().hex())
+            for f in [*sorted((common.REPO / "trainer").glob("*.py")), common.REPO / "bert_stream" / "ngram.py"]]
     key = hashlib.sha256(json.dumps([entry.name, seed, list(trainer_args), code]).encode()).hexdigest()[:10]
     folder = work_dir / f"{entry.name}-s{seed}-{key}"
     done = folder / "result.json"

@@ -28,6 +28,7 @@ CONFIG_FILE, WEIGHTS_FILE = "ngram.json", "ngram.safetensors"
 N_FEATURES = 2**20  # buckets: thucnews' 8,000 titles hold ~150k distinct 1-3-grams; few share a bucket
 NGRAM_RANGE = (1, 3)
 KIND = "tfidf-char-hashed+linear-svc"
+MIN_SCALE = 0.01  # an n-gram weight below this changes no prediction worth a second model (margins are ~1)
 
 
 def _vectorizer(n_features: int, ngram_range: tuple[int, int]):
@@ -113,6 +114,8 @@ class NgramModel:
         best = min((minimize(loss, np.array(start), method="L-BFGS-B", bounds=[(0.05, 20.0), (0.0, 20.0)])
                     for start in ([1.0, 0.0], [1.0, 1.0])), key=lambda r: r.fun)
         self.model_scale, self.ngram_scale = (round(float(s), 4) for s in best.x)
+        if self.ngram_scale < MIN_SCALE:  # no help: the caller keeps the transformer alone
+            self.ngram_scale = 0.0
         return {"log_loss_transformer": round(before, 5), "log_loss_hybrid": round(float(best.fun), 5),
                 "model_scale": self.model_scale, "ngram_scale": self.ngram_scale}
 
