@@ -85,3 +85,33 @@ def test_dtype_check_compares_bf16_with_fp32_on_real_texts(model_store, tmp_path
     assert report["auto_dtype"] == str(choose_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert dtype_check.main(["--model-dir", str(model_store), "--texts", str(tmp_path / "none.txt")]) == 2
     assert "no texts" in capsys.readouterr().err
+
+
+def test_a_hybrid_checkpoint_adds_its_ngram_half_to_every_prediction(model_store, model_labels):
+    """An n-gram half that knows the texts and outweighs the transformer decides; its scores reach predict(),
+    logits() and every backend and chunking alike; without it the transformer's answers come back."""
+    from bert_stream.ngram import NgramModel
+
+    texts = list(dict.fromkeys(chinese_messages(40, seed=5)))
+    _, folder = checkpoint.resolve(model_store)  # a private copy: the session's model may be a hybrid already
+    for name in ("ngram.json", "ngram.safetensors"):
+        (folder / name).unlink(missing_ok=True)
+    plain = Engine(model_store, dtype="fp32").start().acquire()
+    assert plain.ngram is None
+    labels = plain.labels
+    half = NgramModel.fit(texts, [(i * 7) % len(labels) for i in range(len(texts))], len(labels))
+    half.model_scale, half.ngram_scale = 1.0, 50.0
+    half.save(folder)
+    expected = [labels[i] for i in half.scores(texts).argmax(1)]
+    assert sum(e != p.label for e, p in zip(expected, plain.predict(texts))) > 0  # the half changes answers
+    for backend in ("packed", "padded"):
+        hybrid = Engine(model_store, dtype="fp32", backend=backend).start().acquire()
+        assert hybrid.ngram is not None
+        assert [p.label for p in hybrid.predict(texts)] == expected
+        assert [p.label for p in hybrid.predict(texts[:1])] == expected[:1]  # one at a time, the same
+        combined = half.combine(plain.logits(texts), texts)
+        torch.testing.assert_close(hybrid.logits(texts), combined, atol=1e-3, rtol=1e-3)
+    for name in ("ngram.json", "ngram.safetensors"):
+        (folder / name).unlink()
+    again = Engine(model_store, dtype="fp32").start().acquire()
+    assert again.ngram is None and [p.label for p in again.predict(texts)] == [p.label for p in plain.predict(texts)]
