@@ -7,6 +7,7 @@ Layout of a store (``--output-dir`` of the trainer, ``--model-dir`` of the worke
         config.json                 (with id2label / label2id)
         model.safetensors           (weights: safetensors only, never pickle)
         tokenizer.json, tokenizer_config.json, special_tokens_map.json, ...
+        ngram.json, ngram.safetensors   (a hybrid only: the char n-gram half, bert_stream.ngram)
         metrics.json, training_args.json, data_fingerprint.json, *.png
       LATEST                        the name of the version workers serve
       .staging-*/                   runs in progress (never read by workers)
