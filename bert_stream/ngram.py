@@ -83,19 +83,19 @@ class NgramModel:
         y = np.asarray(label_ids)
         present = np.unique(y)
         svm = LinearSVC().fit(x, y)
-        coef = np.zeros((N_FEATURES, n_labels), dtype=np.float32)
+        buckets = np.unique(counts.indices).astype(np.int64)  # a weight elsewhere has no feature to meet
+        coef = np.zeros((len(buckets), n_labels), dtype=np.float32)
         intercept = np.zeros(n_labels, dtype=np.float32)
         if len(present) == 2:  # one decision function: +half to the second class, -half to the first
-            w, b = svm.coef_[0] / 2, svm.intercept_[0] / 2
+            w, b = svm.coef_[0, buckets] / 2, svm.intercept_[0] / 2
             coef[:, present[0]], coef[:, present[1]] = -w, w
             intercept[present[0]], intercept[present[1]] = -b, b
         else:
-            coef[:, present] = svm.coef_.T
+            coef[:, present] = svm.coef_[:, buckets].T
             intercept[present] = svm.intercept_
-        buckets = np.unique(counts.indices).astype(np.int64)
         unseen = float(math.log((1 + counts.shape[0]) / 1) + 1)  # TfidfTransformer's smooth IDF at df = 0
         return cls(buckets=buckets, idf=tfidf.idf_[buckets].astype(np.float32), unseen_idf=unseen,
-                   coef=coef[buckets], intercept=intercept)
+                   coef=coef, intercept=intercept)
 
     def calibrate(self, logits: np.ndarray, texts: Sequence[str], label_ids: Sequence[int]) -> dict:
         """Fit ``model_scale`` and ``ngram_scale`` by log-loss on held-out texts (the validation split);

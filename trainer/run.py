@@ -793,6 +793,7 @@ class Final:
     baseline: dict | None = None  # trainer.baseline.versus: the classical model on the same split
     ngram: NgramModel | None = None  # the hybrid's n-gram half, when it was kept
     hybrid: dict | None = None  # its fit, and the transformer's own scores beside the published ones
+    transformer_test_predictions: list[int] | None = None  # the transformer's alone, when a hybrid was kept
 
 
 def final_evaluation(accelerator: Accelerator, p: Prepared, data: Data, fit: Fit) -> Final:
@@ -830,16 +831,15 @@ def add_ngram_half(settings: TrainSettings, splits: Splits, final: Final) -> dic
         def hybrid(logits: np.ndarray, texts: list[str]) -> list[int]:
             return ngram.combine(torch.from_numpy(logits), texts).argmax(-1).tolist()
 
-        transformer_test = final.test_predictions
+        final.transformer_test_predictions = final.test_predictions
         final.validation = metrics.report([ids[e.label] for e in splits.validation],
                                           hybrid(final.validation_logits, val_texts), splits.labels)
         final.test_predictions = hybrid(final.test_logits, test_texts)
         final.test = metrics.report([ids[e.label] for e in splits.test], final.test_predictions, splits.labels)
         final.ngram = ngram
-        fitted["transformer_test_predictions"] = transformer_test
     fitted["fit_s"] = round(time.monotonic() - started, 2)
     final.hybrid = fitted
-    return {k: v for k, v in fitted.items() if k != "transformer_test_predictions"}
+    return fitted
 
 
 def _scores(report: dict) -> dict:
@@ -925,8 +925,7 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
         "version": version, "model": settings.model, "data": splits.name, "labels": splits.labels,
         "data_fingerprint": splits.fingerprint, "test_fingerprint": splits.test_fingerprint,
         "validation": final.validation, "test": final.test, "baseline": final.baseline,
-        "hybrid": ({k: v for k, v in final.hybrid.items() if k != "transformer_test_predictions"}
-                   if final.hybrid else None),
+        "hybrid": final.hybrid,
         "best_step": progress.best_step, "steps": progress.step, "early_stopped": progress.early_stopped,
         "epochs": round(progress.step / data.steps_per_epoch, 3), "max_length": data.hyper.max_length,
         "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes,
@@ -942,7 +941,7 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
     _write_json(folder / "data_fingerprint.json", splits.describe())
     if final.ngram is not None:
         final.ngram.save(folder)  # ngram.json + ngram.safetensors: the worker adds it to every prediction
-    transformer = (final.hybrid or {}).get("transformer_test_predictions", final.test_predictions)
+    transformer = final.transformer_test_predictions or final.test_predictions
     with open(folder / "test_predictions.jsonl", "w", encoding="utf-8") as f:
         for example, pred, alone in zip(splits.test, final.test_predictions, transformer):
             f.write(json.dumps({"text": example.text, "label": example.label, "predicted": splits.labels[pred],
