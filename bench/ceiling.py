@@ -48,9 +48,11 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
     prefix = f"bench:{ws.run_id}:ceiling:"
     fill = e2e.backlog(ws, base, tag="ceiling-fill", cache_prefix=prefix)
     variants: dict[str, dict] = {}
+    drained: list[str] = []  # input topics holding the whole stream (the client floor reads one again)
 
     def drain(name: str, tag: str, cache_prefix: str = prefix, **kw) -> None:
         r = e2e.run_stream(ws, texts, tag=tag, cache_prefix=cache_prefix, partitions=PARTITIONS, **kw)
+        drained.append(ws.name(tag))
         variants[name] = {k: r[k] for k in ("messages", "msgs_per_s", "seconds", "cached_fraction", "workers")}
         variants[name]["extra_args"] = list(kw.get("worker_args", ()))
         print(f"ceiling {name}: {r['msgs_per_s']:,.0f} msgs/s ({r['cached_fraction']:.0%} cached)", flush=True)
@@ -58,9 +60,12 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
     if compare_ref:  # its own fill, by its own worker: the cache's entry format may differ between commits
         ref_repo, ref_prefix = _worktree(compare_ref, ws.work_dir), f"{prefix}ref:"
         e2e.backlog(ws, base, tag="ceiling-ref-fill", cache_prefix=ref_prefix, worker_repo=ref_repo)
-        drain(f"at {compare_ref}", "ceiling-ref", cache_prefix=ref_prefix, worker_repo=ref_repo)
+        for client in clients:
+            suffix, args = _client_variant(client)
+            drain(f"at {compare_ref}{suffix}", f"ceiling-ref{suffix[2:8]}", cache_prefix=ref_prefix,
+                  worker_repo=ref_repo, worker_args=args)
     for client in clients:  # the default client's variants keep the plain names (the headline's)
-        suffix, args = ("", ()) if client == "kafka-python" else (f", {client}", ("--kafka-client", client))
+        suffix, args = _client_variant(client)
         for n in workers:
             drain(("1 process" if n == 1 else f"{n} processes") + suffix, f"ceiling-p{n}{suffix[2:8]}", workers=n,
                   worker_args=args)
@@ -71,9 +76,14 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
     if "2 processes" in variants:
         result["two_over_one"] = common.ratio(variants["2 processes"]["msgs_per_s"], result["ceiling_msgs_per_s"])
     if compare_ref:
-        result["over_ref"] = common.ratio(result["ceiling_msgs_per_s"], variants[f"at {compare_ref}"]["msgs_per_s"])
-    if client_messages and 1 in workers:
-        result["client_floor"] = client_floor(ws, ws.name("ceiling-p1"), min(client_messages, len(texts)))
+        for client in clients:
+            suffix = _client_variant(client)[0]
+            now, then = variants.get(f"1 process{suffix}"), variants.get(f"at {compare_ref}{suffix}")
+            if now and then:
+                result["over_ref" + suffix.replace(", ", "_").replace("-", "_")] = common.ratio(
+                    now["msgs_per_s"], then["msgs_per_s"])
+    if client_messages and drained:
+        result["client_floor"] = client_floor(ws, drained[-1], min(client_messages, len(texts)))
         print("client floor: " + ", ".join(f"{k} {result['client_floor'][k]:,.0f} msgs/s"
                                            for k in ("kafka-python", "confluent-kafka")), flush=True)
     if profile_messages and profile.pyspy_binary():
@@ -82,6 +92,11 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
             result["profile_confluent"] = _profile(ws, texts[:profile_messages], prefix, "confluent-kafka")
     print_tables(result)
     return result
+
+
+def _client_variant(client: str) -> tuple[str, tuple[str, ...]]:
+    """(name suffix, worker arguments) of a Kafka client's variants: the default's keep the plain names."""
+    return ("", ()) if client == "kafka-python" else (f", {client}", ("--kafka-client", client))
 
 
 def client_floor(ws: common.Workspace, topic: str, messages: int, value_bytes: int = 420) -> dict:

@@ -11,8 +11,9 @@ The interface (what :mod:`worker.run` and :mod:`worker.delivery` call), as kafka
   ``offset``, ``key``, ``value``, ``headers``), ``assignment``, ``pause``/``resume``/``paused``, ``seek``,
   ``seek_to_beginning``, ``committed``, ``commit``/``commit_async``, ``end_offsets``, ``beginning_offsets``,
   ``partitions_for_topic``, ``topics``, ``close``; partitions are kafka-python ``TopicPartition`` tuples;
-- producer: ``send(...) -> future`` with ``add_callback``/``add_errback`` (called from ``flush``/``send``
-  on the caller's thread, never from another one), ``flush(timeout)`` (raises ``KafkaTimeoutError`` when
+- producer: ``send(...) -> future`` with ``add_callback``/``add_errback`` (called from ``flush``/``send``/
+  ``poll`` on the caller's thread, never from another one), ``poll(timeout)`` (kafka-python has none: its
+  I/O thread runs the callbacks), ``flush(timeout)`` (raises ``KafkaTimeoutError`` when
   records are left), ``partitions_for``, ``close``.
 
 Semantics kept: no auto-commit, ``auto.offset.reset=earliest``, the eager rebalance protocol (everything is
@@ -306,6 +307,10 @@ class Producer:
         if self._sends % POLL_PRODUCER_EVERY == 0:
             self._p.poll(0)
         return future
+
+    def poll(self, timeout: float = 0) -> None:
+        """Run the delivery reports that have arrived (their callbacks), waiting up to ``timeout`` s for one."""
+        self._p.poll(timeout)
 
     def flush(self, timeout: float | None = None) -> None:
         left = self._p.flush(-1 if timeout is None else timeout)

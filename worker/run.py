@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import queue
@@ -64,6 +65,7 @@ from worker.settings import WorkerSettings
 log = get_logger("worker.run")
 
 MAX_IN_FLIGHT_BATCHES = 2   # one inferring, one prefetched: the model never waits for the main loop
+RECENT_RESULTS = 8192       # the classifier's latest results: a repeat polled while its twin was in flight
 BUSY_POLL_MS = 5            # poll timeout while batches are in flight: how soon their outputs are published
 IDLE_POLL_MS = 200          # poll timeout with nothing to do (also the shutdown reaction time)
 LAG_EVERY_S = 10.0          # end-offset requests for the lag gauge (one round trip)
@@ -82,6 +84,8 @@ class Job:
     message: InputMessage | Rejected
     received: float  # time.monotonic() at poll
     epoch: int = 0   # Worker._epoch at poll: results of an aborted transaction's epoch are dropped
+    cached: Prediction | None = None  # the cache's answer at poll (Worker._route), for model `version`
+    version: str = ""
 
 
 @dataclasses.dataclass
@@ -110,6 +114,8 @@ class Classifier:
         self.batches_in_flight = 0
         self.items_in_flight = 0
         self._version = None
+        self._recent: dict[str, Prediction] = {}  # text -> this thread's result, for the model served now
+        self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name="classifier", daemon=True)
         self._thread.start()
 
@@ -123,6 +129,8 @@ class Classifier:
 
     def completed(self, timeout: float | None = None) -> list[DoneBatch]:
         """Finished batches in submission order; waits up to ``timeout`` for the first one."""
+        if self.failure is not None:  # nothing more will come: exit 1 (at-least-once: a restart re-reads)
+            raise RuntimeError("the classifier thread failed") from self.failure
         out = []
         try:
             if timeout is not None and self.batches_in_flight:
@@ -147,38 +155,74 @@ class Classifier:
         self._thread.join(timeout=30)
 
     def _serve(self) -> None:
-        while (batch := self._todo.get()) is not None:
-            self._done.put(self.classify(batch))
+        try:
+            while (batch := self._todo.get()) is not None:
+                self._done.put(self.classify(batch))
+        except BaseException as exc:  # a bug, not a model error (_infer isolates those): the worker must exit
+            self.failure = exc
+            log.exception("classifier_failed")
 
     def classify(self, batch: Batch[Job]) -> DoneBatch:
+        """Results for a batch: the cache's answers from poll time (for the model served now), then this
+        thread's recent results, then the model for the rest (a text repeated in the batch runs once)."""
         model = self.engine.acquire()  # a pending hot reload is swapped in here, between batches
         if model.version != self._version:
             self.metrics.set_model(model.version, str(model.dtype).removeprefix("torch."), str(model.device))
             if self._version is not None:
                 self.metrics.model_swaps.labels("swapped").inc()
             self._version = model.version
+            self._recent.clear()
         start = time.monotonic()
+        version, recent = model.version, self._recent
         jobs = [job for job in batch.items if not isinstance(job.message, Rejected)]
         texts = [job.message.text for job in jobs]
-        cached = self.cache.lookup(model.version, texts)
+        # the poll's lookup missed a text that an earlier batch in flight has classified meanwhile
+        cached = [job.cached if job.version == version else recent.get(t) for job, t in zip(jobs, texts)]
         todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
         t0 = time.perf_counter()
         fresh, errors = _infer(model, todo)
         infer_ms = (time.perf_counter() - t0) * 1000
-        self.cache.store(model.version, [(t, fresh[t]) for t in todo if t in fresh])
-        by_job = {id(job): Result(job, c or fresh.get(t), cached=c is not None, error=errors.get(t, ""))
-                  for job, t, c in zip(jobs, texts, cached)}
-        results = [by_job.get(id(job)) or Result(job, None) for job in batch.items]  # in batch (input) order
+        if fresh:
+            self.cache.store(version, list(fresh.items()))
+            if len(recent) + len(fresh) > RECENT_RESULTS:
+                recent.clear()
+            recent.update(fresh)
+        results = [Result(job, c or fresh.get(t), cached=c is not None, error=errors.get(t, ""))
+                   for job, t, c in zip(jobs, texts, cached)]
+        if len(jobs) < len(batch):  # rejected ones keep their place: each partition is published in order
+            by_job = {id(r.job): r for r in results}
+            results = [by_job.get(id(job)) or Result(job, None) for job in batch.items]
+        return self._finished(batch, results, version, start, infer_ms, inferred=len(todo), failed=len(errors))
+
+    def answer(self, batch: Batch[Job]) -> DoneBatch | None:
+        """The batch's results without the model, when the cache answered every message in it at poll time
+        for the model served now (rejected ones need no answer); else None. The main thread calls it when
+        nothing is in flight, so a cached stream never waits for this thread to be scheduled."""
+        version = self.engine.current.version
+        if version != self._version:
+            return None  # the first batch of a model version goes through classify (metrics, recent results)
+        results = []
+        for job in batch.items:
+            if isinstance(job.message, Rejected):
+                results.append(Result(job, None))
+            elif job.cached is not None and job.version == version:
+                results.append(Result(job, job.cached, cached=True))
+            else:
+                return None
+        return self._finished(batch, results, version, time.monotonic(), 0.0, inferred=0, failed=0)
+
+    def _finished(self, batch: Batch[Job], results: list[Result], version: str, start: float, infer_ms: float, *,
+              inferred: int, failed: int) -> DoneBatch:
         queue_s = start - batch.first_arrival
-        hits = sum(c is not None for c in cached)
+        hits = sum(r.cached for r in results)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(batch.padded_tokens)
         self.metrics.queue_seconds.observe(queue_s)
         self.metrics.infer_seconds.observe(infer_ms / 1000)
         log.info("batch", size=len(batch), tokens=batch.padded_tokens, queue_ms=round(queue_s * 1000, 1),
-                 infer_ms=round(infer_ms, 1), cache_hits=hits, inferred=len(todo), failed=len(errors),
-                 model_version=model.version)
-        return DoneBatch(results, model.version, infer_ms)
+                 infer_ms=round(infer_ms, 1), cache_hits=hits, inferred=inferred, failed=failed,
+                 model_version=version)
+        return DoneBatch(results, version, infer_ms)
 
 
 def _infer(model, texts: list[str]) -> tuple[dict[str, Prediction], dict[str, str]]:
@@ -363,18 +407,33 @@ class Worker:
         for record in records:
             self.tracker.track(_tp(record.topic, record.partition), record.offset)
             decoded.append(decode(record, s.input_format, s.max_message_bytes))
-        good = [m for m in decoded if not isinstance(m, Rejected)]
-        lengths = iter(self.engine.current.token_budget([m.text for m in good]) if good else ())
+        texts = [m.text for m in decoded if not isinstance(m, Rejected)]
+        model, epoch, add = self.engine.current, self._epoch, self.batcher.add
+        # The cache is asked here, once per poll (one MGET for everything polled), not per batch on the
+        # classifier thread: a cached stream then never hands its messages between threads, whose GIL
+        # hand-offs around every Redis round trip held the cached worker at ~25k msgs/s.
+        lengths = iter(model.token_budget(texts) if texts else ())
+        answers = iter(self.cache.lookup(model.version, texts) if texts else ())
+        version = model.version
         for message in decoded:  # in input order; a rejected message costs the batch one token, no model
-            self.batcher.add(Job(message, now, self._epoch), 1 if isinstance(message, Rejected) else next(lengths),
-                             now)
+            if isinstance(message, Rejected):
+                add(Job(message, now, epoch), 1, now)
+            else:
+                add(Job(message, now, epoch, next(answers), version), next(lengths), now)
 
     def _submit_ready(self, flush: bool = False) -> None:
-        while self.classifier.has_room():
+        """Ready batches to the classifier; one the cache answered entirely is published here at once when
+        nothing is in flight (its outputs cannot overtake an earlier batch's)."""
+        classifier = self.classifier
+        while classifier.has_room():
             batch = self.batcher.pop_ready(time.monotonic(), flush=flush)
             if batch is None:
                 return
-            self.classifier.submit(batch)
+            done = None if classifier.batches_in_flight else classifier.answer(batch)
+            if done is None:
+                classifier.submit(batch)
+            else:
+                self._publish([done])
 
     def _publish(self, done_batches: list[DoneBatch]) -> None:
         for done in done_batches:
@@ -460,20 +519,30 @@ class Worker:
         now = time.monotonic()
         if not force and now < self._next_commit and self._since_commit < self.settings.commit_every:
             return
-        self._commit(self._acknowledged())
+        # Between forced commits at-least-once takes the acks that have come in, without waiting for the rest:
+        # a flush every `commit_every` messages stalled the loop for a linger and a round trip each time
+        # (15% of a cached worker's main thread). Exactly-once must flush: a transaction's offsets have to
+        # cover every record in it.
+        self._commit(self._acknowledged(flush=force or self.delivery.transactional))
         if now >= self._next_lag:
             self._next_lag = now + LAG_EVERY_S
             self._update_lag()
 
-    def _acknowledged(self) -> dict:
-        """Flush the producer, then the offsets whose outputs (and all before them) the broker acknowledged."""
+    def _acknowledged(self, flush: bool = True) -> dict:
+        """The offsets whose outputs (and all before them) the broker acknowledged: after flushing the
+        producer (every send acked or failed), or with ``flush=False`` as far as the acks have come."""
         self._next_commit = time.monotonic() + self.settings.commit_interval_ms / 1000
         self._since_commit = 0
-        try:
-            self.producer.flush(timeout=self.delivery.flush_timeout_s)  # all sent are now acked (or failed)
-        except KafkaTimeoutError as exc:  # exactly-once only: sends stuck behind a transaction that hangs
-            self.delivery.mark_broken()
-            self._send_errors.append((self._epoch, None, -1, exc))  # -> _commit aborts (a new producer)
+        if not flush:
+            serve = getattr(self.producer, "poll", None)  # librdkafka reports deliveries only inside poll/flush,
+            if serve is not None:                         # on this thread; kafka-python on its I/O thread
+                serve(0)
+        else:
+            try:
+                self.producer.flush(timeout=self.delivery.flush_timeout_s)  # all sent are now acked (or failed)
+            except KafkaTimeoutError as exc:  # exactly-once only: sends stuck behind a transaction that hangs
+                self.delivery.mark_broken()
+                self._send_errors.append((self._epoch, None, -1, exc))  # -> _commit aborts (a new producer)
         while self._acks:
             epoch, tp, offset = self._acks.popleft()
             if epoch == self._epoch:
@@ -688,7 +757,10 @@ def rebalance_listener(worker: Worker):
     return Listener()
 
 
+@functools.lru_cache(maxsize=65_536)
 def _tp(topic: str, partition: int):
+    """kafka-python's TopicPartition for a partition, made once: building the named tuple cost ~3 us, twice
+    per message (track at poll, ack at publish), a tenth of a cached worker's time."""
     from kafka import TopicPartition
 
     return TopicPartition(topic, partition)

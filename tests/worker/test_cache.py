@@ -41,6 +41,18 @@ def test_lookup_and_store_against_redis(stack, names):
     assert metrics.cache_lookups.labels("miss")._value.get() == 4
 
 
+def test_an_entry_is_read_once_and_a_changed_entry_is_read_again(stack, names):
+    cache = ResultCache(stack.redis_url, names.redis_prefix, ttl_s=30, timeout_ms=500)
+    cache.store("v1", [("国足获胜", P), ("国足告负", P)])
+    first = cache.lookup("v1", ["国足获胜", "国足告负"])
+    assert first == [P, P] and first[0] is first[1]  # the same bytes: parsed once, one shared prediction
+    other = Prediction("财经", 1, 0.7, (("财经", 0.7),))
+    cache.store("v1", [("国足告负", other)])
+    assert cache.lookup("v1", ["国足获胜", "国足告负"]) == [P, other]
+    redis.Redis.from_url(stack.redis_url).set(cache_key(names.redis_prefix, "v1", "国足获胜"), b"[1, 2]")
+    assert cache.lookup("v1", ["国足获胜"]) == [None]  # unreadable: a miss, never remembered as an answer
+
+
 @pytest.fixture
 def private_redis(tmp_path):
     saved = os.environ.pop("REDIS_URL", None)  # our own server: this test stops it

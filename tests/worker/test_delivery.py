@@ -12,6 +12,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError, UnsupportedVersionError
 
 from worker import delivery
+from worker.cache import ResultCache
 from worker.messages import Prediction, Rejected, Source, decode
 from worker.run import DoneBatch, Job, Result, Worker
 from worker.settings import WorkerSettings
@@ -124,7 +125,9 @@ def _worker(delivery: str = "exactly-once") -> Worker:
     worker.delivery.start(worker.consumer, lambda: worker.producer)
     worker._joining = False
     worker.classifier = types.SimpleNamespace(batches_in_flight=0, items_in_flight=0)
-    worker.engine = types.SimpleNamespace(current=types.SimpleNamespace(token_budget=lambda texts: [5] * len(texts)))
+    worker.engine = types.SimpleNamespace(current=types.SimpleNamespace(token_budget=lambda texts: [5] * len(texts),
+                                                                        version="v1"))
+    worker.cache = ResultCache(None, "test:", 60, 100)  # disabled: every lookup a miss
     return worker
 
 

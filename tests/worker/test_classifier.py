@@ -1,0 +1,102 @@
+"""The classifier's decisions (pure logic: a counting stand-in model, no Kafka): which messages the model runs
+on, given the cache's answers from poll time, and when a batch needs no model at all."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from worker.batcher import Batch
+from worker.cache import ResultCache
+from worker.messages import InputMessage, Prediction, Rejected, Source
+from worker.metrics import WorkerMetrics
+from worker.run import Classifier, Job
+
+
+class Model:
+    def __init__(self, version: str):
+        self.version, self.dtype, self.device = version, "torch.float32", "cpu"
+        self.seen: list[list[str]] = []
+
+    def predict(self, texts):
+        self.seen.append(list(texts))
+        return [Prediction(f"{self.version}:{t}", 0, 0.9, ((f"{self.version}:{t}", 0.9),)) for t in texts]
+
+
+class Engine:
+    def __init__(self, model: Model):
+        self.current = model
+
+    def acquire(self) -> Model:
+        return self.current
+
+
+def _answer(text: str, version: str = "v1") -> Prediction:
+    return Prediction(f"cache:{version}:{text}", 1, 0.8, ((f"cache:{version}:{text}", 0.8),))
+
+
+def _batch(*items) -> Batch:
+    batch = Batch()
+    for offset, item in enumerate(items):
+        if item is None:
+            message = Rejected("invalid_utf8", "bad", b"\xff", None, [], Source("in", 0, offset))
+            batch.append(Job(message, 0.0), 1, 0.0)
+        else:
+            text, cached, version = (item if isinstance(item, tuple) else (item, None, ""))
+            message = InputMessage(f"id-{offset}", text, None, [], Source("in", 0, offset))
+            batch.append(Job(message, 0.0, 0, cached, version), len(text) + 2, 0.0)
+    return batch
+
+
+@pytest.fixture
+def classifier():
+    model = Model("v1")
+    c = Classifier(Engine(model), ResultCache(None, "t:", 60, 100), WorkerMetrics())
+    c.model = model
+    yield c
+    c.close()
+
+
+def test_the_model_runs_only_on_what_the_cache_did_not_answer_at_poll(classifier):
+    done = classifier.classify(_batch(("北京", _answer("北京"), "v1"), "上海", None, "上海", "广州"))
+    assert classifier.model.seen == [["上海", "广州"]]  # a repeat inside the batch runs once
+    labels = [r.prediction.label if r.prediction else None for r in done.results]
+    assert labels == ["cache:v1:北京", "v1:上海", None, "v1:上海", "v1:广州"]  # input order, rejected in place
+    assert [r.cached for r in done.results] == [True, False, False, False, False]
+    assert done.version == "v1"
+
+
+def test_answers_for_another_model_version_are_not_served(classifier):
+    """The cache was asked for v0 at poll time; the classifier serves v1 now: the model runs."""
+    done = classifier.classify(_batch(("北京", _answer("北京", "v0"), "v0")))
+    assert classifier.model.seen == [["北京"]]
+    assert done.results[0].prediction.label == "v1:北京" and not done.results[0].cached
+
+
+def test_a_repeat_polled_while_its_twin_was_in_flight_is_not_run_again(classifier):
+    classifier.classify(_batch("深圳"))
+    done = classifier.classify(_batch("深圳", "杭州"))  # both were cache misses at poll time
+    assert classifier.model.seen == [["深圳"], ["杭州"]]
+    assert [r.cached for r in done.results] == [True, False]
+
+
+def test_a_batch_the_cache_answered_needs_no_model(classifier):
+    answered = _batch(("北京", _answer("北京"), "v1"), None)
+    assert classifier.answer(answered) is None  # before the first batch of a version: through classify
+    classifier.classify(_batch("上海"))
+    done = classifier.answer(answered)
+    assert done is not None and classifier.model.seen == [["上海"]]
+    assert [r.prediction.label if r.prediction else None for r in done.results] == ["cache:v1:北京", None]
+    assert classifier.answer(_batch(("北京", _answer("北京"), "v1"), "广州")) is None  # one needs the model
+    assert classifier.answer(_batch(("北京", _answer("北京", "v0"), "v0"))) is None  # another version's
+
+
+def test_a_failing_classifier_thread_ends_the_worker_instead_of_hanging_it(classifier):
+    classifier.engine.acquire = lambda: (_ for _ in ()).throw(AttributeError("a bug"))
+    classifier.submit(_batch("北京"))
+    deadline = time.monotonic() + 5
+    with pytest.raises(RuntimeError, match="classifier thread failed"):
+        while time.monotonic() < deadline:
+            classifier.completed(timeout=0.05)
+    assert isinstance(classifier.failure, AttributeError)
