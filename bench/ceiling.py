@@ -27,6 +27,7 @@ from pathlib import Path
 from bench import common, e2e, profile
 
 PARTITIONS = 4
+PROFILE_RATE = 1000  # py-spy samples per second: a drain lasts seconds, 100/s gave ~60 samples per thread
 
 
 def _worktree(ref: str, work_dir: Path) -> Path:
@@ -87,7 +88,8 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
         print("client floor: " + ", ".join(f"{k} {result['client_floor'][k]:,.0f} msgs/s"
                                            for k in ("kafka-python", "confluent-kafka")), flush=True)
     if profile_messages and profile.pyspy_binary():
-        result["profile"] = _profile(ws, texts[:profile_messages], prefix)
+        if "kafka-python" in clients:
+            result["profile"] = _profile(ws, texts[:profile_messages], prefix)
         if "confluent-kafka" in clients:
             result["profile_confluent"] = _profile(ws, texts[:profile_messages], prefix, "confluent-kafka")
     print_tables(result)
@@ -174,7 +176,7 @@ def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str, client: st
                                   tag=tag, extra=("--kafka-client", client))
     raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
     with common.running_workers([worker]):
-        profile.record_drain(worker, len(texts), raw)
+        profile.record_drain(worker, len(texts), raw, rate=PROFILE_RATE)
     outputs = common.read_outputs(ws, worker.output_topic, len(texts))
     return {"messages": len(texts), **common.stream_throughput(outputs), "threads": profile.summarize(raw),
             "raw": str(raw)}

@@ -148,12 +148,36 @@ def decode(record: Any, input_format: str = "auto", max_message_bytes: int = 65_
     """Decode one consumer record (anything with topic/partition/offset/key/value/headers). Never raises
     for bad input: the result is either a message to classify or a rejection for the DLQ."""
     source = Source(record.topic, record.partition, record.offset)
-    headers = [(k, bytes(v) if v is not None else b"") for k, v in (record.headers or [])]
+    headers = record.headers
+    headers = [(k, bytes(v) if v is not None else b"") for k, v in headers] if headers else []
+    value = record.value
+    fields = _plain_json(value, input_format, max_message_bytes)
+    if fields is None:
+        try:
+            fields = parse_value(value, input_format, max_message_bytes)
+        except DecodeError as exc:
+            return Rejected(exc.reason, exc.detail, value, record.key, headers, source)
+    msg_id, text = fields
+    return InputMessage(msg_id or source.default_id, text, record.key, headers, source, value)
+
+
+def _plain_json(value: bytes | None, input_format: str, max_message_bytes: int) -> tuple[str | None, str] | None:
+    """:func:`parse_value`'s answer for the common input, a JSON object with a string ``text`` (and a string
+    ``id``, or none) whose value starts with ``{``, read straight from the bytes (orjson checks the UTF-8
+    itself); None for anything else, which :func:`parse_value` then decides. Half of decoding's cost."""
+    if input_format == "text" or not value or value[0] != 0x7B or len(value) > max_message_bytes:  # b"{"
+        return None
     try:
-        msg_id, text = parse_value(record.value, input_format, max_message_bytes)
-    except DecodeError as exc:
-        return Rejected(exc.reason, exc.detail, record.value, record.key, headers, source)
-    return InputMessage(msg_id or source.default_id, text, record.key, headers, source, record.value)
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict:
+        return None
+    text, msg_id = obj.get("text"), obj.get("id")
+    if type(text) is not str or (msg_id is not None and type(msg_id) is not str):
+        return None
+    text = normalize_text(text)
+    return (msg_id, text) if text else None
 
 
 # ---- output -------------------------------------------------------------------------------------------------
@@ -201,14 +225,31 @@ _PREDICTION_KEYS = {"label", "label_id", "score", "top_k", "truncated"}
 def output_value(message: InputMessage, prediction: Prediction, *, model_version: str, cached: bool,
                  queue_ms: float, infer_ms: float) -> bytes:
     """The output record's value: compact UTF-8 JSON, the prediction's fields spliced in as encoded."""
-    try:
-        ident = orjson.dumps(message.id)
-    except TypeError:  # a lone surrogate in an id: only the stdlib writes it (escaped)
-        ident = json.dumps(message.id).encode()
-    source = message.source
-    return _OUTPUT % (ident, prediction.json[1:-1], orjson.dumps(model_version), b"true" if cached else b"false",
-                      orjson.dumps(source.topic), source.partition, source.offset,
-                      orjson.dumps(round(queue_ms, 3)), orjson.dumps(round(infer_ms, 3)))
+    return OutputEncoder(model_version, infer_ms)(message, prediction, cached, queue_ms)
+
+
+class OutputEncoder:
+    """Output values for one batch (:func:`output_value`, with what all of them share encoded once: the model
+    version, the inference time, the input topics)."""
+
+    __slots__ = ("_version", "_infer", "_topics")
+
+    def __init__(self, model_version: str, infer_ms: float):
+        self._version = orjson.dumps(model_version)
+        self._infer = orjson.dumps(round(infer_ms, 3))
+        self._topics: dict[str, bytes] = {}
+
+    def __call__(self, message: InputMessage, prediction: Prediction, cached: bool, queue_ms: float) -> bytes:
+        try:
+            ident = orjson.dumps(message.id)
+        except TypeError:  # a lone surrogate in an id: only the stdlib writes it (escaped)
+            ident = json.dumps(message.id).encode()
+        source = message.source
+        topic = self._topics.get(source.topic)
+        if topic is None:
+            topic = self._topics[source.topic] = orjson.dumps(source.topic)
+        return _OUTPUT % (ident, prediction.json[1:-1], self._version, b"true" if cached else b"false", topic,
+                          source.partition, source.offset, orjson.dumps(round(queue_ms, 3)), self._infer)
 
 
 _OUTPUT = (b'{"id":%b,%b,"model_version":%b,"cached":%b,"source":{"topic":%b,"partition":%d,"offset":%d},'

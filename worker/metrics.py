@@ -37,7 +37,9 @@ class WorkerMetrics:
         self.infer_seconds = Histogram("bert_stream_inference_seconds", "Model time per batch (uncached items).",
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.cache_lookups = Counter("bert_stream_cache_lookups", "Cache lookups by outcome: hit, miss, "
-                                     "unavailable (Redis down or slow; the model ran).", ["outcome"], registry=r)
+                                     "unavailable (Redis down or slow; the model ran), recent (a miss answered by "
+                                     "the worker's own recent results: a repeat polled while its twin was being "
+                                     "classified).", ["outcome"], registry=r)
         self.cache_outages = Counter("bert_stream_cache_outages", "Times Redis went from up to down.", registry=r)
         self.cache_up = Gauge("bert_stream_cache_up", "1 while the cache answers, 0 while it is skipped.", registry=r)
         self.cache_up.set(1)

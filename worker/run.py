@@ -56,7 +56,7 @@ from worker.batcher import Batch, Batcher
 from worker import delivery
 from worker.cache import ResultCache
 from worker.engine import Engine, ModelWatcher
-from worker.messages import (InputMessage, Prediction, Rejected, Source, decode, dlq_headers, output_value,
+from worker.messages import (InputMessage, OutputEncoder, Prediction, Rejected, Source, decode, dlq_headers,
                              rejected_for_failure)
 from worker.metrics import Health, OpsServer, WorkerMetrics
 from worker.offsets import OffsetTracker
@@ -177,7 +177,10 @@ class Classifier:
         jobs = [job for job in batch.items if not isinstance(job.message, Rejected)]
         texts = [job.message.text for job in jobs]
         # the poll's lookup missed a text that an earlier batch in flight has classified meanwhile
-        cached = [job.cached if job.version == version else recent.get(t) for job, t in zip(jobs, texts)]
+        cached = [(job.cached if job.version == version else None) or recent.get(t) for job, t in zip(jobs, texts)]
+        recalled = sum(c is not None and c is not job.cached for c, job in zip(cached, jobs))
+        if recalled:
+            self.metrics.cache_lookups.labels("recent").inc(recalled)
         todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
         t0 = time.perf_counter()
         fresh, errors = _infer(model, todo)
@@ -440,6 +443,8 @@ class Worker:
             if done.results and done.results[0].job.epoch != self._epoch:
                 continue  # classified before an abort: its partitions were rewound and read again
             counts = {"cached": 0, "output": 0}
+            encode, topic, send = OutputEncoder(done.version, done.infer_ms), self.settings.output_topic, self._send
+            published = time.monotonic() - done.infer_ms / 1000  # one clock read per batch: they go out together
             for r in done.results:
                 m = r.job.message
                 if isinstance(m, Rejected):
@@ -448,10 +453,8 @@ class Worker:
                 if r.prediction is None:
                     self._send_dlq(rejected_for_failure(m, r.error))
                     continue
-                queue_ms = (time.monotonic() - r.job.received) * 1000 - done.infer_ms
-                value = output_value(m, r.prediction, model_version=done.version, cached=r.cached,
-                                     queue_ms=max(0.0, queue_ms), infer_ms=done.infer_ms)
-                if self._send(self.settings.output_topic, m.source, value, m.key, m.headers):
+                value = encode(m, r.prediction, r.cached, max(0.0, (published - r.job.received) * 1000))
+                if send(topic, m.source, value, m.key, m.headers):
                     counts["cached" if r.cached else "output"] += 1
             for outcome, n in counts.items():  # once per batch: a labelled counter lookup is not free
                 if n:
@@ -473,20 +476,27 @@ class Worker:
         tp, offset = _tp(source.topic, source.partition), source.offset
         if self._send_errors and self._failed(tp):
             return False  # its commit position is stuck before the failed send: it would only be a duplicate
-        partition = source.partition % self._partition_count(topic)
+        partitions = self._partitions.get(topic) or self._partition_count(topic)
         try:
             self.delivery.before_send()  # exactly-once: the first send after a commit begins a transaction
-            future = self.producer.send(topic, value=value, key=key, headers=list(headers), partition=partition)
+            future = self.producer.send(topic, value=value, key=key, headers=headers,
+                                        partition=source.partition % partitions)
         except KafkaError as exc:
             if not self.delivery.transactional:
                 raise
             self._send_errors.append((self._epoch, tp, offset, exc))  # a transaction in error: abort it
             return False
-        epoch = self._epoch
-        future.add_callback(lambda _meta: self._acks.append((epoch, tp, offset)))
-        future.add_errback(lambda exc: self._send_errors.append((epoch, tp, offset, exc)))
+        future.add_both(self._delivered, self._epoch, tp, offset)  # one callback for both outcomes: no closures
         self._since_commit += 1
         return True
+
+    def _delivered(self, epoch: int, tp, offset: int, result) -> None:
+        """A send's outcome (the producer's thread with kafka-python, this one with librdkafka): the record's
+        metadata, or the exception it failed with."""
+        if isinstance(result, BaseException):
+            self._send_errors.append((epoch, tp, offset, result))
+        else:
+            self._acks.append((epoch, tp, offset))
 
     def _failed(self, tp) -> bool:
         """A send for this input partition failed: the worker is on its way out (see :meth:`_acknowledged`),

@@ -75,10 +75,11 @@ def test_answers_for_another_model_version_are_not_served(classifier):
 
 
 def test_a_repeat_polled_while_its_twin_was_in_flight_is_not_run_again(classifier):
-    classifier.classify(_batch("深圳"))
-    done = classifier.classify(_batch("深圳", "杭州"))  # both were cache misses at poll time
+    classifier.classify(_batch(("深圳", None, "v1")))
+    done = classifier.classify(_batch(("深圳", None, "v1"), ("杭州", None, "v1")))  # cache misses at poll time
     assert classifier.model.seen == [["深圳"], ["杭州"]]
     assert [r.cached for r in done.results] == [True, False]
+    assert classifier.metrics.cache_lookups.labels("recent")._value.get() == 1
 
 
 def test_a_batch_the_cache_answered_needs_no_model(classifier):

@@ -30,6 +30,9 @@ class _Future:
     def add_errback(self, fn):
         pass
 
+    def add_both(self, fn, *args):
+        self.add_callback(lambda value: fn(*args, value))
+
 
 class _Result:
     """kafka-python's TransactionalRequestResult: wait() raises the request's error, or says if it is done."""

@@ -103,6 +103,27 @@ def test_decode_never_raises(value, fmt):
         assert out.text and out.text == m.normalize_text(out.text)
 
 
+_JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+                        st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(obj=st.dictionaries(st.sampled_from(["id", "text", "other"]), _JSON_VALUES, max_size=3)
+       | st.fixed_dictionaries({"id": _JSON_VALUES, "text": st.text(max_size=30)}),
+       spaces=st.sampled_from(["", " ", "\n"]), fmt=st.sampled_from(m.INPUT_FORMATS))
+def test_the_fast_json_path_decides_as_parse_value_does(obj, spaces, fmt):
+    """decode() reads the common JSON input straight from the bytes; whatever it takes that way, it must
+    decide exactly as parse_value, the reference, does."""
+    value = (spaces + json.dumps(obj, ensure_ascii=bool(len(spaces) % 2))).encode("utf-8", "surrogatepass")
+    out = m.decode(rec(value), fmt, max_message_bytes=256)
+    try:
+        msg_id, text = m.parse_value(value, fmt, 256)
+    except m.DecodeError as exc:
+        assert isinstance(out, m.Rejected) and out.reason == exc.reason
+    else:
+        assert isinstance(out, m.InputMessage) and (out.id, out.text) == (msg_id or "in-2-7", text)
+
+
 @given(st.text(max_size=50))
 def test_normalize_is_idempotent(text):
     assert m.normalize_text(m.normalize_text(text)) == m.normalize_text(text)

@@ -24,6 +24,10 @@ class _Future:
     def add_errback(self, fn):
         self.errbacks.append(fn)
 
+    def add_both(self, fn, *args):
+        self.add_callback(lambda value: fn(*args, value))
+        self.add_errback(lambda exc: fn(*args, exc))
+
 
 class _Producer:
     """Completes each send at flush(): partitions in ``failing`` fail, the rest are acknowledged."""
