@@ -67,15 +67,19 @@ class Batcher(Generic[T]):
         return self._count
 
     def add(self, item: T, n_tokens: int, now: float) -> None:
-        if not 1 <= n_tokens <= self.max_tokens:
-            raise ValueError(f"an item of {n_tokens} tokens can never fit max_tokens={self.max_tokens}")
-        if self._open.items and (len(self._open) >= self.max_items
-                                 or self._open.padded_with(n_tokens) > self.max_tokens):
+        max_items, max_tokens = self.max_items, self.max_tokens
+        if not 1 <= n_tokens <= max_tokens:
+            raise ValueError(f"an item of {n_tokens} tokens can never fit max_tokens={max_tokens}")
+        batch = self._open
+        size = len(batch.items)
+        # (Batch.padded_with inlined: this runs once per message)
+        if size and (size >= max_items or (size + 1) * max(batch.longest, n_tokens) > max_tokens):
             self._close()
-        self._open.append(item, n_tokens, now)
+            batch, size = self._open, 0
+        batch.append(item, n_tokens, now)
         self._count += 1
         # full: no further item can join (the cheapest newcomer still costs `longest` tokens)
-        if len(self._open) >= self.max_items or self._open.padded_with(1) > self.max_tokens:
+        if size + 1 >= max_items or (size + 2) * batch.longest > max_tokens:
             self._close()
 
     def _close(self) -> None:

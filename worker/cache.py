@@ -7,8 +7,8 @@ is the prediction's part of the output record (:attr:`worker.messages.Prediction
 the key too, so during a rolling upgrade that changes it the old and the new workers each keep their own
 entries instead of overwriting each other's with values the other reads as misses.
 
-A batch costs two round trips at most: one ``MGET`` for all its texts before inference, one pipelined
-batch of ``SET ... EX ttl`` for the new results after it.
+Round trips: one ``MGET`` per poll for every text it returned (the worker's main thread, before batching),
+one pipelined batch of ``SET ... EX ttl`` per batch for the new results after inference.
 
 Redis is an optimisation, never a dependency: when a call fails or exceeds ``timeout_ms`` the cache is
 marked down, the batch runs without it, and calls are skipped until a retry time (backoff doubling from
@@ -40,7 +40,11 @@ ENTRY_FORMAT = "j1"  # a JSON object of the output's prediction fields (before i
 
 
 def cache_key(prefix: str, version: str, text: str) -> str:
-    return f"{prefix}{version}:{ENTRY_FORMAT}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+    return _key_head(prefix, version) + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _key_head(prefix: str, version: str) -> str:
+    return f"{prefix}{version}:{ENTRY_FORMAT}:"
 
 
 class ResultCache:
@@ -114,7 +118,8 @@ class ResultCache:
                 self._count("unavailable", len(texts))
             return [None] * len(texts)
         try:
-            raw = self._redis().mget([cache_key(self.prefix, version, t) for t in texts])
+            head, sha256 = _key_head(self.prefix, version), hashlib.sha256
+            raw = self._redis().mget([head + sha256(t.encode("utf-8")).hexdigest() for t in texts])  # = cache_key
         except Exception as exc:  # noqa: BLE001 - any Redis/socket error: go on without the cache
             self._failed(exc)
             self._count("unavailable", len(texts))

@@ -31,7 +31,9 @@ class OffsetTracker:
 
     def track(self, tp: TP, offset: int) -> None:
         """A message was received; its offset is outstanding until :meth:`ack`."""
-        part = self._parts.setdefault(tp, _Partition())
+        part = self._parts.get(tp)
+        if part is None:  # (setdefault would build a _Partition on every call: a cached worker's hot path)
+            part = self._parts[tp] = _Partition()
         last = part.order[-1] if part.order else (part.position - 1 if part.position is not None else -1)
         if offset <= last:
             raise ValueError(f"{tp}: offset {offset} received after {last}; offsets must increase")

@@ -1,8 +1,15 @@
 """``python -m worker.run``: consume Chinese messages, micro-batch them through the model, publish labels.
 
-The pipeline: poll -> decode -> batch -> cache lookup -> infer -> cache store -> publish -> commit.
+The pipeline: poll -> decode -> cache lookup -> batch -> infer -> cache store -> publish -> commit.
 Each step is a call into its owner: :mod:`worker.messages` (decode, records), :mod:`worker.batcher`,
 :mod:`worker.cache`, :mod:`worker.engine`, :mod:`worker.offsets`, :mod:`bert_stream.kafka` (clients).
+
+The path around the model (what a GPU waits on)
+    The cache is asked on the main thread, once per poll, and a batch it answered entirely is published
+    there too when nothing is in flight: a cached message never changes threads. Only batches with work for
+    the model go to the classifier thread, which also remembers its recent results for the repeats that were
+    polled while their twin was being classified. bench/ceiling.py measures this path with every message a
+    cache hit (bench/RESULTS.md, part 8).
 
 How inference never starves group membership
     The consumer lives on the main thread; inference runs on one background thread (:class:`Classifier`),
