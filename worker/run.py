@@ -121,7 +121,8 @@ class Classifier:
         self.batches_in_flight = 0
         self.items_in_flight = 0
         self._version = None
-        self._recent: dict[str, Prediction] = {}  # text -> this thread's result, for the model served now
+        # text -> (this thread's result for the model served now, time.monotonic() when it was stored)
+        self._recent: dict[str, tuple[Prediction, float]] = {}
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name="classifier", daemon=True)
         self._thread.start()
@@ -183,11 +184,18 @@ class Classifier:
         version, recent = model.version, self._recent
         jobs = [job for job in batch.items if not isinstance(job.message, Rejected)]
         texts = [job.message.text for job in jobs]
-        # the poll's lookup missed a text that an earlier batch in flight has classified meanwhile
-        cached = [(job.cached if job.version == version else None) or recent.get(t) for job, t in zip(jobs, texts)]
-        recalled = sum(c is not None and c is not job.cached for c, job in zip(cached, jobs))
-        if recalled:
-            self.metrics.cache_lookups.labels("recent").inc(recalled)
+        cached = [job.cached if job.version == version else None for job in jobs]
+        if recent and self.cache.enabled and self.cache.up:
+            # What a lookup now, instead of at poll time, would have found: results stored since the job was
+            # polled (a twin in flight then). Older ones were in Redis at poll time if it kept them, and
+            # while Redis is down the model answers, as it did when the lookup ran here.
+            recalled = 0
+            for i, (job, t) in enumerate(zip(jobs, texts)):
+                if cached[i] is None and (entry := recent.get(t)) is not None and entry[1] >= job.received:
+                    cached[i] = entry[0]
+                    recalled += 1
+            if recalled:
+                self.metrics.cache_lookups.labels("recent").inc(recalled)
         todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
         t0 = time.perf_counter()
         fresh, errors = _infer(model, todo)
@@ -196,7 +204,8 @@ class Classifier:
             self.cache.store(version, list(fresh.items()))
             if len(recent) + len(fresh) > RECENT_RESULTS:
                 recent.clear()
-            recent.update(fresh)
+            stored = time.monotonic()
+            recent.update((t, (p, stored)) for t, p in fresh.items())
         results = [Result(job, c or fresh.get(t), cached=c is not None, error=errors.get(t, ""))
                    for job, t, c in zip(jobs, texts, cached)]
         if len(jobs) < len(batch):  # rejected ones keep their place: each partition is published in order
@@ -282,6 +291,7 @@ class Worker:
         self._rejoins = 0                   # undecodable assignments since the last good one
         self._fast_handover = settings.kafka_client == "confluent-kafka"  # see _input_waiting
         self._rewind_on_assign = settings.kafka_client == "kafka-python"  # see _on_assigned
+        self._commit_acked_so_far = settings.kafka_client == "confluent-kafka"  # see _maybe_commit
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -536,11 +546,15 @@ class Worker:
         now = time.monotonic()
         if not force and now < self._next_commit and self._since_commit < self.settings.commit_every:
             return
-        # Between forced commits at-least-once takes the acks that have come in, without waiting for the rest:
-        # a flush every `commit_every` messages stalled the loop for a linger and a round trip each time
-        # (15% of a cached worker's main thread). Exactly-once must flush: a transaction's offsets have to
-        # cover every record in it.
-        self._commit(self._acknowledged(flush=force or self.delivery.transactional))
+        # With librdkafka, commits between forced ones take the acks that have come in without waiting for the
+        # rest: a flush every `commit_every` messages stalled the loop for a round trip each time (15% of a
+        # cached worker's main thread at ~45k msgs/s). The price: a crash re-delivers also what was in flight
+        # to the broker at the last commit (a linger and a round trip's worth). kafka-python, whose ceiling is
+        # its own Python, keeps the tighter window (tests/fault: a broker killed mid-stream re-delivered 112
+        # messages with the shortcut, more than commit_every + the batches in flight). Exactly-once always
+        # flushes: a transaction's offsets have to cover every record in it.
+        flush = force or self.delivery.transactional or not self._commit_acked_so_far
+        self._commit(self._acknowledged(flush=flush))
         if now >= self._next_lag:
             self._next_lag = now + LAG_EVERY_S
             self._update_lag()

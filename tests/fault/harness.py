@@ -68,7 +68,10 @@ def uncommitted_window() -> int:
 
     The loop checks ``commit_every`` once per iteration, and one iteration publishes at most the batches in
     flight; so published-but-uncommitted < commit_every + in_flight * max_batch_size. A kill -9 re-delivers
-    at most that many messages (a failed commit would widen it; the worker logs commit_failed then)."""
+    at most that many messages (a failed commit would widen it; the worker logs commit_failed then). With
+    librdkafka the worker commits between flushes what the broker has acknowledged so far (worker.run,
+    _maybe_commit), which adds what was in flight to the broker then: a linger and a round trip's worth, a
+    few messages at these tests' rates."""
     return COMMIT_EVERY + _in_flight_batches() * MAX_BATCH_SIZE
 
 

@@ -8,7 +8,6 @@ import time
 import pytest
 
 from worker.batcher import Batch
-from worker.cache import ResultCache
 from worker.messages import InputMessage, Prediction, Rejected, Source
 from worker.metrics import WorkerMetrics
 from worker.run import Classifier, Job
@@ -49,10 +48,22 @@ def _batch(*items) -> Batch:
     return batch
 
 
+class Cache:
+    """The cache as the classifier sees it after poll time: up or down, and where results are stored."""
+
+    enabled, up = True, True
+
+    def __init__(self):
+        self.stored = []
+
+    def store(self, version, items):
+        self.stored += [(version, text) for text, _ in items]
+
+
 @pytest.fixture
 def classifier():
     model = Model("v1")
-    c = Classifier(Engine(model), ResultCache(None, "t:", 60, 100), WorkerMetrics())
+    c = Classifier(Engine(model), Cache(), WorkerMetrics())
     c.model = model
     yield c
     c.close()
@@ -80,6 +91,21 @@ def test_a_repeat_polled_while_its_twin_was_in_flight_is_not_run_again(classifie
     assert classifier.model.seen == [["深圳"], ["杭州"]]
     assert [r.cached for r in done.results] == [True, False]
     assert classifier.metrics.cache_lookups.labels("recent")._value.get() == 1
+
+
+def test_recent_results_stand_in_only_for_what_redis_could_not_have_had(classifier):
+    """A result stored before a job was polled was in Redis at poll time (if Redis kept it): the job's miss
+    means Redis lost it, and the model answers, as when the lookup ran on this thread; so it does while Redis
+    is down, or without a cache."""
+    classifier.classify(_batch(("深圳", None, "v1")))
+    late = _batch(("深圳", None, "v1"))
+    late.items[0].received = time.monotonic() + 1  # polled after the result was stored
+    classifier.classify(late)
+    assert classifier.model.seen == [["深圳"], ["深圳"]]
+    classifier.cache.up = False
+    classifier.classify(_batch(("深圳", None, "v1")))  # polled before, but Redis is down
+    assert classifier.model.seen == [["深圳"], ["深圳"], ["深圳"]]
+    assert classifier.cache.stored == [("v1", "深圳")] * 3
 
 
 def test_a_batch_the_cache_answered_needs_no_model(classifier):
