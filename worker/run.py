@@ -91,8 +91,8 @@ class Job:
     message: InputMessage | Rejected
     received: float  # time.monotonic() at poll
     epoch: int = 0   # Worker._epoch at poll: results of an aborted transaction's epoch are dropped
-    cached: Prediction | None = None  # the cache's answer at poll (Worker._route), for model `version`
-    version: str = ""
+    cached: Prediction | None = None  # the cache's answer at poll (Worker._route) ...
+    version: str = ""                 # ... for this model version (a hot reload in between voids it)
 
 
 @dataclasses.dataclass
@@ -230,8 +230,9 @@ class Classifier:
                 return None
         return self._finished(batch, results, version, time.monotonic(), 0.0, inferred=0, failed=0)
 
-    def _finished(self, batch: Batch[Job], results: list[Result], version: str, start: float, infer_ms: float, *,
-              inferred: int, failed: int) -> DoneBatch:
+    def _finished(self, batch: Batch[Job], results: list[Result], version: str, start: float, infer_ms: float,
+                  *, inferred: int, failed: int) -> DoneBatch:
+        """Metrics and the batch's log line, once per batch, whoever produced the results."""
         queue_s = start - batch.first_arrival
         hits = sum(r.cached for r in results)
         self.metrics.batch_size.observe(len(batch))
