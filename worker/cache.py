@@ -40,11 +40,13 @@ ENTRY_FORMAT = "j1"  # a JSON object of the output's prediction fields (before i
 
 
 def cache_key(prefix: str, version: str, text: str) -> str:
-    return _key_head(prefix, version) + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return cache_keys(prefix, version, [text])[0]
 
 
-def _key_head(prefix: str, version: str) -> str:
-    return f"{prefix}{version}:{ENTRY_FORMAT}:"
+def cache_keys(prefix: str, version: str, texts: Sequence[str]) -> list[str]:
+    """:func:`cache_key` of each text, the common head formatted once (a lookup keys a whole poll)."""
+    head, sha256 = f"{prefix}{version}:{ENTRY_FORMAT}:", hashlib.sha256
+    return [head + sha256(t.encode("utf-8")).hexdigest() for t in texts]
 
 
 class ResultCache:
@@ -118,8 +120,7 @@ class ResultCache:
                 self._count("unavailable", len(texts))
             return [None] * len(texts)
         try:
-            head, sha256 = _key_head(self.prefix, version), hashlib.sha256
-            raw = self._redis().mget([head + sha256(t.encode("utf-8")).hexdigest() for t in texts])  # = cache_key
+            raw = self._redis().mget(cache_keys(self.prefix, version, texts))
         except Exception as exc:  # noqa: BLE001 - any Redis/socket error: go on without the cache
             self._failed(exc)
             self._count("unavailable", len(texts))
@@ -153,8 +154,9 @@ class ResultCache:
             return
         try:
             with self._redis().pipeline(transaction=False) as pipe:
-                for text, prediction in items:
-                    pipe.set(cache_key(self.prefix, version, text), prediction.to_cache(), ex=self.ttl_s)
+                keys = cache_keys(self.prefix, version, [text for text, _ in items])
+                for key, (_text, prediction) in zip(keys, items):
+                    pipe.set(key, prediction.to_cache(), ex=self.ttl_s)
                 pipe.execute()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
