@@ -1,6 +1,7 @@
 """The generalisation suite: the trainer's default recipe against the classical baseline on small, skewed sets.
 
-``python -m bench.train_suite [--tier quick|full] [--entries NAME,...] [--seeds 0,1,2] [--trainer-args "..."]``
+``python -m bench.train_suite [--tier quick|full] [--entries NAME,...] [--seeds 0,1,2] [--trainer-args "..."]
+[--runs-from bench/train_suite.json]``
 
 Users bring a few thousand examples with a skewed class mix, not the built-ins' balanced 8-14k. Each entry of
 the suite is such a set cut from a built-in (``trainer.data``'s own split, so no text is in two splits):
@@ -23,7 +24,10 @@ macro-F1 >= baseline + 0.05 on every entry.
 Not part of ``make bench``: the default recipe takes minutes per entry on 2 cores (``--tier quick``: five
 entries at 1-2k examples, one seed, about 40 minutes; ``full``: every entry at 1k/2k/5k, three seeds, hours).
 Finished runs are kept under ``--work-dir`` and not run again (same entry, seed, trainer arguments and
-``trainer/`` and ``bert_stream/ngram.py`` code), so a long tier can be stopped and continued. Writes ``bench/train_suite.json``, ``bench/train_suite.png`` and the
+``trainer/`` and ``bert_stream/ngram.py`` code), so a long tier can be stopped and continued. ``--runs-from``
+counts the runs of an earlier report (its ``train_suite.json``, e.g. the committed one, made on another machine
+or before a code change) as finished, for the (entry, seed, trainer arguments) that the work dir has no run of:
+the report says how many it took and at which commit each was made. Writes ``bench/train_suite.json``, ``bench/train_suite.png`` and the
 suite's section of ``bench/TRAINING.md``.
 """
 
@@ -161,6 +165,7 @@ def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path
     back; None when there is none and ``train`` is false)."""
     code = [(f.name, f.read_bytes().hex())
             for f in [*sorted((common.REPO / "trainer").glob("*.py")), common.REPO / "bert_stream" / "ngram.py"]]
+    code_hash = hashlib.sha256(json.dumps(code).encode()).hexdigest()[:10]
     key = hashlib.sha256(json.dumps([entry.name, seed, list(trainer_args), code]).encode()).hexdigest()[:10]
     folder = work_dir / f"{entry.name}-s{seed}-{key}"
     done = folder / "result.json"
@@ -190,6 +195,7 @@ def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path
     alone = hybrid.get("transformer", {"test": m["test"]})["test"]
     result = {
         "entry": entry.name, "seed": seed, "trainer_args": list(trainer_args), "seconds": round(time.perf_counter() - t0),
+        "code": code_hash, "commit": _commit(),
         "train": len(splits[0]),
         "test_n": m["test"]["n"], "validation_n": m["validation"]["n"],
         "accuracy": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
@@ -203,6 +209,31 @@ def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path
     }
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with ``+`` when trainer code differs from it), for a run's record."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trainer", "bert_stream/ngram.py"],
+                               cwd=common.REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
+def earlier_runs(paths: Sequence[str]) -> dict[tuple, dict]:
+    """(entry, seed, trainer arguments) -> a run of an earlier report (the first file that has it wins)."""
+    found: dict[tuple, dict] = {}
+    for path in paths:
+        try:
+            runs = json.loads(Path(path).read_text(encoding="utf-8"))["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SuiteError(f"--runs-from {path}: not a train_suite.json with runs ({e})") from None
+        for r in runs:
+            found.setdefault((r["entry"], r["seed"], tuple(r.get("trainer_args", []))), {**r, "from": str(path)})
+    return found
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -257,6 +288,12 @@ def markdown(summary: dict) -> str:
             f"{sd(r, 'gain_macro_f1_sd', 1, '.3f')} | {r['transformer_accuracy']:.1%} / {r['transformer_macro_f1']:.3f} "
             f"({r['hybrid_kept']} of {len(r['seeds'])}) | {r['validation_test_gap'] * 100:+.1f} | "
             f"{r['minutes']} | {'met' if r['meets_target'] else 'not met'} |")
+    earlier = [r for r in summary["runs"] if "from" in r]
+    if earlier:
+        commits = sorted({str(r.get("commit") or "before runs recorded their commit") for r in earlier})
+        lines += ["", f"{len(earlier)} of {len(summary['runs'])} runs were read from an earlier report "
+                      f"({', '.join(sorted({r['from'] for r in earlier}))}; trainer at {', '.join(commits)}), "
+                      f"not trained in this one."]
     if summary.get("not_run"):
         lines += ["", f"Not run yet (`--report-only` reported the rest): {', '.join(summary['not_run'])}."]
     lines += ["", "![the suite's gains over the baseline](train_suite.png)", MARK_END]
@@ -311,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report the tier's runs already kept in --work-dir")
     parser.add_argument("--work-dir", default=str(common.WORK_DIR / "train_suite"), help="runs kept here")
+    parser.add_argument("--runs-from", default="", metavar="JSON[,JSON]",
+                        help="an earlier report's train_suite.json: its runs count as finished where --work-dir has none")
     parser.add_argument("--out-dir", default=str(BENCH_DIR), help="train_suite.json/.png and TRAINING.md go here")
     args = parser.parse_args(argv)
     names, seeds = TIERS[args.tier]
@@ -330,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     runs, not_run = [], []
     plan = [(ENTRIES[n], s) for n in names for s in seeds]
     try:
+        earlier = earlier_runs([p for p in args.runs_from.split(",") if p])
         for entry, seed in (bar := tqdm(plan, desc="train suite", unit="run")):
             bar.set_postfix_str(f"{entry.name} seed {seed}")
-            r = run_one(entry, seed, trainer_args, Path(args.work_dir), train=not args.report_only)
+            r = run_one(entry, seed, trainer_args, Path(args.work_dir), train=False)
+            r = r or earlier.get((entry.name, seed, tuple(trainer_args)))
+            if r is None and not args.report_only:
+                r = run_one(entry, seed, trainer_args, Path(args.work_dir))
             if r is None:
                 tqdm.write(f"{entry.name} seed {seed}: not run yet (--report-only)")
                 not_run.append(f"{entry.name} seed {seed}")

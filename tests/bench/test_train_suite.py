@@ -87,5 +87,16 @@ def test_one_entry_end_to_end(tmp_path, capsys):
     assert json.loads((tmp_path / "train_suite.json").read_text())["runs"][0]["seconds"] == r["seconds"]
     assert ts.main([*args, "--report-only"]) == 0
     assert ts.main([*args[:2], "--seeds", "5", *args[4:], "--report-only"]) == 1  # nothing kept for seed 5
+    assert r["code"] and "commit" in r  # what the run was made with, for a report that reads it back
+    # an earlier report's runs stand in where a (new) work dir has none: nothing is trained, the report says so
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text((tmp_path / "train_suite.json").read_text())
+    fresh = [*args[:4], "--work-dir", str(tmp_path / "empty"), *args[6:]]
+    assert ts.main([*fresh, "--report-only", "--runs-from", str(earlier)]) == 0
+    assert not (tmp_path / "empty").exists()
+    (again,) = json.loads((tmp_path / "train_suite.json").read_text())["runs"]
+    assert again["accuracy"] == r["accuracy"] and again["from"] == str(earlier)
+    assert "1 of 1 runs were read from an earlier report" in (tmp_path / "TRAINING.md").read_text()
+    assert ts.main([*fresh, "--runs-from", str(tmp_path / "missing.json")]) == 1
     with pytest.raises(SystemExit):
         ts.main(["--entries", "nonsense"])
