@@ -162,7 +162,9 @@ class TrainSettings:
                                "training split (seconds) and add its scores to the transformer's "
                                "log-probabilities, both scaled by validation log-loss; the checkpoint carries "
                                "it (ngram.safetensors) and workers serve the sum. Kept when validation gives "
-                               "the n-grams a weight. off: the transformer alone.")
+                               "the n-grams a weight and the sum costs validation macro-F1 at most 0.05 (on "
+                               "skewed sets log-loss can buy its fit with the rare classes). off: the "
+                               "transformer alone.")
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm: bounds the damage of one bad batch; "
                                              "0 disables.")
     max_length: int | None = setting(None, env="BERT_STREAM_MAX_LENGTH",
