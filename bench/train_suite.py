@@ -160,9 +160,11 @@ def write_csv(path: Path, examples: Sequence) -> Path:
     return path
 
 
-def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path, train: bool = True) -> dict | None:
+def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path, train: bool = True,
+            earlier: dict[tuple, dict] | None = None) -> dict | None:
     """One trainer run (kept: a finished run with the same entry, seed, arguments and trainer code is read
-    back; None when there is none and ``train`` is false)."""
+    back; else an ``earlier`` report's run of the same entry, seed and arguments; None when there is neither
+    and ``train`` is false)."""
     code = [(f.name, f.read_bytes().hex())
             for f in [*sorted((common.REPO / "trainer").glob("*.py")), common.REPO / "bert_stream" / "ngram.py"]]
     code_hash = hashlib.sha256(json.dumps(code).encode()).hexdigest()[:10]
@@ -171,6 +173,9 @@ def run_one(entry: Entry, seed: int, trainer_args: Sequence[str], work_dir: Path
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
+    wanted = (entry.name, seed, tuple(trainer_args))
+    if earlier and wanted in earlier:
+        return earlier[wanted]
     if not train:
         return None
     folder.mkdir(parents=True, exist_ok=True)
@@ -372,10 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = earlier_runs([p for p in args.runs_from.split(",") if p])
         for entry, seed in (bar := tqdm(plan, desc="train suite", unit="run")):
             bar.set_postfix_str(f"{entry.name} seed {seed}")
-            r = run_one(entry, seed, trainer_args, Path(args.work_dir), train=False)
-            r = r or earlier.get((entry.name, seed, tuple(trainer_args)))
-            if r is None and not args.report_only:
-                r = run_one(entry, seed, trainer_args, Path(args.work_dir))
+            r = run_one(entry, seed, trainer_args, Path(args.work_dir), train=not args.report_only, earlier=earlier)
             if r is None:
                 tqdm.write(f"{entry.name} seed {seed}: not run yet (--report-only)")
                 not_run.append(f"{entry.name} seed {seed}")
