@@ -295,9 +295,12 @@ def markdown(summary: dict) -> str:
             f"{r['minutes']} | {'met' if r['meets_target'] else 'not met'} |")
     earlier = [r for r in summary["runs"] if "from" in r]
     if earlier:
-        commits = sorted({str(r.get("commit") or "before runs recorded their commit") for r in earlier})
+        commits = sorted({r["commit"] for r in earlier if r.get("commit")})
+        unrecorded = sum(not r.get("commit") for r in earlier)
+        made = ([f"trainer at {', '.join(commits)}"] if commits else []) + (
+            [f"{unrecorded} made before runs recorded their commit"] if unrecorded else [])
         lines += ["", f"{len(earlier)} of {len(summary['runs'])} runs were read from an earlier report "
-                      f"({', '.join(sorted({r['from'] for r in earlier}))}; trainer at {', '.join(commits)}), "
+                      f"({', '.join(sorted({r['from'] for r in earlier}))}; {'; '.join(made)}), "
                       f"not trained in this one."]
     if summary.get("not_run"):
         lines += ["", f"Not run yet (`--report-only` reported the rest): {', '.join(summary['not_run'])}."]
