@@ -63,13 +63,13 @@ from bert_stream.settings import SettingsError, parse_settings, public_view
 from trainer import baseline, checkpoint, metrics, plots, runstate
 from trainer.data import DataError, DataSpec, Example, Splits, load_splits
 from trainer.models import ModelSourceError, keep_layers, load_for_classification
-from trainer.settings import (DISTILL_ALPHA, DISTILL_TEMPERATURE, EARLY_STOPPING_AFTER, Hyperparameters,
-                              TrainSettings, max_train_examples, resolve)
+from trainer.settings import (DISTILL_ALPHA, DISTILL_TEMPERATURE, EARLY_STOPPING_AFTER,
+                              HYBRID_MAX_MACRO_F1_DROP, Hyperparameters, TrainSettings, max_train_examples,
+                              resolve)
 
 PROG = "python -m trainer.run"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-HYBRID_MAX_MACRO_F1_DROP = 0.05  # the margin over the baseline: a hybrid may not spend it on log-loss
 RUNS_DIR, REJECTED_DIR = ".runs", ".rejected"
 
 log = get_logger("trainer.run")
