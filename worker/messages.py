@@ -36,8 +36,20 @@ INVALID_JSON = "invalid_json"
 MISSING_TEXT = "missing_text"
 EMPTY_TEXT = "empty_text"
 TOO_LARGE = "too_large"
+INVALID_TEXT = "invalid_text"            # decodes, but holds what UTF-8 cannot encode (an escaped lone surrogate)
+INVALID_HEADER = "invalid_header"        # a header key that is not UTF-8 (kept, escaped, in the dead letter)
+UNREADABLE_RECORD = "unreadable_record"  # the client could not parse the record at all (no value to keep)
 INFERENCE_FAILED = "inference_failed"
-REASONS = (INVALID_UTF8, INVALID_JSON, MISSING_TEXT, EMPTY_TEXT, TOO_LARGE, INFERENCE_FAILED)
+REASONS = (INVALID_UTF8, INVALID_JSON, MISSING_TEXT, EMPTY_TEXT, TOO_LARGE, INVALID_TEXT, INVALID_HEADER,
+           UNREADABLE_RECORD, INFERENCE_FAILED)
+
+# Key and headers of one input, together: an output copies them, so past this the output could exceed the
+# producer's request size and fail on every retry. Such an input is too_large (the dead letter is cut to fit).
+MAX_KEY_AND_HEADERS_BYTES = 65_536
+# The text is cut to this many characters per model token before it is normalised: NFC of long runs of
+# combining marks is quadratic, and the model reads at most max_length tokens anyway (the cut is marked
+# truncated). Under one character per token is rare (a long run of spaces, which normalising removes).
+CHARS_PER_TOKEN = 4
 
 Headers = list[tuple[str, bytes]]
 
@@ -65,6 +77,7 @@ class InputMessage(NamedTuple):
     headers: Headers
     source: Source
     value: bytes = b""  # the original bytes, for the DLQ (left out of repr)
+    cut: bool = False   # the text was cut before normalising (max_text_chars): the output says truncated
 
     def __repr__(self) -> str:
         return f"InputMessage(id={self.id!r}, text={self.text!r}, key={self.key!r}, source={self.source!r})"
@@ -87,16 +100,34 @@ class DecodeError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def normalize_text(text: str) -> str:
-    """What the model sees and the cache hashes: NFC, whitespace runs collapsed to one space, stripped.
-    Two values that normalise alike get the same label and share a cache entry."""
+def normalize_text(text: str, max_chars: int | None = None) -> str:
+    """What the model sees and the cache hashes: the first ``max_chars`` characters (all if None), NFC,
+    whitespace runs collapsed to one space, stripped. Two values that normalise alike get the same label and
+    share a cache entry."""
+    return _normalized(text, max_chars)[0]
+
+
+def _normalized(text: str, max_chars: int | None) -> tuple[str, bool]:
+    """(:func:`normalize_text`, whether the text was cut). Cost: linear in ``max_chars``, but quadratic in
+    the longest run of combining marks that NFC has to reorder: hence the cut first."""
+    cut = max_chars is not None and len(text) > max_chars
+    if cut:
+        text = text[:max_chars]
     if not unicodedata.is_normalized("NFC", text):  # the check is a scan; most texts arrive in NFC
         text = unicodedata.normalize("NFC", text)
-    return " ".join(text.split())  # split() cuts at the runs of what str.isspace() (and re's \s) calls space
+    return " ".join(text.split()), cut  # split() cuts at the runs of what str.isspace() (and re's \s) calls space
 
 
-def parse_value(value: bytes | None, input_format: str, max_message_bytes: int) -> tuple[str | None, str]:
-    """(id or None, normalised text) of a message value; raises DecodeError with a DLQ reason."""
+def parse_value(value: bytes | None, input_format: str, max_message_bytes: int,
+                max_text_chars: int | None = None) -> tuple[str | None, str]:
+    """(id or None, normalised text) of a message value; raises DecodeError with a DLQ reason, and nothing
+    else, for any value."""
+    msg_id, text, _cut = _parse(value, input_format, max_message_bytes, max_text_chars)
+    return msg_id, text
+
+
+def _parse(value: bytes | None, input_format: str, max_message_bytes: int,
+           max_text_chars: int | None) -> tuple[str | None, str, bool]:
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format must be one of {INPUT_FORMATS}")
     if value is None:
@@ -112,10 +143,15 @@ def parse_value(value: bytes | None, input_format: str, max_message_bytes: int) 
         text, msg_id = decoded, None
     else:
         text, msg_id = _parse_json(decoded)
-    text = normalize_text(text)
+    text, cut = _normalized(text, max_text_chars)
     if not text:
         raise DecodeError(EMPTY_TEXT, "the text is empty or only whitespace")
-    return msg_id, text
+    if not text.isascii():
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer, hash or producer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DecodeError(INVALID_TEXT, f"the text cannot be encoded as UTF-8: {exc}") from None
+    return msg_id, text, cut
 
 
 def _parse_json(decoded: str) -> tuple[str, str | None]:
@@ -131,6 +167,10 @@ def _parse_json(decoded: str) -> tuple[str, str | None]:
         raise DecodeError(INVALID_JSON, str(exc)) from None
     except RecursionError:  # deeply nested arrays/objects: json and str() recurse per level
         raise DecodeError(INVALID_JSON, "nested too deeply") from None
+    except DecodeError:
+        raise
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits (int()'s limit on str conversion)
+        raise DecodeError(INVALID_JSON, f"{exc}"[:300]) from None
 
 
 def _fields(obj: Any) -> tuple[str, str | None]:
@@ -144,24 +184,52 @@ def _fields(obj: Any) -> tuple[str, str | None]:
     return obj["text"], (None if msg_id is None else str(msg_id))
 
 
-def decode(record: Any, input_format: str = "auto", max_message_bytes: int = 65_536) -> InputMessage | Rejected:
-    """Decode one consumer record (anything with topic/partition/offset/key/value/headers). Never raises
-    for bad input: the result is either a message to classify or a rejection for the DLQ."""
+def decode(record: Any, input_format: str = "auto", max_message_bytes: int = 65_536,
+           max_text_chars: int | None = None) -> InputMessage | Rejected:
+    """Decode one consumer record (anything with topic/partition/offset/key/value/headers; ``unreadable``,
+    when present, is the (DLQ reason, detail) of a client that could not read it whole). Never raises,
+    whatever the record holds: the result is either a message to classify or a rejection for the DLQ.
+    ``max_text_chars`` cuts the text before it is normalised (see :data:`CHARS_PER_TOKEN`)."""
     source = Source(record.topic, record.partition, record.offset)
     headers = record.headers
     headers = [(k, bytes(v) if v is not None else b"") for k, v in headers] if headers else []
-    value = record.value
-    fields = _plain_json(value, input_format, max_message_bytes)
+    value, key = record.value, record.key
+    unreadable = getattr(record, "unreadable", None)  # (reason, detail) from a client that could not read it
+    if unreadable is not None:
+        return Rejected(*unreadable, value, key, headers, source)
+    if headers or key:
+        rejected = _check_envelope(key, headers, source, value)
+        if rejected is not None:
+            return rejected
+    fields = _plain_json(value, input_format, max_message_bytes, max_text_chars)
     if fields is None:
         try:
-            fields = parse_value(value, input_format, max_message_bytes)
+            fields = _parse(value, input_format, max_message_bytes, max_text_chars)
         except DecodeError as exc:
-            return Rejected(exc.reason, exc.detail, value, record.key, headers, source)
-    msg_id, text = fields
-    return InputMessage(msg_id or source.default_id, text, record.key, headers, source, value)
+            return Rejected(exc.reason, exc.detail, value, key, headers, source)
+        except Exception as exc:  # noqa: BLE001 - a parser's surprise must not stop the partition
+            return Rejected(INVALID_JSON, f"{type(exc).__name__}: {exc}"[:300], value, key, headers, source)
+    msg_id, text, cut = fields
+    return InputMessage(msg_id or source.default_id, text, key, headers, source, value, cut)
 
 
-def _plain_json(value: bytes | None, input_format: str, max_message_bytes: int) -> tuple[str | None, str] | None:
+def _check_envelope(key: bytes | None, headers: Headers, source: Source, value: bytes | None) -> Rejected | None:
+    """A rejection for a header key that is not UTF-8 (a client hands it over escaped, with its bytes as
+    ``raw``: :class:`bert_stream.kafka.UndecodableKey`), or for a key and headers too large to copy into an
+    output; else None."""
+    size = len(key or b"")
+    for k, v in headers:
+        size += len(k) + len(v)
+        if type(k) is not str and getattr(k, "raw", None) is not None:
+            return Rejected(INVALID_HEADER, f"header key {k.raw!r} is not UTF-8", value, key, headers, source)
+    if size > MAX_KEY_AND_HEADERS_BYTES:
+        return Rejected(TOO_LARGE, f"key and headers are {size} bytes > {MAX_KEY_AND_HEADERS_BYTES}",
+                        value, key, headers, source)
+    return None
+
+
+def _plain_json(value: bytes | None, input_format: str, max_message_bytes: int,
+                max_text_chars: int | None = None) -> tuple[str | None, str, bool] | None:
     """:func:`parse_value`'s answer for the common input, a JSON object with a string ``text`` (and a string
     ``id``, or none) whose value starts with ``{``, read straight from the bytes (orjson checks the UTF-8
     itself); None for anything else, which :func:`parse_value` then decides. Half of decoding's cost."""
@@ -176,8 +244,8 @@ def _plain_json(value: bytes | None, input_format: str, max_message_bytes: int) 
     text, msg_id = obj.get("text"), obj.get("id")
     if type(text) is not str or (msg_id is not None and type(msg_id) is not str):
         return None
-    text = normalize_text(text)
-    return (msg_id, text) if text else None
+    text, cut = _normalized(text, max_text_chars)
+    return (msg_id, text, cut) if text else None
 
 
 # ---- output -------------------------------------------------------------------------------------------------
@@ -248,7 +316,10 @@ class OutputEncoder:
         topic = self._topics.get(source.topic)
         if topic is None:
             topic = self._topics[source.topic] = orjson.dumps(source.topic)
-        return _OUTPUT % (ident, prediction.json[1:-1], self._version, b"true" if cached else b"false", topic,
+        fields = prediction.json[1:-1]
+        if message.cut and not prediction.truncated:  # the model saw all of the cut text, not all of the input
+            fields = fields.replace(b'"truncated":false', b'"truncated":true')
+        return _OUTPUT % (ident, fields, self._version, b"true" if cached else b"false", topic,
                           source.partition, source.offset, orjson.dumps(round(queue_ms, 3)), self._infer)
 
 
@@ -281,6 +352,33 @@ def dlq_headers(rejected: Rejected) -> Headers:
         ("source.partition", str(src.partition).encode()),
         ("source.offset", str(src.offset).encode()),
     ]
+
+
+def dead_letter(rejected: Rejected, max_bytes: int) -> tuple[bytes | None, bytes | None, Headers]:
+    """(value, key, headers) of the dead letter for ``rejected``, at most ``max_bytes`` together: the
+    original value, key and headers are cut, in that order, so a dead letter can always be published (an
+    input may be near the broker's limit, and the dead letter adds headers). A cut is marked by a header
+    ``error.truncated`` naming the parts cut."""
+    value, key, headers = rejected.value, rejected.key, dlq_headers(rejected)
+    ours = headers[len(rejected.headers):]
+    size = lambda: (len(value or b"") + len(key or b"")  # noqa: E731
+                    + sum(len(k.encode("utf-8", "replace")) + len(v or b"") for k, v in headers))
+    cut = []
+    over = size() + 64 - max_bytes  # 64: room for the marker header itself
+    if over > 0 and value:
+        cut.append("value")
+        value = value[:max(0, len(value) - over)]
+        over = size() + 64 - max_bytes
+    if over > 0 and key:
+        cut.append("key")
+        key = key[:max(0, len(key) - over)]
+        over = size() + 64 - max_bytes
+    if over > 0 and len(headers) > len(ours):
+        cut.append("headers")
+        headers = list(ours)  # the original headers go; the reason and the source stay
+    if cut:
+        headers = [*headers, ("error.truncated", ",".join(cut).encode())]
+    return value, key, headers
 
 
 def parse_dlq_headers(headers: Headers) -> dict[str, str]:

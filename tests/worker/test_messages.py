@@ -141,3 +141,72 @@ def test_deeply_nested_json_is_a_dead_letter_not_a_crash():
     deep_id = b'{"text":"\xe4\xbd\xa0\xe5\xa5\xbd","id":' + b"[" * 900 + b"]" * 900 + b"}"
     msg_id, text = parse_value(deep_id, "auto", 65536)  # parses (under the recursion limit): a string id
     assert text == "你好" and msg_id.startswith("[[")
+
+
+# ---- what a producer can send that once escaped decode or cost the main thread seconds ---------------------
+@pytest.mark.parametrize("value, reason", [
+    (b'{"text": "x", "n": ' + b"1" * 5000 + b"}", m.INVALID_JSON),   # past int()'s 4,300-digit limit
+    (b'{"text": "\\ud800abc"}', m.INVALID_TEXT),                      # an escaped lone surrogate
+    (b'{"id": "a", "text": "ok \\udc80"}', m.INVALID_TEXT),
+])
+def test_values_the_parsers_refuse_are_dead_letters_with_their_own_reason(value, reason):
+    out = m.decode(rec(value))
+    assert isinstance(out, m.Rejected) and out.reason == reason and out.detail
+    assert out.value == value
+
+
+def test_a_text_is_cut_before_it_is_normalised_and_the_cut_is_marked_truncated():
+    import time
+
+    marks = ("a" + "\u0301\u0316" * 16_000).encode()[:65_000]  # NFC reorders each pair: quadratic in the run
+    started = time.perf_counter()
+    out = m.decode(rec(marks), max_text_chars=512)
+    assert time.perf_counter() - started < 0.05  # uncut it took ~0.5 s; the bound is 10x the cut's cost
+    assert isinstance(out, m.InputMessage) and out.cut and len(out.text) <= 512
+    short = m.decode(rec("短文本".encode()), max_text_chars=512)
+    assert not short.cut
+    prediction = m.Prediction("体育", 0, 0.9, (("体育", 0.9),), truncated=False)
+    assert m.parse_output(m.output_value(out, prediction, model_version="v", cached=False, queue_ms=1,
+                                         infer_ms=1))["truncated"] is True
+    assert m.parse_output(m.output_value(short, prediction, model_version="v", cached=False, queue_ms=1,
+                                         infer_ms=1))["truncated"] is False
+
+
+def test_header_keys_that_are_not_utf8_and_oversized_envelopes_are_dead_letters():
+    from bert_stream.kafka import UndecodableKey
+
+    out = m.decode(rec(b"fine text", headers=[(UndecodableKey(b"\xff\xfekey"), b"v"), ("ok", b"1")]))
+    assert isinstance(out, m.Rejected) and out.reason == m.INVALID_HEADER
+    value, key, headers = m.dead_letter(out, 900_000)
+    assert value == b"fine text" and key == b"k"
+    assert headers[0] == ("\\xff\\xfekey", b"v")  # escaped, so every producer takes it
+    assert all(k.encode("utf-8") for k, _ in headers)
+    big = m.decode(rec(b"fine text", key=b"k" * (m.MAX_KEY_AND_HEADERS_BYTES + 1)))
+    assert isinstance(big, m.Rejected) and big.reason == m.TOO_LARGE
+
+
+def test_unreadable_records_from_a_client_become_dead_letters():
+    record = SimpleNamespace(topic="in", partition=1, offset=9, key=None, value=None, headers=[],
+                             unreadable=(m.UNREADABLE_RECORD, "CorruptRecordError: crc"))
+    out = m.decode(record)
+    assert isinstance(out, m.Rejected) and out.reason == m.UNREADABLE_RECORD and "crc" in out.detail
+
+
+def _size(value, key, headers):
+    return len(value or b"") + len(key or b"") + sum(len(k.encode()) + len(v) for k, v in headers)
+
+
+@given(value=st.integers(0, 3_000), key=st.integers(0, 3_000), header=st.integers(0, 3_000))
+@settings(max_examples=60, deadline=None)
+def test_a_dead_letter_always_fits_and_says_what_was_cut(value, key, header):
+    rejected = m.Rejected(m.TOO_LARGE, "x" * 50, b"v" * value, b"k" * key, [("h", b"h" * header)],
+                          m.Source("in", 0, 1))
+    limit = 2_000
+    out_value, out_key, headers = m.dead_letter(rejected, limit)
+    assert _size(out_value, out_key, headers) <= limit
+    names = dict(m.parse_dlq_headers(headers))
+    assert names["error"] == m.TOO_LARGE and names["source.offset"] == "1"
+    cut = dict(headers).get("error.truncated", b"").decode()
+    assert ("value" in cut) == (len(out_value) < value)
+    if not cut:
+        assert (out_value, out_key) == (rejected.value, rejected.key)
