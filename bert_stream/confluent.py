@@ -32,7 +32,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from bert_stream.kafka import KafkaSettings
-from bert_stream.logs import get_logger
+from bert_stream.logs import get_logger, register_secrets
 
 log = get_logger("bert_stream.confluent")
 
@@ -48,6 +48,7 @@ def _common(settings: KafkaSettings) -> dict[str, Any]:
         "topic.metadata.refresh.interval.ms": settings.metadata_max_age_ms,
         "socket.timeout.ms": settings.request_timeout_ms,
     }
+    register_secrets(settings.sasl_password)  # librdkafka's debug logs can show its config
     if settings.sasl_mechanism:
         conf.update({"sasl.mechanism": settings.sasl_mechanism, "sasl.username": settings.sasl_username,
                      "sasl.password": settings.sasl_password})
@@ -64,11 +65,12 @@ def _common(settings: KafkaSettings) -> dict[str, Any]:
 class Record:
     """One consumed message, with kafka-python's ConsumerRecord attributes the worker reads."""
 
-    __slots__ = ("topic", "partition", "offset", "key", "value", "headers")
+    __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "unreadable")
 
-    def __init__(self, topic: str, partition: int, offset: int, key, value, headers):
+    def __init__(self, topic: str, partition: int, offset: int, key, value, headers, unreadable=None):
         self.topic, self.partition, self.offset = topic, partition, offset
         self.key, self.value, self.headers = key, value, headers or []
+        self.unreadable = unreadable  # (DLQ reason, detail) when the record could not be read whole
 
 
 def _run(coroutine) -> None:
@@ -169,7 +171,17 @@ class Consumer:
             records = out.get(tp)
             if records is None:
                 records = out[tp] = []
-            records.append(Record(topic, partition, m.offset(), m.key(), m.value(), m.headers()))
+            try:
+                # for a header key that is not UTF-8, headers() returns with a UnicodeDecodeError still set,
+                # which the next C-level call raises as a SystemError: the record is built in this try
+                record = Record(topic, partition, m.offset(), m.key(), m.value(), m.headers())
+            except (UnicodeDecodeError, SystemError) as exc:
+                # a dead letter for this record alone (value and key kept; the headers cannot be had)
+                # instead of failing the whole poll
+                record = Record(topic, partition, m.offset(), m.key(), m.value(), None,
+                                ("invalid_header", f"a header key is not UTF-8: {type(exc).__name__}: "
+                                                   f"{exc.__cause__ or exc}"[:300]))
+            records.append(record)
         return out
 
     def assignment(self) -> set[TopicPartition]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from bert_stream.logs import register_secrets
 from bert_stream.settings import require, setting
 
 JOIN_POLL_TIMEOUT_MS = 1000
@@ -95,6 +96,7 @@ class KafkaSettings:
             "request_timeout_ms": self.request_timeout_ms,
             "metadata_max_age_ms": self.metadata_max_age_ms,
         }
+        register_secrets(self.sasl_password)  # kafka-python logs this dict at DEBUG
         if self.sasl_mechanism:
             config.update(
                 sasl_mechanism=self.sasl_mechanism,
@@ -112,9 +114,8 @@ class KafkaSettings:
 
 
 def make_consumer(settings: KafkaSettings, group_id: str | None, *topics: str, **overrides: Any):
-    """A consumer that never auto-commits: the caller commits what it has published."""
-    from kafka import KafkaConsumer
-
+    """A consumer that never auto-commits (the caller commits what it has published), and whose ``poll``
+    never raises for one record it cannot parse (:class:`_Consumer`)."""
     config = {
         **settings.client_config(),
         "group_id": group_id,
@@ -127,7 +128,126 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, *topics: str, *
         "request_timeout_ms": max(settings.request_timeout_ms, settings.session_timeout_ms + 5000),
         **overrides,
     }
-    return KafkaConsumer(*topics, **config)
+    return _consumer_class()(*topics, **config)
+
+
+class UnreadableRecord:
+    """Stands in for a record the client could not parse, at its offset: ``unreadable`` is (DLQ reason,
+    detail). The worker dead-letters it like bad input, so the partition moves on and nothing is skipped
+    silently."""
+
+    __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "unreadable")
+
+    def __init__(self, topic: str, partition: int, offset: int, reason: str, detail: str, key=None, value=None):
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self.key, self.value, self.headers, self.unreadable = key, value, [], (reason, detail)
+
+
+_CONSUMER_CLASS = None
+
+
+def _consumer_class():
+    """kafka-python's KafkaConsumer, with a poll that skips a record it cannot parse (made once: the
+    subclass needs kafka imported)."""
+    global _CONSUMER_CLASS
+    if _CONSUMER_CLASS is not None:
+        return _CONSUMER_CLASS
+    from kafka import KafkaConsumer
+    from kafka import errors
+
+    _lenient_header_keys()
+
+    class _Consumer(KafkaConsumer):
+        """``poll`` turns an error about one record (CRC, codec, corrupt framing) into an
+        :class:`UnreadableRecord` at the partition's position and moves past it. kafka-python raises those
+        from ``poll()`` after the records before it, and raises again at the same position forever: one
+        such record would stop its partition, and the worker on every restart."""
+
+        def poll(self, timeout_ms=0, max_records=None, update_offsets=True):
+            try:
+                return super().poll(timeout_ms=timeout_ms, max_records=max_records, update_offsets=update_offsets)
+            except (errors.CorruptRecordError, errors.UnsupportedCodecError, UnicodeDecodeError) as exc:
+                failing = self._fetcher._next_partition_records  # the records whose parse raised
+                if failing is None:
+                    raise
+                tp = failing.topic_partition
+                offset = self.position(tp)
+                self.seek(tp, offset + 1)  # also drops the fetcher's dead iterator (its offset is now stale)
+                return {tp: [UnreadableRecord(tp.topic, tp.partition, offset, "unreadable_record",
+                                              f"{type(exc).__name__}: {exc}"[:500])]}
+
+    _CONSUMER_CLASS = _Consumer
+    return _Consumer
+
+
+class UndecodableKey(str):
+    """A header key that is not UTF-8: its text is the bytes with backslash escapes (valid UTF-8, so any
+    producer can copy it into a dead letter), ``raw`` the bytes themselves. The worker's decode rejects a
+    record with one as ``invalid_header``."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> UndecodableKey:
+        key = super().__new__(cls, raw.decode("utf-8", "backslashreplace"))
+        key.raw = raw
+        return key
+
+
+def _lenient_header_keys() -> None:
+    """kafka-python decodes header keys as strict UTF-8 while it parses a fetched batch, inside ``poll()``:
+    one key that is not UTF-8 raises there, and takes every later record of its batch with it. A record
+    that fails so is parsed again here with such a key as an :class:`UndecodableKey`."""
+    from kafka.record import default_records as dr
+
+    original = dr.DefaultRecordBatch._read_msg
+    if getattr(original, "lenient", False):
+        return
+
+    def _read_msg(self, decode_varint=dr.decode_varint):
+        try:
+            return original(self, decode_varint)
+        except UnicodeDecodeError:
+            return _read_msg_escaping_keys(self, decode_varint)
+
+    _read_msg.lenient = True
+    dr.DefaultRecordBatch._read_msg = _read_msg
+
+
+def _read_msg_escaping_keys(batch, decode_varint):
+    """kafka-python 3.0's ``DefaultRecordBatch._read_msg`` (the v2 record format), with a header key that is
+    not UTF-8 kept as an :class:`UndecodableKey`; only called for a record whose strict parse failed."""
+    from kafka.record.default_records import DefaultRecord
+    from kafka.errors import CorruptRecordError
+
+    buffer, pos = batch._buffer, batch._pos
+    length, pos = decode_varint(buffer, pos)
+    start = pos
+    _attributes, pos = decode_varint(buffer, pos)
+    ts_delta, pos = decode_varint(buffer, pos)
+    timestamp = batch.max_timestamp if batch.timestamp_type == batch.LOG_APPEND_TIME else batch.first_timestamp + ts_delta
+    offset_delta, pos = decode_varint(buffer, pos)
+    fields = []
+    for _ in range(2):  # key, value
+        size, pos = decode_varint(buffer, pos)
+        fields.append(bytes(buffer[pos:pos + size]) if size >= 0 else None)
+        pos += max(size, 0)
+    count, pos = decode_varint(buffer, pos)
+    headers = []
+    for _ in range(max(count, 0)):
+        size, pos = decode_varint(buffer, pos)
+        raw = bytes(buffer[pos:pos + size])
+        try:
+            h_key = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            h_key = UndecodableKey(raw)
+        pos += size
+        size, pos = decode_varint(buffer, pos)
+        headers.append((h_key, bytes(buffer[pos:pos + size]) if size >= 0 else None))
+        pos += max(size, 0)
+    if pos - start != length:
+        raise CorruptRecordError(f"Invalid record size: expected {length} bytes, read {pos - start}")
+    batch._pos = pos
+    return DefaultRecord(length, batch.base_offset + offset_delta, timestamp, batch.timestamp_type, *fields, headers)
 
 
 def make_producer(settings: KafkaSettings, **overrides: Any):
@@ -172,8 +292,10 @@ def make_admin(settings: KafkaSettings, **overrides: Any):
     return KafkaAdminClient(**{**settings.client_config(), **overrides})
 
 
-def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_factor: int = 1) -> None:
-    """Create the topics that do not exist yet (name -> partitions). Existing topics are left alone."""
+def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_factor: int = -1) -> None:
+    """Create the topics that do not exist yet (name -> partitions). Existing topics are left alone. The
+    replication factor -1 is the broker's ``default.replication.factor`` (KIP-464): 1 on a one-node local
+    broker, what the operators chose on a cluster, where acks=all output then survives a broker's loss."""
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
@@ -192,3 +314,23 @@ def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_f
                 pass  # another process created it between list and create
     finally:
         admin.close()
+
+
+def check_writable(settings: KafkaSettings, topic: str) -> str | None:
+    """Why ``topic`` cannot be written (it does not exist, or this client is not authorised to write it,
+    as the broker's authoriser reports through Metadata), or None. One metadata request."""
+    from kafka.errors import for_code
+
+    admin = make_admin(settings)
+    try:
+        [meta] = admin.describe_topics([topic])
+    except Exception as exc:  # noqa: BLE001 - e.g. authorisation refused for the whole request
+        return f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        admin.close()
+    if meta.get("error_code"):
+        return for_code(meta["error_code"]).__name__
+    allowed = meta.get("authorized_operations")
+    if allowed and "WRITE" not in allowed and "ALL" not in allowed:
+        return f"not authorised to write (allowed: {', '.join(allowed)})"
+    return None
