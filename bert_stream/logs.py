@@ -7,6 +7,11 @@ unit of work (a batch, a training run) can bind its ids once. Logs go to stderr:
 
 Standard-library loggers (kafka-python, transformers, accelerate) are routed through the same renderer and
 held at WARNING unless ``LOG_LEVEL=DEBUG``: kafka-python logs every connection at INFO.
+
+Secrets never reach the output at any level: every value a settings object marks secret (and a URL's
+password) is registered when the settings are built (:func:`register_secrets`), and each line, from
+structlog or from a library's own logger (kafka-python logs its whole config at DEBUG), is masked last,
+after the exception text is formatted. The price: a substring scan per registered secret per line.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from collections.abc import Iterator
 import structlog
 
 _PROCESS: dict[str, object] = {}  # bind_process(): on every line of the process, from every thread
+
+_SECRETS: set[str] = set()  # register_secrets(): masked in every line at every level
+MASK = "***"
 
 _CHATTY = ("kafka", "urllib3", "filelock", "transformers", "accelerate", "matplotlib", "PIL", "jieba")
 
@@ -60,6 +68,7 @@ def configure_logging(level: str | None = None, json_lines: bool | None = None) 
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info if json_lines else (lambda _l, _m, e: e),
+                _mask_secrets,
                 renderer,
             ],
         )
@@ -69,6 +78,34 @@ def configure_logging(level: str | None = None, json_lines: bool | None = None) 
     root.setLevel(numeric)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+
+
+def register_secrets(*values: str | None) -> None:
+    """Mask these values (and their escaped forms, as a repr() of a config dict shows them) wherever a log
+    line would show them. Values under 4 characters are not masked: they would mask ordinary words."""
+    for value in values:
+        if value and len(value) >= 4:
+            _SECRETS.update({value, repr(value)[1:-1], value.encode("unicode_escape").decode()})
+
+
+def mask(text: str) -> str:
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _mask_secrets(_logger, _method, event_dict):
+    if not _SECRETS:
+        return event_dict
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = mask(value)
+        elif not isinstance(value, (int, float, bool, type(None))):
+            shown = str(value)
+            if mask(shown) != shown:
+                event_dict[key] = mask(shown)
+    return event_dict
 
 
 def bind_process(**values: object) -> None:

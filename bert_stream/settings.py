@@ -176,7 +176,12 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: tuple[str, ...] = ()
             kwargs[f.name] = _build(tp, values, path)
         else:
             kwargs[f.name] = values["__".join(path)]
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if not prefix:  # whatever logs from now on masks its secrets
+        from bert_stream.logs import register_secrets
+
+        register_secrets(*secret_values(built))
+    return built
 
 
 def parse_settings(
@@ -225,6 +230,27 @@ def from_env(cls: type[T], env: Mapping[str, str] | None = None, **overrides: An
         return _build(cls, values)
     except (ValueError, TypeError) as exc:
         raise SettingsError(str(exc)) from None
+
+
+def secret_values(obj: Any) -> list[str]:
+    """Every secret a settings object holds: the fields marked secret, and the passwords in URLs."""
+    from urllib.parse import urlsplit
+
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += secret_values(value)
+        elif f.metadata.get("secret") and isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, str) and "://" in value and "@" in value:
+            try:
+                password = urlsplit(value).password
+            except ValueError:
+                password = None
+            if password:
+                out.append(password)
+    return out
 
 
 def public_view(obj: Any) -> dict[str, Any]:
