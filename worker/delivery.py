@@ -183,8 +183,18 @@ class ExactlyOnce:
         except (errors.ProducerFencedError, errors.TransactionalIdAuthorizationFailedError):
             raise
         except Exception as exc:  # noqa: BLE001 - abortable: a send failed, the generation moved, a timeout
+            self.raise_if_fatal()
             raise TransactionFailed(f"{type(exc).__name__}: {exc}"[:300]) from exc
         self._open = False
+
+    def raise_if_fatal(self) -> None:
+        """Raise the producer's fatal error (fenced by a newer producer with this transactional id, not
+        authorised), if it has one. After the first, kafka-python raises a plain KafkaError ("in an error
+        state") from every call: aborting and replacing the producer then would fence the other worker in
+        turn, and two workers with one instance id would take turns forever. Fatal ends the worker (exit 1)."""
+        manager = self.producer._transaction_manager
+        if manager.has_fatal_error():
+            raise manager.last_error()
 
     def abort(self) -> None:
         """Abort the open transaction (its records are never visible to read_committed readers); replace
@@ -192,6 +202,7 @@ class ExactlyOnce:
         if not self._open:
             return
         self._open = False
+        self.raise_if_fatal()
         if not self._broken:
             try:
                 self._wait(self.producer._transaction_manager.begin_abort, "abort_transaction")

@@ -219,8 +219,9 @@ class Engine:
     at the start of each batch, so a swap always falls between batches."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto", max_length: int = 128,
-                 top_k: int = 3, torch_threads: int = 0, backend: str = "auto"):
+                 top_k: int = 3, torch_threads: int = 0, backend: str = "auto", allow_label_change: bool = False):
         self.model_dir = Path(model_dir)
+        self.allow_label_change = allow_label_change
         if torch_threads > 0:  # first: the dtype probe times matmuls with the threads the worker will use
             torch.set_num_threads(torch_threads)
         self.device = choose_device(device)
@@ -234,7 +235,8 @@ class Engine:
     @classmethod
     def from_settings(cls, settings) -> Engine:
         return cls(settings.model_dir, device=settings.device, dtype=settings.dtype,
-                   max_length=settings.max_length, top_k=settings.top_k, torch_threads=settings.torch_threads, backend=settings.backend)
+                   max_length=settings.max_length, top_k=settings.top_k, torch_threads=settings.torch_threads,
+                   backend=settings.backend, allow_label_change=settings.allow_label_change)
 
     def load(self, version_and_folder: tuple[str, Path] | None = None) -> LoadedModel:
         """Load (and warm up) the newest published version, or the given one."""
@@ -301,12 +303,25 @@ class Engine:
             return False
         try:
             model = self.load((version, self.model_dir / version))
+            self._check_labels(model)
         except Exception as exc:  # noqa: BLE001 - any failure: refuse this version, keep serving the old one
             self.refused[version] = str(exc)
             log.error("model_refused", model_version=version, kept_version=self.version, error=str(exc)[:500])
             return False
         self.offer(model)
         return True
+
+    def _check_labels(self, model: LoadedModel) -> None:
+        """A version whose labels (names or order: label_id is a position) differ from the served one's
+        changes what every downstream consumer reads: refused unless ``allow_label_change``, logged both ways."""
+        served = self._current.labels if self._current is not None else None
+        if served is None or served == model.labels:
+            return
+        if not self.allow_label_change:
+            raise checkpoint.CheckpointError(
+                f"its labels {model.labels} differ from the served model's {served} (names or order); set "
+                "BERT_STREAM_ALLOW_LABEL_CHANGE=true to serve it")
+        log.warning("model_labels_changed", model_version=model.version, old_labels=served, labels=model.labels)
 
 
 class ModelWatcher:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -70,6 +71,8 @@ class Health:
 
     def __init__(self, stale_after_s: float = 60.0):
         self.stale_after_s = stale_after_s
+        self.stall_after_s = float("inf")
+        self.stalled_for: Callable[[], float] = lambda: 0.0  # how long the model has held its batch
         self.last_iteration = time.monotonic()
         self.model_loaded = False
         self.assigned = 0
@@ -78,7 +81,13 @@ class Health:
         self.last_iteration = time.monotonic()
 
     def alive(self) -> tuple[bool, str]:
+        """Dead when the main loop stopped iterating, or when one batch has been in the model longer than
+        ``stall_after_s`` (a hung device or inference thread: the loop still polls, the partitions stay
+        paused, nothing is published)."""
         age = time.monotonic() - self.last_iteration
+        stalled = self.stalled_for()
+        if stalled > self.stall_after_s:
+            return False, f"one batch has been in the model for {stalled:.1f} s (> {self.stall_after_s:g} s)"
         return age < self.stale_after_s, f"last loop iteration {age:.1f} s ago"
 
     def ready(self) -> tuple[bool, str]:

@@ -55,7 +55,8 @@ from collections import deque
 
 from kafka.errors import KafkaError, KafkaTimeoutError
 
-from bert_stream.kafka import JOIN_POLL_TIMEOUT_MS, close_producer, ensure_topics, make_consumer, make_producer
+from bert_stream.kafka import (JOIN_POLL_TIMEOUT_MS, check_writable, close_producer, ensure_topics, make_consumer,
+                               make_producer)
 from bert_stream.logs import bind_process, configure_logging, get_logger
 from bert_stream.settings import parse_settings, public_view
 from trainer.checkpoint import CheckpointError
@@ -63,8 +64,8 @@ from worker.batcher import Batch, Batcher
 from worker import delivery
 from worker.cache import ResultCache
 from worker.engine import Engine, ModelWatcher
-from worker.messages import (InputMessage, OutputEncoder, Prediction, Rejected, Source, decode, dlq_headers,
-                             rejected_for_failure)
+from worker.messages import (CHARS_PER_TOKEN, InputMessage, OutputEncoder, Prediction, Rejected, Source,
+                             dead_letter, decode, rejected_for_failure)
 from worker.metrics import Health, OpsServer, WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.settings import WorkerSettings
@@ -76,7 +77,9 @@ RECENT_RESULTS = 8192       # the classifier's latest results: a repeat polled w
 BUSY_POLL_MS = 5            # poll timeout while batches are in flight: how soon their outputs are published
 IDLE_POLL_MS = 200          # poll timeout with nothing to do (also the shutdown reaction time)
 LAG_EVERY_S = 10.0          # end-offset requests for the lag gauge (one round trip)
-DLQ_MAX_VALUE_BYTES = 900_000  # stay under the producer's 1 MB request limit; longer originals are cut
+DLQ_MAX_BYTES = 900_000     # a dead letter's value, key and headers together: under the 1 MB request limit
+PROBE_TEXT = "模型自检：今天天气很好"  # a text any working model classifies: tells a broken model from poison input
+MODEL_RETRY_BACKOFF_S = 0.5  # the first wait before a broken model's batch is retried; doubles each time
 MAX_REJOINS = 3             # undecodable assignments in a row before the worker exits 1 (see _rejoin)
 PRODUCER_CLOSE_S = 10.0     # the producer's close at exit: what is not sent by then is re-delivered anyway
 
@@ -114,8 +117,10 @@ class Classifier:
     """The inference thread: cache lookup -> infer -> cache store, one batch at a time, in submission order.
     Only the main thread calls submit/completed/drain, so the in-flight counts need no lock."""
 
-    def __init__(self, engine: Engine, cache: ResultCache, metrics: WorkerMetrics):
+    def __init__(self, engine: Engine, cache: ResultCache, metrics: WorkerMetrics, *, model_failure_retries: int = 3):
         self.engine, self.cache, self.metrics = engine, cache, metrics
+        self.model_failure_retries = model_failure_retries
+        self.busy_since: float | None = None  # time.monotonic() when the batch in the model began, else None
         self._todo: queue.Queue[Batch[Job] | None] = queue.Queue()
         self._done: queue.Queue[DoneBatch] = queue.Queue()
         self.batches_in_flight = 0
@@ -138,6 +143,8 @@ class Classifier:
     def completed(self, timeout: float | None = None) -> list[DoneBatch]:
         """Finished batches in submission order; waits up to ``timeout`` for the first one."""
         if self.failure is not None:  # nothing more will come: exit 1 (at-least-once: a restart re-reads)
+            if isinstance(self.failure, ModelBroken):
+                raise self.failure
             raise RuntimeError("the classifier thread failed") from self.failure
         out = []
         try:
@@ -152,11 +159,20 @@ class Classifier:
             self.items_in_flight -= len(done.results)
         return out
 
-    def drain(self) -> list[DoneBatch]:
+    def drain(self, timeout_s: float | None = None) -> list[DoneBatch]:
+        """Every batch in flight, finished; raises TimeoutError when that takes over ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         out = []
         while self.batches_in_flight:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the model did not finish its batches within {timeout_s:.0f} s")
             out += self.completed(timeout=1.0)
         return out
+
+    def stalled_for(self) -> float:
+        """Seconds the batch now in the model has taken; 0 when it holds none."""
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def close(self) -> None:
         self._todo.put(None)
@@ -165,7 +181,10 @@ class Classifier:
     def _serve(self) -> None:
         try:
             while (batch := self._todo.get()) is not None:
-                self._done.put(self.classify(batch))
+                self.busy_since = time.monotonic()
+                done = self.classify(batch)
+                self.busy_since = None
+                self._done.put(done)
         except BaseException as exc:  # a bug, not a model error (_infer isolates those): the worker must exit
             self.failure = exc
             log.exception("classifier_failed")
@@ -199,6 +218,8 @@ class Classifier:
         todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
         t0 = time.perf_counter()
         fresh, errors = _infer(model, todo)
+        if todo and not fresh:
+            fresh, errors = self._unless_broken(model, todo, errors)
         infer_ms = (time.perf_counter() - t0) * 1000
         if fresh:
             self.cache.store(version, list(fresh.items()))
@@ -212,6 +233,28 @@ class Classifier:
             by_job = {id(r.job): r for r in results}
             results = [by_job.get(id(job)) or Result(job, None) for job in batch.items]
         return self._finished(batch, results, version, start, infer_ms, inferred=len(todo), failed=len(errors))
+
+    def _unless_broken(self, model, todo: list[str], errors: dict[str, str]) -> tuple[dict, dict[str, str]]:
+        """Every text of a batch failed. If the probe text still classifies, they are poison input (-> DLQ);
+        if it fails too the model is broken (a lost CUDA context, out of memory): the batch is retried with
+        backoff, and still failing it raises ModelBroken, so none of it is published or committed and the
+        worker exits 1 for its supervisor to restart it."""
+        for attempt in range(self.model_failure_retries + 1):
+            try:
+                model.predict([PROBE_TEXT])
+                return {}, errors
+            except Exception as exc:  # noqa: BLE001
+                probe_error = f"{type(exc).__name__}: {exc}"[:300]
+            if attempt == self.model_failure_retries:
+                break
+            log.error("model_failing", attempt=attempt + 1, retries=self.model_failure_retries, size=len(todo),
+                      error=probe_error, action="retrying the batch after a pause")
+            time.sleep(MODEL_RETRY_BACKOFF_S * 2 ** attempt)
+            fresh, errors = _infer(model, todo)
+            if fresh:
+                return fresh, errors
+        raise ModelBroken(f"the model failed every message of a batch {self.model_failure_retries + 1} times "
+                          f"and a probe text as well ({probe_error}); nothing of the batch is committed")
 
     def answer(self, batch: Batch[Job]) -> DoneBatch | None:
         """The batch's results without the model, when the cache answered every message in it at poll time
@@ -243,6 +286,14 @@ class Classifier:
                  infer_ms=round(infer_ms, 1), cache_hits=hits, inferred=inferred, failed=failed,
                  model_version=version)
         return DoneBatch(results, version, infer_ms)
+
+
+class TopicUnavailable(RuntimeError):
+    """The output or DLQ topic cannot be written (missing, not authorised): the worker exits 1 at start."""
+
+
+class ModelBroken(RuntimeError):
+    """The model fails on any input: the worker exits 1 (nothing of the failing batches is committed)."""
 
 
 def _infer(model, texts: list[str]) -> tuple[dict[str, Prediction], dict[str, str]]:
@@ -293,22 +344,38 @@ class Worker:
         self._fast_handover = settings.kafka_client == "confluent-kafka"  # see _input_waiting
         self._rewind_on_assign = settings.kafka_client == "kafka-python"  # see _on_assigned
         self._commit_acked_so_far = settings.kafka_client == "confluent-kafka"  # see _maybe_commit
+        self._closing = False               # set before the clients close: the listener then does nothing
+        self._max_text_chars = CHARS_PER_TOKEN * settings.max_length
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> int:
+        """The exit status. An error is logged (``worker_failed``) before anything is closed, so the log names
+        the first error, not one that cleaning up after it raised."""
         with contextlib.ExitStack() as stack:
-            self._open(stack)  # model loaded and warm before the consumer joins the group
-            while not self.stop.is_set():
-                self.health.beat()
-                records = self._poll()                         # keeps membership, also while a batch infers
-                self._route(records)                           # decode: bad -> DLQ now, good -> batcher
-                self._submit_ready()                           # -> inference thread: cache, model, cache
-                self._publish(self.classifier.completed(self._done_wait()))  # in input order, same key/partition
-                self._backpressure()                           # pause partitions while too much is queued
-                self._maybe_commit()                           # flush producer, commit the acked prefix
-            self._finish()                                     # last batches -> publish -> flush -> commit
+            try:
+                self._serve(stack)
+            except (CheckpointError, delivery.DeliveryUnsupported, ModelBroken, TopicUnavailable) as exc:
+                log.error("worker_failed", error=str(exc)[:1000])  # an operator's problem: one line
+                self.exit_code = 1
+            except Exception:
+                log.exception("worker_failed")
+                self.exit_code = 1
+            finally:
+                self._closing = True  # a consumer's close runs no rebalance listener of ours
         log.info("worker_stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def _serve(self, stack: contextlib.ExitStack) -> None:
+        self._open(stack)  # model loaded and warm before the consumer joins the group
+        while not self.stop.is_set():
+            self.health.beat()
+            records = self._poll()                         # keeps membership, also while a batch infers
+            self._route(records)                           # decode: bad -> DLQ now, good -> batcher
+            self._submit_ready()                           # -> inference thread: cache, model, cache
+            self._publish(self.classifier.completed(self._done_wait()))  # in input order, same key/partition
+            self._backpressure()                           # pause partitions while too much is queued
+            self._maybe_commit()                           # flush producer, commit the acked prefix
+        self._finish()                                     # last batches -> publish -> flush -> commit
 
     def _open(self, stack: contextlib.ExitStack) -> None:
         s = self.settings
@@ -327,8 +394,10 @@ class Worker:
         stack.callback(self.cache.close)
         watcher = ModelWatcher(self.engine, s.model_poll_s, s.redis_url, metrics=self.metrics).start()
         stack.callback(watcher.stop)
-        self.classifier = Classifier(self.engine, self.cache, self.metrics)
+        self.classifier = Classifier(self.engine, self.cache, self.metrics,
+                                     model_failure_retries=s.model_failure_retries)
         stack.callback(self.classifier.close)
+        self.health.stalled_for, self.health.stall_after_s = self.classifier.stalled_for, s.inference_stall_s
         producer_overrides, consumer_overrides = delivery.client_overrides(
             s.delivery, s.group_id, s.instance_id, s.transaction_timeout_ms)
         if s.kafka_client == "confluent-kafka":  # librdkafka behind kafka-python's interface (at-least-once)
@@ -367,13 +436,19 @@ class Worker:
 
     def _ensure_output_topics(self) -> None:
         """Create missing output/DLQ topics with the input's partition count (best effort: a cluster that
-        forbids it has them created by its operators)."""
+        forbids it has them created by its operators), then check that both can be written: a worker that
+        cannot publish would otherwise find out at its first output, or at its first bad message for the DLQ,
+        and fail there on every restart."""
         s = self.settings
         inputs = self.consumer.partitions_for_topic(s.input_topic) or set()  # None while it does not exist
         try:
             ensure_topics(s.kafka, {s.output_topic: max(1, len(inputs)), s.dlq_topic: max(1, len(inputs))})
         except Exception as exc:  # noqa: BLE001
             log.warning("topic_creation_failed", error=str(exc)[:300])
+        for role, topic in (("output", s.output_topic), ("dead-letter", s.dlq_topic)):
+            problem = check_writable(s.kafka, topic)
+            if problem:
+                raise TopicUnavailable(f"the {role} topic {topic!r} cannot be written: {problem}")
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def _poll(self) -> list:
@@ -427,7 +502,7 @@ class Worker:
         decoded = []
         for record in records:
             self.tracker.track(_tp(record.topic, record.partition), record.offset)
-            decoded.append(decode(record, s.input_format, s.max_message_bytes))
+            decoded.append(decode(record, s.input_format, s.max_message_bytes, self._max_text_chars))
         texts = [m.text for m in decoded if not isinstance(m, Rejected)]
         model, epoch, add = self.engine.current, self._epoch, self.batcher.add
         # The cache is asked here, once per poll (one MGET for everything polled), not per batch on the
@@ -479,10 +554,8 @@ class Worker:
                     self.metrics.messages.labels(outcome, "").inc(n)
 
     def _send_dlq(self, rejected: Rejected) -> None:
-        value, headers = rejected.value, dlq_headers(rejected)
-        if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
-            value, headers = value[:DLQ_MAX_VALUE_BYTES], [*headers, ("error.value_truncated", b"true")]
-        if not self._send(self.settings.dlq_topic, rejected.source, value, rejected.key, headers):
+        value, key, headers = dead_letter(rejected, DLQ_MAX_BYTES)
+        if not self._send(self.settings.dlq_topic, rejected.source, value, key, headers):
             return
         self.metrics.messages.labels("dlq", rejected.reason).inc()
         log.info("dead_letter", reason=rejected.reason, detail=rejected.detail[:200], topic=rejected.source.topic,
@@ -673,15 +746,19 @@ class Worker:
 
     # ---- rebalance and shutdown ----------------------------------------------------------------------------
     def _prepare_revocation(self, revoked: set) -> dict:
-        """Before giving partitions up: publish what the model holds; returns the offsets to commit."""
-        if not revoked:
+        """Before giving partitions up: publish what the model holds; returns the offsets to commit. A model
+        that does not finish within ``inference_stall_s`` ends the worker (the partitions' next owner
+        re-reads what was not committed)."""
+        if not revoked or self._closing:
             return {}
-        self._publish(self.classifier.drain())
+        self._publish(self.classifier.drain(self.settings.inference_stall_s))
         return self._acknowledged()
 
     def _forget(self, revoked: set) -> None:
         """Drop what was not started for the revoked partitions: the next owner reads it again from the
         committed offset."""
+        if self._closing:
+            return
         self._joining = True  # a revocation opens a rebalance: the join follows in the next polls
         if not revoked:
             return
@@ -743,8 +820,16 @@ class Worker:
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
     def _finish(self) -> None:
+        """Publish what is held, within ``shutdown_timeout_s``; then commit what was acknowledged. What did not
+        finish in time is handed back: not committed, so the partitions' next owner reads it again."""
         log.info("worker_draining", queued=self._queued())
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
         while len(self.batcher) or self.classifier.batches_in_flight:
+            if time.monotonic() > deadline:
+                log.warning("shutdown_timeout", handed_back=self._queued(),
+                            timeout_s=self.settings.shutdown_timeout_s,
+                            action="committing what was published; the rest is read again by the next owner")
+                break
             self._submit_ready(flush=True)
             self._publish(self.classifier.completed(timeout=0.5))
         self._maybe_commit(force=True)
@@ -758,6 +843,8 @@ def rebalance_listener(worker: Worker):
 
     class Listener(AsyncConsumerRebalanceListener):
         async def on_partitions_revoked(self, revoked):
+            if worker._closing:  # after a failure, or after the last commit: nothing of ours to do
+                return
             offsets = worker._prepare_revocation(set(revoked))
             if worker.delivery.transactional:
                 # the transaction's commit blocks on the producer's own thread, not on this one: allowed here
@@ -773,6 +860,8 @@ def rebalance_listener(worker: Worker):
             worker._forget(set(revoked))
 
         async def on_partitions_lost(self, lost):
+            if worker._closing:
+                return
             # KIP-429: the group already dropped this member (session expired, unknown member id), so the
             # partitions may have a new owner. Under exactly-once nothing more of them is published or
             # committed (the member has no valid generation left to fence its offsets with): the open
@@ -784,7 +873,8 @@ def rebalance_listener(worker: Worker):
                 await self.on_partitions_revoked(lost)
 
         async def on_partitions_assigned(self, assigned):
-            worker._on_assigned(assigned)
+            if not worker._closing:
+                worker._on_assigned(assigned)
 
     return Listener()
 
@@ -819,12 +909,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        return worker.run()
-    except (CheckpointError, delivery.DeliveryUnsupported) as exc:  # no usable model, or no transactions: one line
-        log.error("worker_failed", error=str(exc))
-        return 1
-    except Exception:  # a broken deployment (broker unreachable, ...): one logged error, status 1
-        log.exception("worker_failed")
+        return worker.run()  # logs its own failure (worker_failed) and returns 1
+    except Exception:  # closing the clients failed after that: logged as what it is, status 1
+        log.exception("worker_cleanup_failed")
         return 1
 
 

@@ -56,6 +56,20 @@ class WorkerSettings:
                               help="Tokens per message; longer texts are truncated and marked truncated=true.")
     torch_threads: int = setting(0, env="BERT_STREAM_TORCH_THREADS",
                                  help="CPU threads for inference; 0 keeps torch's default (all cores).")
+    allow_label_change: bool = setting(False, env="BERT_STREAM_ALLOW_LABEL_CHANGE",
+                                       help="Serve a new version whose labels differ from the served one's "
+                                            "(names or order). Off: such a version is refused and logged, "
+                                            "since label_id and label would change meaning for consumers.")
+    model_failure_retries: int = setting(3, env="BERT_STREAM_MODEL_FAILURE_RETRIES",
+                                         help="A batch whose every message fails while a known-good probe "
+                                              "text fails too means a broken model (CUDA error, out of "
+                                              "memory), not bad input: it is retried this many times with "
+                                              "backoff, then the worker exits 1 with nothing of it committed.")
+    inference_stall_s: float = setting(120.0, env="BERT_STREAM_INFERENCE_STALL_S",
+                                       help="/healthz fails once one batch has been in the model this long (a "
+                                            "hung device or thread): the pod is restarted, the batch "
+                                            "re-read. Must exceed the slowest real batch, a model swap "
+                                            "included.")
     model_poll_s: float = setting(5.0, env="BERT_STREAM_MODEL_POLL_S",
                                   help="How often LATEST is checked for a new version (the Redis announcement "
                                        "makes it immediate); 0 disables hot reload.")
@@ -123,6 +137,11 @@ class WorkerSettings:
                                   "http_port, +1, ...; worker/processes.py).")
     http_port: int = setting(8000, env="BERT_STREAM_HTTP_PORT",
                              help="Port of /metrics, /healthz and /readyz; 0 picks a free port, -1 disables.")
+    shutdown_timeout_s: float = setting(25.0, env="BERT_STREAM_SHUTDOWN_TIMEOUT_S",
+                                        help="After SIGTERM: how long the worker may finish what it holds "
+                                             "before committing what is published and exiting; what is left "
+                                             "is handed back (re-read by the partitions' next owner). Keep it "
+                                             "under the pod's terminationGracePeriodSeconds minus ~15 s.")
     log_level: str = setting("INFO", env="LOG_LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                              help="Log level; DEBUG also shows the Kafka client's own logs.")
 
@@ -151,3 +170,10 @@ class WorkerSettings:
         require(self.commit_interval_ms >= 1 and self.commit_every >= 1, "commit interval and count must be >= 1")
         require(self.transaction_timeout_ms >= max(1000, 2 * self.commit_interval_ms),
                 "transaction_timeout_ms must be at least 1000 and twice commit_interval_ms")
+        require(self.model_failure_retries >= 0, "model_failure_retries must not be negative")
+        require(self.inference_stall_s >= 1, "inference_stall_s must be at least 1")
+        require(self.shutdown_timeout_s >= 1, "shutdown_timeout_s must be at least 1")
+        if self.delivery == "exactly-once":  # the last transaction is open for the whole drain
+            require(self.shutdown_timeout_s * 1000 + self.commit_interval_ms < self.transaction_timeout_ms,
+                    "exactly-once: shutdown_timeout_s plus commit_interval_ms must be under "
+                    "transaction_timeout_ms (the broker would abort the last transaction mid-drain)")

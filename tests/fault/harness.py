@@ -113,7 +113,7 @@ def worker_env(*, bootstrap_servers: str, names, model_dir: Path | str, redis_ur
         "device": "cpu", "torch_threads": 1, "max_batch_size": MAX_BATCH_SIZE, "max_wait_ms": MAX_WAIT_MS,
         "commit_every": COMMIT_EVERY, "commit_interval_ms": COMMIT_INTERVAL_MS, "http_port": -1,
         "model_poll_s": 0.5, "max_queued_messages": 256,
-        "delivery": delivery, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
+        "delivery": delivery, "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS, "shutdown_timeout_s": 8,
     }
     values.update(settings)
     for field, value in values.items():
@@ -137,7 +137,9 @@ _ENV_NAMES = {  # WorkerSettings field -> its environment variable (worker/setti
     "commit_every": "BERT_STREAM_COMMIT_EVERY", "http_port": "BERT_STREAM_HTTP_PORT", "log_level": "LOG_LEVEL",
     "delivery": "BERT_STREAM_DELIVERY", "instance_id": "BERT_STREAM_INSTANCE_ID",
     "transaction_timeout_ms": "BERT_STREAM_TRANSACTION_TIMEOUT_MS", "processes": "BERT_STREAM_PROCESSES",
-    "kafka_client": "BERT_STREAM_KAFKA_CLIENT",
+    "kafka_client": "BERT_STREAM_KAFKA_CLIENT", "shutdown_timeout_s": "BERT_STREAM_SHUTDOWN_TIMEOUT_S",
+    "model_failure_retries": "BERT_STREAM_MODEL_FAILURE_RETRIES", "inference_stall_s": "BERT_STREAM_INFERENCE_STALL_S",
+    "allow_label_change": "BERT_STREAM_ALLOW_LABEL_CHANGE",
 }
 
 

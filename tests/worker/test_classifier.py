@@ -127,3 +127,51 @@ def test_a_failing_classifier_thread_ends_the_worker_instead_of_hanging_it(class
         while time.monotonic() < deadline:
             classifier.completed(timeout=0.05)
     assert isinstance(classifier.failure, AttributeError)
+
+
+class FailingModel(Model):
+    """Fails on the texts in ``poison``, or on everything (the probe text too) while ``broken``."""
+
+    def __init__(self, version: str, poison=(), broken=False):
+        super().__init__(version)
+        self.poison, self.broken = set(poison), broken
+
+    def predict(self, texts):
+        if self.broken or self.poison & set(texts):
+            raise RuntimeError("CUDA error: an illegal memory access" if self.broken else "poison")
+        return super().predict(texts)
+
+
+def test_poison_input_is_a_dead_letter_but_a_broken_model_stops_the_worker(classifier, monkeypatch):
+    from worker import run
+
+    monkeypatch.setattr(run, "MODEL_RETRY_BACKOFF_S", 0.01)
+    classifier.engine.current = classifier.model = FailingModel("v1", poison={"毒", "药"})
+    done = classifier.classify(_batch("毒", "药"))  # every item fails, the probe text classifies: bad input
+    assert [r.prediction for r in done.results] == [None, None] and all(r.error for r in done.results)
+
+    classifier.engine.current = FailingModel("v1", broken=True)
+    classifier.model_failure_retries = 2
+    with pytest.raises(run.ModelBroken, match="failed every message of a batch 3 times"):
+        classifier.classify(_batch("北京", "上海"))  # nothing comes back: nothing is published or committed
+
+    recovering = FailingModel("v1", broken=True)
+    classifier.engine.current = recovering
+    monkeypatch.setattr(run.time, "sleep", lambda _s: setattr(recovering, "broken", False))  # back after a pause
+    done = classifier.classify(_batch("北京"))
+    assert done.results[0].prediction is not None
+
+
+def test_a_batch_stuck_in_the_model_shows_in_stalled_for(classifier):
+    import threading
+
+    release = threading.Event()
+    model = classifier.model
+    model.predict = lambda texts: (release.wait(5), Model.predict(model, texts))[1]
+    classifier.submit(_batch("北京"))
+    time.sleep(0.3)
+    assert classifier.stalled_for() >= 0.25  # /healthz fails once this passes inference_stall_s
+    with pytest.raises(TimeoutError):
+        classifier.drain(timeout_s=0.2)
+    release.set()
+    assert len(classifier.drain(timeout_s=5)) == 1 and classifier.stalled_for() == 0.0

@@ -59,6 +59,14 @@ class _TransactionalProducer:
     def partitions_for(self, _topic):
         return {0, 1}
 
+    fatal_error = None  # the manager's fatal error (fenced), as kafka-python's reports it
+
+    def has_fatal_error(self):
+        return self.fatal_error is not None
+
+    def last_error(self):
+        return self.fatal_error
+
     def init_transactions(self):
         self.calls.append("init")
 

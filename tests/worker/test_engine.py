@@ -66,10 +66,16 @@ def test_new_version_is_swapped_in_and_a_corrupt_one_refused(model_store):
     assert bad in engine.refused and engine.acquire().version == v1
     assert not engine.try_update()  # refused once, not reloaded in a loop
 
-    v2 = publish_tiny_model(model_store, seed=1)
+    v2 = publish_tiny_model(model_store, seed=1)  # other labels than v1's: refused unless allowed
+    labels_v1 = engine.current.labels
+    assert not engine.try_update()
+    assert "differ from the served model's" in engine.refused[v2] and engine.acquire().version == v1
+    engine.allow_label_change = True  # BERT_STREAM_ALLOW_LABEL_CHANGE=true
+    engine.refused.pop(v2)
     assert engine.try_update()
     assert engine.version == v1  # offered, not yet swapped: swaps happen between batches
     assert engine.acquire().version == v2 and engine.version == v2
+    assert engine.current.labels != labels_v1
 
 
 def test_dtype_check_compares_bf16_with_fp32_on_real_texts(model_store, tmp_path, capsys):
