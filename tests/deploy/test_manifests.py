@@ -471,8 +471,11 @@ def test_worker_shutdown_and_disruption(overlay):
     worker = one(docs, "Deployment", "bert-stream-worker")
     env = expanded_env(container_env(docs, container(worker, "worker")))
     kafka = from_env(WorkerSettings, env=env).kafka
-    # The producer flush on shutdown may take a full request timeout; the in-flight batch comes on top.
-    assert pod_spec(worker)["terminationGracePeriodSeconds"] > kafka.request_timeout_ms / 1000 + 10
+    settings = from_env(WorkerSettings, env=env)
+    # The drain is bounded by shutdown_timeout_s; the producer flush may then take a request timeout.
+    grace = pod_spec(worker)["terminationGracePeriodSeconds"]
+    assert grace > settings.shutdown_timeout_s + kafka.request_timeout_ms / 1000
+    assert settings.inference_stall_s > settings.shutdown_timeout_s  # a slow batch is not a hung one
     pdb = one(docs, "PodDisruptionBudget")
     pod_labels = worker["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -532,3 +535,39 @@ def test_readme_commands_match_the_manifests():
               for i in yaml.safe_load((K8S / "overlays" / o / "kustomization.yaml").read_text())["images"]}
     built = set(re.findall(r"-t (\S+:\S+)", text))
     assert images <= built, f"README does not show how to build {images - built}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_fence_redis_and_the_workers(overlay):
+    docs = render(f"overlays/{overlay}")
+    redis_pod = one(docs, "Deployment", "bert-stream-redis")["spec"]["template"]["metadata"]["labels"]
+    worker_pod = one(docs, "Deployment", "bert-stream-worker")["spec"]["template"]["metadata"]["labels"]
+    trainer_pod = one(docs, "CronJob", "bert-stream-trainer")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    redis_policy = one(docs, "NetworkPolicy", "bert-stream-redis")["spec"]
+    assert redis_policy["podSelector"]["matchLabels"].items() <= redis_pod.items()
+    assert set(redis_policy["policyTypes"]) == {"Ingress", "Egress"} and redis_policy["egress"] == []
+    (rule,) = redis_policy["ingress"]
+    allowed = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"]), "no namespace-wide or IP peers"
+    assert any(sel.items() <= worker_pod.items() for sel in allowed)
+    assert any(sel.items() <= trainer_pod.items() for sel in allowed)
+    assert [p["port"] for p in rule["ports"]] == ["redis"]
+    worker_policy = one(docs, "NetworkPolicy", "bert-stream-worker")["spec"]
+    assert worker_policy["podSelector"]["matchLabels"].items() <= worker_pod.items()
+    assert [p["port"] for r in worker_policy["ingress"] for p in r["ports"]] == ["http"]
+    redis_egress = [r for r in worker_policy["egress"] if any("podSelector" in t for t in r.get("to", []))
+                    and any(t.get("podSelector", {}).get("matchLabels", {}).items() <= redis_pod.items()
+                            for t in r["to"])]
+    assert redis_egress and redis_egress[0]["ports"] == [{"port": 6379, "protocol": "TCP"}]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_redis_password_is_on_no_command_line(overlay):
+    redis = container(one(render(f"overlays/{overlay}"), "Deployment", "bert-stream-redis"), "redis")
+    argv = [*redis.get("command", []), *redis.get("args", [])]
+    assert not any("$(REDIS_PASSWORD)" in a or a == "--requirepass" for a in argv), argv
+    # it reaches redis-server on stdin, from the shell's printf builtin (no process of its own)
+    assert redis["command"][:2] == ["sh", "-c"] and redis["command"][2].startswith("printf 'requirepass %s")
+    assert "exec redis-server -" in redis["command"][2]
