@@ -53,7 +53,7 @@ import threading
 import time
 from collections import deque
 
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError
 
 from bert_stream.kafka import (JOIN_POLL_TIMEOUT_MS, check_writable, close_producer, ensure_topics, make_consumer,
                                make_producer)
@@ -176,7 +176,8 @@ class Classifier:
 
     def close(self) -> None:
         self._todo.put(None)
-        self._thread.join(timeout=30)
+        # a thread stuck in the model (a hung device) is a daemon: the exit does not wait for it
+        self._thread.join(timeout=5 if self.busy_since is not None else 30)
 
     def _serve(self) -> None:
         try:
@@ -356,6 +357,11 @@ class Worker:
                 self._serve(stack)
             except (CheckpointError, delivery.DeliveryUnsupported, ModelBroken, TopicUnavailable) as exc:
                 log.error("worker_failed", error=str(exc)[:1000])  # an operator's problem: one line
+                self.exit_code = 1
+            except ProducerFencedError:
+                log.error("worker_failed", error="ProducerFencedError: a newer producer with this worker's "
+                          f"transactional id ({delivery.transactional_id(self.settings.group_id, self.settings.instance_id)}) took over; each live worker needs its "
+                          "own BERT_STREAM_INSTANCE_ID")
                 self.exit_code = 1
             except Exception:
                 log.exception("worker_failed")

@@ -259,6 +259,22 @@ def test_a_fenced_producer_is_fatal():
         worker._commit(worker._acknowledged())
 
 
+def test_a_fenced_producer_is_fatal_when_later_calls_raise_a_plain_kafka_error():
+    """After its first ProducerFencedError, kafka-python's producer raises KafkaError("... in an error state")
+    from every call. Aborting and replacing it would fence the other worker with this id in turn."""
+    from kafka.errors import KafkaError
+
+    worker = _worker()
+    new = _TransactionalProducer()
+    worker.delivery.start(worker.consumer, iter([worker.producer, new]).__next__)
+    assert _send(worker, TP0, 0)
+    worker.producer.fatal_error = ProducerFencedError()
+    worker.producer.fail_commit = KafkaError("Cannot execute transactional method because we are in an error state")
+    with pytest.raises(ProducerFencedError):
+        worker._commit(worker._acknowledged())
+    assert new.calls == []  # no new producer under the same id
+
+
 def test_dead_letters_are_published_in_input_order_with_the_outputs():
     """A rejected message waits in the batcher like any other, so no record is ever sent ahead of an
     unpublished earlier offset of its partition: every record of a transaction is under its offsets."""
