@@ -293,6 +293,10 @@ class TopicUnavailable(RuntimeError):
     """The output or DLQ topic cannot be written (missing, not authorised): the worker exits 1 at start."""
 
 
+class PublishFailing(RuntimeError):
+    """Exactly-once: transactions keep aborting for the same records; the worker exits 1 instead of looping."""
+
+
 class ModelBroken(RuntimeError):
     """The model fails on any input: the worker exits 1 (nothing of the failing batches is committed)."""
 
@@ -346,6 +350,8 @@ class Worker:
         self._rewind_on_assign = settings.kafka_client == "kafka-python"  # see _on_assigned
         self._commit_acked_so_far = settings.kafka_client == "confluent-kafka"  # see _maybe_commit
         self._closing = False               # set before the clients close: the listener then does nothing
+        self._failure: str | None = None    # why the worker is stopping with exit 1 (logged as worker_failed)
+        self._aborting_since: float | None = None  # exactly-once: first abort since the last commit
         self._max_text_chars = CHARS_PER_TOKEN * settings.max_length
 
     # ---- the loop ------------------------------------------------------------------------------------------
@@ -355,17 +361,25 @@ class Worker:
         with contextlib.ExitStack() as stack:
             try:
                 self._serve(stack)
-            except (CheckpointError, delivery.DeliveryUnsupported, ModelBroken, TopicUnavailable) as exc:
+            except (CheckpointError, delivery.DeliveryUnsupported, ModelBroken, TopicUnavailable,
+                    PublishFailing) as exc:
                 log.error("worker_failed", error=str(exc)[:1000])  # an operator's problem: one line
                 self.exit_code = 1
             except ProducerFencedError:
-                log.error("worker_failed", error="ProducerFencedError: a newer producer with this worker's "
-                          f"transactional id ({delivery.transactional_id(self.settings.group_id, self.settings.instance_id)}) took over; each live worker needs its "
-                          "own BERT_STREAM_INSTANCE_ID")
+                txn_id = delivery.transactional_id(self.settings.group_id, self.settings.instance_id)
+                log.error("worker_failed", error=f"ProducerFencedError: a newer producer with this worker's "
+                          f"transactional id ({txn_id}) took over; each live worker needs its own "
+                          "BERT_STREAM_INSTANCE_ID")
+                self.exit_code = 1
+            except KafkaError as exc:  # what the broker or client reports (a topic gone, a request refused)
+                log.error("worker_failed", error=f"{type(exc).__name__}: {exc}"[:1000])
                 self.exit_code = 1
             except Exception:
                 log.exception("worker_failed")
                 self.exit_code = 1
+            else:
+                if self._failure is not None:  # stopped on purpose (a publish failure): the same one line
+                    log.error("worker_failed", error=self._failure)
             finally:
                 self._closing = True  # a consumer's close runs no rebalance listener of ours
         log.info("worker_stopped", exit_code=self.exit_code)
@@ -578,10 +592,11 @@ class Worker:
             self.delivery.before_send()  # exactly-once: the first send after a commit begins a transaction
             future = self.producer.send(topic, value=value, key=key, headers=headers,
                                         partition=source.partition % partitions)
-        except KafkaError as exc:
-            if not self.delivery.transactional:
-                raise
-            self._send_errors.append((self._epoch, tp, offset, exc))  # a transaction in error: abort it
+        except (KafkaError, ValueError) as exc:
+            # refused before it was queued: a transaction in error, a topic the broker re-created with other
+            # partitions (kafka-python raises ValueError), a record too large. As a failed delivery: under
+            # at-least-once commit what was acknowledged and exit 1; under exactly-once abort and rewind.
+            self._send_errors.append((self._epoch, tp, offset, exc))
             return False
         future.add_both(self._delivered, self._epoch, tp, offset)  # one callback for both outcomes: no closures
         self._since_commit += 1
@@ -671,8 +686,10 @@ class Worker:
             if self.delivery.transactional:
                 self._abort(f"publish failed for {tp} at offset {offset}: {exc}")
                 return
-            log.error("publish_failed", partition=str(tp), offset=offset, error=str(exc)[:300],
-                      action="committing what was acknowledged and exiting; a restart re-delivers the rest")
+            if self._failure is None:
+                self._failure = f"publish failed for {tp} at offset {offset}: {type(exc).__name__}: {exc}"[:1000]
+                log.error("publish_failed", partition=str(tp), offset=offset, error=str(exc)[:300],
+                          action="committing what was acknowledged and exiting; a restart re-delivers the rest")
             self.exit_code = 1
             self.stop.set()
         if not offsets and not self.delivery.pending():
@@ -689,6 +706,7 @@ class Worker:
             log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             return
         self.tracker.mark_committed(offsets)
+        self._aborting_since = None
         self.metrics.commits.labels("ok").inc()
         if self.delivery.transactional:
             self.metrics.transactions.labels("committed").inc()
@@ -697,6 +715,14 @@ class Worker:
         """Abort the open transaction (none of its records become visible to read_committed readers) and go
         back to the group's committed offsets. Everything between poll and publish is dropped; batches still
         in the classifier are discarded when they come back (their epoch is over)."""
+        now = time.monotonic()
+        if self._aborting_since is None:
+            self._aborting_since = now
+        elif now - self._aborting_since > 2 * self.settings.transaction_timeout_ms / 1000:
+            # every transaction since then failed (a topic gone, a record the broker always refuses): replaying
+            # them again would loop forever
+            raise PublishFailing(f"no transaction committed for {now - self._aborting_since:.0f} s, each "
+                                 f"aborted; the last because {reason}"[:1000])
         self.delivery.abort()
         self.producer = self.delivery.producer  # a new one when the old one could not abort
         self.metrics.transactions.labels("aborted").inc()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 
 from bert_stream.kafka import KafkaSettings
 from bert_stream.settings import require, setting
@@ -16,6 +17,7 @@ from worker.delivery import DELIVERY_MODES
 INPUT_FORMATS = ("auto", "text", "json")
 BACKENDS = ("auto", "packed", "padded")  # how worker.engine runs a batch
 KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # what brokers accept (Kafka's Topic.validate)
 DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
 
 
@@ -164,6 +166,9 @@ class WorkerSettings:
                     "pip install 'bert-stream[confluent]'")
         require(len({self.input_topic, self.output_topic, self.dlq_topic}) == 3,
                 "input, output and DLQ topics must differ")
+        for topic in (self.input_topic, self.output_topic, self.dlq_topic):
+            require(bool(_TOPIC_NAME.fullmatch(topic)) and topic not in (".", ".."),
+                    f"topic {topic!r} is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                 f"device must be {DEVICES_HELP}")
         require(self.cache_ttl_s >= 1, "cache_ttl_s must be at least 1")

@@ -146,3 +146,37 @@ def test_two_workers_with_one_instance_id_end_with_the_first_fenced_not_a_fencin
     assert second.stop() == 0
     (failed,) = _events(caplog, "worker_failed")
     assert failed["error"].startswith("ProducerFencedError") and "BERT_STREAM_INSTANCE_ID" in failed["error"]
+
+
+def test_check_writable_reads_the_brokers_answer(monkeypatch):
+    """Pure logic over DescribeTopics' answer: a topic error, or authorised operations without WRITE."""
+    from bert_stream import kafka
+
+    answers = {
+        "ok": {"error_code": 0, "authorized_operations": ["READ", "WRITE", "DESCRIBE"]},
+        "no-authoriser": {"error_code": 0, "authorized_operations": []},
+        "missing": {"error_code": 3, "authorized_operations": []},
+        "read-only": {"error_code": 0, "authorized_operations": ["READ", "DESCRIBE"]},
+    }
+
+    class Admin:
+        def describe_topics(self, topics):
+            return [answers[topics[0]]]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kafka, "make_admin", lambda _settings: Admin())
+    settings = kafka.KafkaSettings()
+    assert kafka.check_writable(settings, "ok") is None and kafka.check_writable(settings, "no-authoriser") is None
+    assert kafka.check_writable(settings, "missing") == "UnknownTopicOrPartitionError"
+    assert "not authorised to write" in kafka.check_writable(settings, "read-only")
+
+
+def test_topic_names_the_broker_would_refuse_are_refused_by_the_settings():
+    from bert_stream.settings import SettingsError
+    from worker.settings import WorkerSettings
+
+    for bad in ("with space", "slash/topic", "x" * 250, ".."):
+        with pytest.raises(SettingsError, match="not a Kafka topic name"):
+            WorkerSettings(output_topic=bad)
