@@ -103,19 +103,13 @@ class DecodeError(ValueError):
 def normalize_text(text: str, max_chars: int | None = None) -> str:
     """What the model sees and the cache hashes: the first ``max_chars`` characters (all if None), NFC,
     whitespace runs collapsed to one space, stripped. Two values that normalise alike get the same label and
-    share a cache entry."""
-    return _normalized(text, max_chars)[0]
-
-
-def _normalized(text: str, max_chars: int | None) -> tuple[str, bool]:
-    """(:func:`normalize_text`, whether the text was cut). Cost: linear in ``max_chars``, but quadratic in
-    the longest run of combining marks that NFC has to reorder: hence the cut first."""
-    cut = max_chars is not None and len(text) > max_chars
-    if cut:
+    share a cache entry. Cost: linear in the length, but quadratic in the longest run of combining marks
+    that NFC has to reorder: decode cuts the text first (``max_chars``; see :data:`CHARS_PER_TOKEN`)."""
+    if max_chars is not None and len(text) > max_chars:
         text = text[:max_chars]
     if not unicodedata.is_normalized("NFC", text):  # the check is a scan; most texts arrive in NFC
         text = unicodedata.normalize("NFC", text)
-    return " ".join(text.split()), cut  # split() cuts at the runs of what str.isspace() (and re's \s) calls space
+    return " ".join(text.split())  # split() cuts at the runs of what str.isspace() (and re's \s) calls space
 
 
 def parse_value(value: bytes | None, input_format: str, max_message_bytes: int,
@@ -143,7 +137,8 @@ def _parse(value: bytes | None, input_format: str, max_message_bytes: int,
         text, msg_id = decoded, None
     else:
         text, msg_id = _parse_json(decoded)
-    text, cut = _normalized(text, max_text_chars)
+    cut = max_text_chars is not None and len(text) > max_text_chars
+    text = normalize_text(text, max_text_chars)
     if not text:
         raise DecodeError(EMPTY_TEXT, "the text is empty or only whitespace")
     if not text.isascii():
@@ -197,7 +192,7 @@ def decode(record: Any, input_format: str = "auto", max_message_bytes: int = 65_
     unreadable = getattr(record, "unreadable", None)  # (reason, detail) from a client that could not read it
     if unreadable is not None:
         return Rejected(*unreadable, value, key, headers, source)
-    if headers or key:
+    if headers or (key is not None and len(key) > MAX_KEY_AND_HEADERS_BYTES):
         rejected = _check_envelope(key, headers, source, value)
         if rejected is not None:
             return rejected
@@ -244,7 +239,8 @@ def _plain_json(value: bytes | None, input_format: str, max_message_bytes: int,
     text, msg_id = obj.get("text"), obj.get("id")
     if type(text) is not str or (msg_id is not None and type(msg_id) is not str):
         return None
-    text, cut = _normalized(text, max_text_chars)
+    cut = max_text_chars is not None and len(text) > max_text_chars
+    text = normalize_text(text, max_text_chars)
     return (msg_id, text, cut) if text else None
 
 
