@@ -327,10 +327,12 @@ class Sent:
 
 def publish(settings: KafkaSettings, topic: str, values: Sequence[bytes | None],
             ids: Sequence[str | None] | None = None, keys: Sequence[bytes | None] | None = None,
-            sent: Sent | None = None, headers: Sequence[list | None] | None = None) -> Sent:
-    """Publish ``values`` (acks=all), recording each one's (partition, offset)."""
+            sent: Sent | None = None, headers: Sequence[list | None] | None = None,
+            compression_type: str | None = None) -> Sent:
+    """Publish ``values`` (acks=all, batches compressed with ``compression_type`` if given), recording each
+    one's (partition, offset)."""
     sent = sent if sent is not None else Sent()
-    producer = make_producer(settings, linger_ms=20, max_request_size=4_000_000)
+    producer = make_producer(settings, linger_ms=20, max_request_size=4_000_000, compression_type=compression_type)
     try:
         futures = []
         for i, value in enumerate(values):
@@ -344,6 +346,21 @@ def publish(settings: KafkaSettings, topic: str, values: Sequence[bytes | None],
     finally:
         producer.close()
     return sent
+
+
+class RawKey(str):
+    """A header key whose bytes on the wire are ``raw`` (kafka-python's record builder calls ``encode``): how a
+    producer in another language sends a key that is not UTF-8."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawKey:
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, *_args, **_kwargs) -> bytes:
+        return self.raw
 
 
 def publish_messages(settings: KafkaSettings, topic: str, messages: Sequence[tuple[str, bytes]],

@@ -1,10 +1,11 @@
 """Hostile input: whatever bytes arrive, each message ends on the output topic or on the DLQ with a reason,
 exactly once, and the worker neither crashes nor stalls; good messages around the bad ones are unaffected.
 
-One worker process serves the whole run: the hostile values are generated up front (hypothesis, seeded and
-bounded) plus a hand-picked list, published interleaved with good messages, and matched to their output or
-dead letter by (partition, offset), since most of them carry no id. The cache is off and the model runs in
-fp32, so a good text's label can be compared with the label it got in a clean run before the hostile part.
+One worker process serves the whole run: the hostile values, keys and headers are generated up front
+(hypothesis, seeded and bounded) plus a hand-picked list, published interleaved with good messages in batches
+that are uncompressed or compressed with each codec, and matched to their output or dead letter by
+(partition, offset), since most of them carry no id. Redis is on; the model runs in fp32, so a good text's
+label can be compared with the label it got in a clean run before the hostile part.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from worker import messages as m
 pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
 
 MAX_BYTES = 65_536  # the worker's default max_message_bytes
-HYPOTHESIS_EXAMPLES = 60
+HYPOTHESIS_EXAMPLES = 300
+CODECS = (None, "gzip", "snappy", "lz4", "zstd")  # a fifth of the hostile part each
+VARIANTS = [("at-least-once", "kafka-python"), ("exactly-once", "kafka-python"), ("at-least-once", "confluent-kafka")]
 
 
 def hand_picked() -> list[tuple[str, bytes | None, set[str] | None]]:
-    """(name, value, acceptable outcomes): a DLQ reason, "output", or None for "either, but exactly once"."""
+    """(name, value, acceptable outcomes): a DLQ reason, "output", or None for "either, but exactly once".
+    Headers and keys that matter are in :func:`hand_picked_envelopes`."""
     nested_ok = '{"id": "nested", "text": "嵌套的合法消息", "meta": ' + "[" * 50 + "]" * 50 + "}"
     return [
         ("invalid-utf8", b"\xff\xfe\xfa\xc3\x28 bad", {m.INVALID_UTF8}),
@@ -71,6 +75,27 @@ def hand_picked() -> list[tuple[str, bytes | None, set[str] | None]]:
         ("html", b"<script>alert(1)</script><b>\xe6\x96\xb0\xe9\x97\xbb</b>", {"output"}),
         ("path-like-id", b'{"id": "../../etc/passwd", "text": "\xe8\xb7\xaf\xe5\xbe\x84"}', {"output"}),
         ("format-string", b"%s%s%n{0}{text}${jndi:ldap://x}", {"output"}),
+        ("json-escaped-surrogate", b'{"text": "\\ud800\\u4e2d\\u6587"}', {m.INVALID_TEXT}),
+        ("json-escaped-low-surrogate", b'{"id": "s", "text": "\\u4e2d \\udc00"}', {m.INVALID_TEXT}),
+        ("json-surrogate-id", b'{"id": "\\udc00", "text": "\\u4e2d\\u6587"}', {"output"}),
+        ("json-huge-int", b'{"text": "x", "n": ' + b"9" * 5000 + b"}", {m.INVALID_JSON}),
+        ("json-huge-int-id", b'{"id": 1' + b"0" * 5000 + b', "text": "x"}', None),
+        ("combining-run-64k", ("a" + "\u0301\u0316" * 16_000).encode()[:MAX_BYTES - 100], {"output"}),
+    ]
+
+
+def hand_picked_envelopes() -> list[tuple[str, bytes, bytes | None, list, set[str]]]:
+    """(name, value, key, headers, acceptable outcomes) where the key or headers are what is hostile."""
+    fine = "中文新闻标题".encode()
+    return [
+        ("header-key-not-utf8", fine, None, [(h.RawKey(b"\xff\xfe"), b"v")], {m.INVALID_HEADER}),
+        ("header-key-lone-continuation", fine, None, [("ok", b"1"), (h.RawKey(b"a\x80b"), b"")], {m.INVALID_HEADER}),
+        ("header-key-cesu-surrogate", fine, None, [(h.RawKey(b"\xed\xa0\x80"), b"x")], {m.INVALID_HEADER}),
+        ("header-values-binary", fine, None, [("bin", bytes(range(256))), ("empty", b"")], {"output"}),
+        ("header-key-unicode", fine, None, [("键😀\u200b", b"v")], {"output"}),
+        ("key-over-limit", fine, b"k" * (m.MAX_KEY_AND_HEADERS_BYTES + 1), [], {m.TOO_LARGE}),
+        ("headers-over-limit", fine, None, [("big", b"h" * (m.MAX_KEY_AND_HEADERS_BYTES + 1))], {m.TOO_LARGE}),
+        ("key-near-broker-limit", fine, b"k" * 950_000, [], {m.TOO_LARGE}),  # its dead letter is cut to fit
     ]
 
 
@@ -102,15 +127,35 @@ def hostile_strategy():
     )
 
 
-def draw_hostile(n: int) -> list[tuple[bytes, bytes | None]]:
-    """``n`` (value, key) pairs from hypothesis, deterministic (derandomize): generated once, up front."""
-    drawn: list[tuple[bytes, bytes | None]] = []
+def header_strategy():
+    """Headers as producers in any language send them: keys of any text, or bytes that need not be UTF-8."""
+    key = st.text(max_size=12) | st.binary(max_size=12).map(h.RawKey)
+    return st.lists(st.tuples(key, st.binary(max_size=24)), max_size=3)
+
+
+def surrogate_and_number_strategy():
+    """JSON that once escaped decode: escaped surrogates anywhere in the text, numbers of thousands of digits."""
+    escapes = st.lists(st.sampled_from(["\\ud800", "\\udfff", "\\udbff\\udc00", "\\u4e2d", "x", " "]),
+                       min_size=1, max_size=8).map("".join)
+    digits = st.integers(4000, 6000).map(lambda n: "7" * n)
+    return st.one_of(
+        escapes.map(lambda t: ('{"text": "' + t + '"}').encode()),
+        digits.map(lambda d: ('{"text": "数字", "n": ' + d + "}").encode()),
+        digits.map(lambda d: ('{"text": "数字", "n": -' + d + ".5e3}").encode()),
+    )
+
+
+def draw_hostile(n: int) -> list[tuple[bytes, bytes | None, list]]:
+    """``n`` (value, key, headers) triples from hypothesis, deterministic (derandomize): generated once, up
+    front."""
+    drawn: list[tuple[bytes, bytes | None, list]] = []
 
     @settings(max_examples=n, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(value=hostile_strategy(), key=st.none() | st.binary(max_size=30))
-    def collect(value, key):
-        drawn.append((value, key))
+    @given(value=hostile_strategy() | surrogate_and_number_strategy(), key=st.none() | st.binary(max_size=30),
+           headers=header_strategy())
+    def collect(value, key, headers):
+        drawn.append((value, key, headers))
 
     collect()
     return drawn
@@ -128,14 +173,15 @@ def _outcome(records: list) -> str:
     return "output" if isinstance(r, dict) else r.reason
 
 
-@pytest.mark.parametrize("delivery", h.DELIVERY_MODES)
+@pytest.mark.parametrize("delivery, client", VARIANTS, ids=[h.variant(d, c) for d, c in VARIANTS])
 def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, names, model_store, stack,
-                                                              workers, delivery):
+                                                              workers, delivery, client):
     """Also under exactly-once: dead letters are part of the transactions, in input order with the outputs."""
     _topics(kafka_settings, names)
     reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                       redis_url=None, dtype="fp32", http_port=0, delivery=delivery)
+                       redis_url=stack.redis_url, dtype="fp32", http_port=0, delivery=delivery,
+                       kafka_client=client)
     started = time.monotonic()
     w = workers.start("worker", env)  # loads its model while hypothesis generates
     picked = hand_picked()
@@ -146,17 +192,24 @@ def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, na
         clean = h.publish_messages(kafka_settings, names.input_topic, baseline)
         reader.wait_all(clean, timeout=180, diagnostics=workers.tails, alive=w.alive)
 
-        # 2. the hostile values, each followed by a good message
-        values, ids, keys, kinds = [], [], [], []
-        hostile = [(name, value, None, want) for name, value, want in picked]
-        hostile += [(f"hypothesis-{i}", value, key, None) for i, (value, key) in enumerate(drawn)]
-        for j, (name, value, key, want) in enumerate(hostile):
+        # 2. the hostile values, keys and headers, each followed by a good message; a fifth of them in batches
+        # of each codec
+        values, ids, keys, headers, kinds = [], [], [], [], []
+        hostile = [(name, value, None, [], want) for name, value, want in picked]
+        hostile += [(name, value, key, hdrs, want) for name, value, key, hdrs, want in hand_picked_envelopes()]
+        hostile += [(f"hypothesis-{i}", value, key, hdrs, None) for i, (value, key, hdrs) in enumerate(drawn)]
+        for j, (name, value, key, hdrs, want) in enumerate(hostile):
             gid, gvalue = _good(100 + j)
             values += [value, gvalue]
             ids += [None, gid]
             keys += [key if key is not None or value is not None else b"tombstone", gid.encode()]
+            headers += [hdrs, None]
             kinds += [(name, want), ("good", {"output"})]
-        mixed = h.publish(kafka_settings, names.input_topic, values, ids=ids, keys=keys)
+        mixed, chunk = h.Sent(), -(-len(values) // len(CODECS))
+        for i, codec in enumerate(CODECS):
+            part = slice(i * chunk, (i + 1) * chunk)
+            h.publish(kafka_settings, names.input_topic, values[part], ids=ids[part], keys=keys[part],
+                      headers=headers[part], sent=mixed, compression_type=codec)
         after, stopped = h.Sent(), None
         try:
             reader.wait_all(mixed, timeout=240, diagnostics=workers.tails, stall_s=45, alive=w.alive)
@@ -171,7 +224,8 @@ def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, na
         outcomes = [_outcome(reader.by_source[s]) if s in reader.by_source else "none" for s in mixed.sources]
         hostile_outcomes = [o for o, (name, _) in zip(outcomes, kinds) if name != "good"]
         unanswered = [name for o, (name, _) in zip(outcomes, kinds) if o == "none" and name != "good"]
-        h.report(f"hostile-input({delivery})", counts, hostile=len(hostile), hand_picked=len(picked), hypothesis=len(drawn),
+        h.report(f"hostile-input({h.variant(delivery, client)})", counts, hostile=len(hostile),
+                 hand_picked=len(picked) + len(hand_picked_envelopes()), hypothesis=len(drawn),
                  hostile_to_output=hostile_outcomes.count("output"),
                  hostile_to_dlq=len(hostile_outcomes) - hostile_outcomes.count("output") - len(unanswered),
                  worker_alive=w.alive(), unanswered_hostile=",".join(unanswered[:3]) or None,
