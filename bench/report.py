@@ -41,6 +41,9 @@ def write_all(summary: dict, out_dir: Path) -> None:
     plots = write_plots(summary, out_dir)
     check_file = out_dir / "gpu_check.json"  # the worker on a lent GPU: its own file, rendered beside this run
     view = {**summary, "gpu_check": json.loads(check_file.read_text())} if check_file.exists() else summary
+    poison_file = out_dir / "poison_cost.json"  # python -m bench.poison_cost: decode's cost per poison input
+    if poison_file.exists():
+        view = {**view, "poison_cost": json.loads(poison_file.read_text())}
     (out_dir / "RESULTS.md").write_text(render(view, plots, out_dir))
 
 
@@ -262,6 +265,8 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
     out += ["", *_gpu_md(s.get("gpu_sweep"))]
     if s.get("gpu_check"):
         out += ["", *_gpu_check_md(s["gpu_check"])]
+    if s.get("poison_cost"):
+        out += ["", *_poison_cost_md(s["poison_cost"])]
     if plots:
         out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
     for hand_written in ("ANALYSIS.md", "TRAINING.md"):  # kept across regenerations, appended verbatim
@@ -574,6 +579,25 @@ def _gpu_md(g: dict | None) -> list[str]:
             _table(["batch size", *bss], rows),
         ]
     return lines
+
+
+def _poison_cost_md(p: dict) -> list[str]:
+    """``bench/poison_cost.json``: the main thread's cost of decoding each kind of poison input."""
+    against = p.get("against") or {}
+    head = ["input", "now: us", "now: outcome"]
+    if against:
+        head += [f"at {against['revision']}: us", f"at {against['revision']}: outcome", "before / now"]
+    rows = []
+    for name, now in p["now"].items():
+        row = [name, now["us"], now["verdict"]]
+        before = against.get("cases", {}).get(name)
+        if before:
+            row += [before["us"], before["verdict"], _x(before["us"] / now["us"]) if now["us"] else "-"]
+        rows.append(row)
+    return ["## Poison input: the main thread's cost per record (`python -m bench.poison_cost`)", "",
+            f"{p['date']}, {p['cpu']}; code {p['commit']}; text cut at {p['max_text_chars']} characters "
+            "(4 per token of max_length 128). `decode` runs on the main thread between polls: what one record "
+            "costs there, every partition of the worker waits.", "", _table(head, rows)]
 
 
 def _gpu_check_md(g: dict) -> list[str]:

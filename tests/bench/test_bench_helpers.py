@@ -139,3 +139,15 @@ def test_rerendering_the_committed_results_keeps_their_figures():
     assert again["sized"] == data["sized"]
     assert {k: again[k] for k in report.HEADLINE} == {k: data[k] for k in report.HEADLINE}
     assert again["ratios"] == data["ratios"]
+
+
+def test_poison_cost_measures_every_case_with_the_worker_s_verdict():
+    from bench import poison_cost
+    from bench.common import REPO
+
+    costs = poison_cost.measure(REPO)
+    assert set(costs) == set(poison_cost.CASES)
+    assert costs["JSON number of 5,000 digits"]["verdict"] == "invalid_json"
+    assert costs["escaped lone surrogate"]["verdict"] == "invalid_text"
+    assert costs["64 KB of alternating combining marks"]["verdict"] == "output"
+    assert all(c["us"] > 0 for c in costs.values())
