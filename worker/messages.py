@@ -354,7 +354,7 @@ def dead_letter(rejected: Rejected, max_bytes: int) -> tuple[bytes | None, bytes
     """(value, key, headers) of the dead letter for ``rejected``, at most ``max_bytes`` together: the
     original value, key and headers are cut, in that order, so a dead letter can always be published (an
     input may be near the broker's limit, and the dead letter adds headers). A cut is marked by a header
-    ``error.truncated`` naming the parts cut."""
+    ``error.truncated`` naming the parts cut. A null value without a key becomes an empty value."""
     value, key, headers = rejected.value, rejected.key, dlq_headers(rejected)
     ours = headers[len(rejected.headers):]
     size = lambda: (len(value or b"") + len(key or b"")  # noqa: E731
@@ -374,6 +374,8 @@ def dead_letter(rejected: Rejected, max_bytes: int) -> tuple[bytes | None, bytes
         headers = list(ours)  # the original headers go; the reason and the source stay
     if cut:
         headers = [*headers, ("error.truncated", ",".join(cut).encode())]
+    if value is None and key is None:  # a keyless tombstone, an unreadable record: producers need one of them
+        value = b""
     return value, key, headers
 
 

@@ -103,3 +103,42 @@ def test_compressed_batches_odd_headers_and_pathological_text_never_stop_a_parti
     assert all(outcomes[o] == "output" for o in others), {o: outcomes[o] for o in others if outcomes[o] != "output"}
     dead = [d for d in reader.dead if d.reason == m.INVALID_HEADER]
     assert all(d.value for d in dead)  # the record itself is kept for a replay
+
+
+@pytest.mark.skipif(BROKER != "kafka", reason="corrupts Apache Kafka's segment file on disk")
+def test_a_record_that_fails_its_crc_is_a_dead_letter_and_the_partition_moves_on(
+        kafka_settings, names, model_store, stack, workers):
+    """A record batch corrupted on the broker's disk (the broker does not check CRCs when it serves a fetch):
+    kafka-python raises CorruptRecordError from poll() at the same offset forever. The worker dead-letters
+    that offset as unreadable_record and reads on. (librdkafka does not check CRCs by default: it hands the
+    corrupted bytes over as a value, which decode judges like any other.)"""
+    from pathlib import Path
+
+    ensure_topics(kafka_settings, {names.input_topic: 1, names.output_topic: 1, names.dlq_topic: 1})
+    victim = _good("victim", 1)
+    for value in (_good("before", 0), victim, _good("after", 2)):  # one batch each
+        h.publish(kafka_settings, names.input_topic, [value])
+    segment = next((Path(stack.services["broker"].data_dir) / f"{names.input_topic}-0").glob("*.log"))
+    data = bytearray(segment.read_bytes())
+    at = data.find(victim)
+    assert at > 0, "the record is not in the segment file"
+    data[at + 5] ^= 0xFF  # inside the value: the batch CRC no longer matches
+    segment.write_bytes(bytes(data))
+
+    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic)
+    w = workers.start("worker", h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names,
+                                             model_dir=model_store, redis_url=None, http_port=0))
+    sent = h.Sent([None] * 3, [(0, 0), (0, 1), (0, 2)])
+    try:
+        reader.wait_all(sent, timeout=120, diagnostics=workers.tails, alive=w.alive)
+        reader.drain()
+        counts = h.count(sent, reader)
+        assert w.alive() and w.terminate() == 0
+    finally:
+        reader.close()
+    outcomes = [r[0].reason if isinstance(r[0], h.DeadLetter) else "output" for r in
+                (reader.by_source[(0, o)] for o in range(3))]
+    assert outcomes == ["output", m.UNREADABLE_RECORD, "output"], outcomes
+    (dead,) = reader.dead
+    assert "CorruptRecordError" in dead.detail and dead.source == (0, 1)
+    assert counts.duplicates == 0 and counts.lost == 0

@@ -14,8 +14,6 @@ from tests.conftest import xfail_on_broker
 from tests.worker.conftest import chinese_messages, committed_offsets, produce, read_topic
 from worker import messages as m
 
-pytestmark = pytest.mark.kafka
-
 
 class Breakable:
     """The real model until ``broken`` is set (a lost CUDA context: every call fails, the probe text too), or
@@ -52,6 +50,7 @@ def _events(caplog, event: str) -> list[dict]:
     return [r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == event]
 
 
+@pytest.mark.kafka
 def test_a_model_that_breaks_stops_the_worker_with_nothing_committed(kafka_settings, names, worker_settings,
                                                                     start_worker, caplog):
     Breakable.broken = False
@@ -80,6 +79,7 @@ def test_a_model_that_breaks_stops_the_worker_with_nothing_committed(kafka_setti
     Breakable.broken = False
 
 
+@pytest.mark.kafka
 def test_a_hung_batch_fails_healthz_and_shutdown_still_ends_in_time(kafka_settings, names, worker_settings,
                                                                     start_worker):
     from tests.worker.test_run import _get
@@ -110,6 +110,7 @@ def test_a_hung_batch_fails_healthz_and_shutdown_still_ends_in_time(kafka_settin
         Breakable.gate.set()
 
 
+@pytest.mark.kafka
 @xfail_on_broker("tansu", "Tansu does not fence a transactional producer by a newer epoch")
 def test_two_workers_with_one_instance_id_end_with_the_first_fenced_not_a_fencing_loop(
         kafka_settings, names, worker_settings, start_worker, caplog):
@@ -180,3 +181,35 @@ def test_topic_names_the_broker_would_refuse_are_refused_by_the_settings():
     for bad in ("with space", "slash/topic", "x" * 250, ".."):
         with pytest.raises(SettingsError, match="not a Kafka topic name"):
             WorkerSettings(output_topic=bad)
+
+
+def test_topics_are_created_with_the_brokers_default_replication_factor(monkeypatch):
+    """-1: the broker's default.replication.factor (KIP-464), so acks=all output survives a broker's loss
+    on a cluster; a fixed 1 would keep one copy whatever the cluster."""
+    from bert_stream import kafka
+
+    created = []
+
+    class Admin:
+        def list_topics(self):
+            return ["exists"]
+
+        def create_topics(self, topics):
+            created.extend(topics)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kafka, "make_admin", lambda _settings: Admin())
+    kafka.ensure_topics(kafka.KafkaSettings(), {"exists": 3, "new": 3})
+    assert [(t.name, t.num_partitions, t.replication_factor) for t in created] == [("new", 3, -1)]
+
+
+def test_settings_refuse_a_shutdown_that_outlasts_the_last_transaction():
+    from bert_stream.settings import SettingsError
+    from worker.settings import WorkerSettings
+
+    with pytest.raises(SettingsError, match="shutdown_timeout_s plus commit_interval_ms"):
+        WorkerSettings(delivery="exactly-once", transaction_timeout_ms=10_000, shutdown_timeout_s=10)
+    WorkerSettings(delivery="exactly-once", transaction_timeout_ms=10_000, shutdown_timeout_s=8)
+    WorkerSettings(delivery="at-least-once", transaction_timeout_ms=10_000, shutdown_timeout_s=50)

@@ -192,6 +192,12 @@ def test_unreadable_records_from_a_client_become_dead_letters():
     assert isinstance(out, m.Rejected) and out.reason == m.UNREADABLE_RECORD and "crc" in out.detail
 
 
+def test_a_keyless_tombstone_has_a_dead_letter_a_producer_accepts():
+    out = m.decode(rec(None, key=None, headers=()))
+    value, key, _headers = m.dead_letter(out, 900_000)
+    assert out.reason == m.EMPTY_TEXT and key is None and value == b""
+
+
 def _size(value, key, headers):
     return len(value or b"") + len(key or b"") + sum(len(k.encode()) + len(v) for k, v in headers)
 
