@@ -202,7 +202,8 @@ def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, na
             gid, gvalue = _good(100 + j)
             values += [value, gvalue]
             ids += [None, gid]
-            keys += [key, gid.encode()]  # a tombstone without a key too: its dead letter needs a value
+            # kafka-python cannot send a tombstone without a key (test_poison_records sends one with librdkafka)
+            keys += [key if key is not None or value is not None else b"tombstone", gid.encode()]
             headers += [hdrs, None]
             kinds += [(name, want), ("good", {"output"})]
         mixed, chunk = h.Sent(), -(-len(values) // len(CODECS))

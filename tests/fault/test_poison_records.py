@@ -57,6 +57,10 @@ def test_compressed_batches_odd_headers_and_pathological_text_never_stop_a_parti
             for i in range(12):
                 producer.produce(names.input_topic, _good(f"ck-{codec}", i), partition=0, headers=[("h", b"1")])
             assert producer.flush(30) == 0
+        tombstone = h.publish(kafka_settings, names.input_topic, [b"marker"]).sources[0][1] + 1
+        producer.produce(names.input_topic, None, partition=0)  # no key, no value: its dead letter needs one
+        assert producer.flush(30) == 0
+        want[tombstone] = {m.EMPTY_TEXT}
         # 2. Debian's kcat (librdkafka as a command-line user runs it): a header key that is not UTF-8 on a whole
         # compressed batch, then plain ones (kcat cannot talk to Tansu)
         if shutil.which("kcat") and BROKER != "tansu":

@@ -36,7 +36,9 @@ def test_a_deleted_output_topic_is_one_error_line_and_a_clean_restart(kafka_sett
     admin.delete_topics([names.output_topic])
     admin.close()
     after = h.publish_messages(kafka_settings, names.input_topic, h.make_messages(40, seed=2, prefix="b"))
-    h.wait_until(lambda: not first.alive(), 150, "the worker to exit after its output topic was deleted",
+    # with stale metadata kafka-python retries the sends to the vanished partition for its delivery timeout
+    # (120 s), and the flush waits for them: the exit comes after that, and after the drain's flush
+    h.wait_until(lambda: not first.alive(), 300, "the worker to exit after its output topic was deleted",
                  workers.tails)
     assert first.returncode() == 1, first.tail()
     failed = first.events("worker_failed")

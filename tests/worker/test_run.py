@@ -212,7 +212,7 @@ def test_new_checkpoint_mid_stream_is_picked_up_without_loss(kafka_settings, nam
 
     producer = threading.Thread(target=stream)
     producer.start()
-    v2 = publish_tiny_model(model_store, seed=2)
+    v2 = publish_tiny_model(model_store, seed=2, labels=tuple(worker.worker.engine.current.labels))  # same labels
     checkpoint.announce(stack.redis_url, v2)
     producer.join()
     outputs = read_topic(kafka_settings, names.output_topic, expect=400, timeout=90)
