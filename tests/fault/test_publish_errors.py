@@ -36,9 +36,10 @@ def test_a_deleted_output_topic_is_one_error_line_and_a_clean_restart(kafka_sett
     admin.delete_topics([names.output_topic])
     admin.close()
     after = h.publish_messages(kafka_settings, names.input_topic, h.make_messages(40, seed=2, prefix="b"))
-    # with stale metadata kafka-python retries the sends to the vanished partition for its delivery timeout
-    # (120 s), and the flush waits for them: the exit comes after that, and after the drain's flush
-    h.wait_until(lambda: not first.alive(), 300, "the worker to exit after its output topic was deleted",
+    # kafka-python with stale metadata retries the sends to the vanished partition for its delivery timeout
+    # (120 s) while the at-least-once flush waits for them, and the drain's last flush can wait as long again
+    # for sends queued before the failure was seen: the exit is bounded by two delivery timeouts
+    h.wait_until(lambda: not first.alive(), 420, "the worker to exit after its output topic was deleted",
                  workers.tails)
     assert first.returncode() == 1, first.tail()
     failed = first.events("worker_failed")
