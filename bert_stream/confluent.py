@@ -31,7 +31,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 
-from bert_stream.kafka import KafkaSettings
+from bert_stream.kafka import KafkaSettings, Record
 from bert_stream.logs import get_logger, register_secrets
 
 log = get_logger("bert_stream.confluent")
@@ -60,17 +60,6 @@ def _common(settings: KafkaSettings) -> dict[str, Any]:
             if value:
                 conf[key] = value
     return conf
-
-
-class Record:
-    """One consumed message, with kafka-python's ConsumerRecord attributes the worker reads."""
-
-    __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "unreadable")
-
-    def __init__(self, topic: str, partition: int, offset: int, key, value, headers, unreadable=None):
-        self.topic, self.partition, self.offset = topic, partition, offset
-        self.key, self.value, self.headers = key, value, headers or []
-        self.unreadable = unreadable  # (DLQ reason, detail) when the record could not be read whole
 
 
 def _run(coroutine) -> None:

@@ -131,16 +131,18 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, *topics: str, *
     return _consumer_class()(*topics, **config)
 
 
-class UnreadableRecord:
-    """Stands in for a record the client could not parse, at its offset: ``unreadable`` is (DLQ reason,
-    detail). The worker dead-letters it like bad input, so the partition moves on and nothing is skipped
-    silently."""
+class Record:
+    """One consumed record as the worker reads it (kafka-python's ConsumerRecord has the same attributes):
+    what the librdkafka adapter returns, and what either adapter returns in place of a record it could not
+    read whole, with ``unreadable`` = (DLQ reason, detail). The worker dead-letters such a record like bad
+    input, so its partition moves on and nothing is skipped silently."""
 
     __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "unreadable")
 
-    def __init__(self, topic: str, partition: int, offset: int, reason: str, detail: str, key=None, value=None):
+    def __init__(self, topic: str, partition: int, offset: int, key, value, headers, unreadable=None):
         self.topic, self.partition, self.offset = topic, partition, offset
-        self.key, self.value, self.headers, self.unreadable = key, value, [], (reason, detail)
+        self.key, self.value, self.headers = key, value, headers or []
+        self.unreadable = unreadable
 
 
 _CONSUMER_CLASS = None
@@ -159,7 +161,7 @@ def _consumer_class():
 
     class _Consumer(KafkaConsumer):
         """``poll`` turns an error about one record (CRC, codec, corrupt framing) into an
-        :class:`UnreadableRecord` at the partition's position and moves past it. kafka-python raises those
+        unreadable :class:`Record` at the partition's position and moves past it. kafka-python raises those
         from ``poll()`` after the records before it, and raises again at the same position forever: one
         such record would stop its partition, and the worker on every restart."""
 
@@ -173,8 +175,8 @@ def _consumer_class():
                 tp = failing.topic_partition
                 offset = self.position(tp)
                 self.seek(tp, offset + 1)  # also drops the fetcher's dead iterator (its offset is now stale)
-                return {tp: [UnreadableRecord(tp.topic, tp.partition, offset, "unreadable_record",
-                                              f"{type(exc).__name__}: {exc}"[:500])]}
+                return {tp: [Record(tp.topic, tp.partition, offset, None, None, None,
+                                    ("unreadable_record", f"{type(exc).__name__}: {exc}"[:500]))]}
 
     _CONSUMER_CLASS = _Consumer
     return _Consumer
@@ -316,21 +318,24 @@ def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_f
         admin.close()
 
 
-def check_writable(settings: KafkaSettings, topic: str) -> str | None:
-    """Why ``topic`` cannot be written (it does not exist, or this client is not authorised to write it,
-    as the broker's authoriser reports through Metadata), or None. One metadata request."""
+def unwritable(settings: KafkaSettings, topics: list[str]) -> dict[str, str]:
+    """Why each of ``topics`` that cannot be written cannot (it does not exist, or this client is not
+    authorised to write it, as the broker's authoriser reports through Metadata); the writable ones are
+    left out. One metadata request for all of them."""
     from kafka.errors import for_code
 
     admin = make_admin(settings)
     try:
-        [meta] = admin.describe_topics([topic])
+        described = admin.describe_topics(list(topics))
     except Exception as exc:  # noqa: BLE001 - e.g. authorisation refused for the whole request
-        return f"{type(exc).__name__}: {exc}"[:300]
+        return dict.fromkeys(topics, f"{type(exc).__name__}: {exc}"[:300])
     finally:
         admin.close()
-    if meta.get("error_code"):
-        return for_code(meta["error_code"]).__name__
-    allowed = meta.get("authorized_operations")
-    if allowed and "WRITE" not in allowed and "ALL" not in allowed:
-        return f"not authorised to write (allowed: {', '.join(allowed)})"
-    return None
+    problems = {}
+    for meta in described:
+        allowed = meta.get("authorized_operations")
+        if meta.get("error_code"):
+            problems[meta["name"]] = for_code(meta["error_code"]).__name__
+        elif allowed and "WRITE" not in allowed and "ALL" not in allowed:
+            problems[meta["name"]] = f"not authorised to write (allowed: {', '.join(allowed)})"
+    return problems

@@ -55,8 +55,8 @@ from collections import deque
 
 from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError
 
-from bert_stream.kafka import (JOIN_POLL_TIMEOUT_MS, check_writable, close_producer, ensure_topics, make_consumer,
-                               make_producer)
+from bert_stream.kafka import (JOIN_POLL_TIMEOUT_MS, close_producer, ensure_topics, make_consumer,
+                               make_producer, unwritable)
 from bert_stream.logs import bind_process, configure_logging, get_logger
 from bert_stream.settings import parse_settings, public_view
 from trainer.checkpoint import CheckpointError
@@ -465,10 +465,10 @@ class Worker:
             ensure_topics(s.kafka, {s.output_topic: max(1, len(inputs)), s.dlq_topic: max(1, len(inputs))})
         except Exception as exc:  # noqa: BLE001
             log.warning("topic_creation_failed", error=str(exc)[:300])
+        problems = unwritable(s.kafka, [s.output_topic, s.dlq_topic])
         for role, topic in (("output", s.output_topic), ("dead-letter", s.dlq_topic)):
-            problem = check_writable(s.kafka, topic)
-            if problem:
-                raise TopicUnavailable(f"the {role} topic {topic!r} cannot be written: {problem}")
+            if topic in problems:
+                raise TopicUnavailable(f"the {role} topic {topic!r} cannot be written: {problems[topic]}")
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def _poll(self) -> list:

@@ -149,7 +149,7 @@ def test_two_workers_with_one_instance_id_end_with_the_first_fenced_not_a_fencin
     assert failed["error"].startswith("ProducerFencedError") and "BERT_STREAM_INSTANCE_ID" in failed["error"]
 
 
-def test_check_writable_reads_the_brokers_answer(monkeypatch):
+def test_unwritable_reads_the_brokers_answer(monkeypatch):
     """Pure logic over DescribeTopics' answer: a topic error, or authorised operations without WRITE."""
     from bert_stream import kafka
 
@@ -159,19 +159,22 @@ def test_check_writable_reads_the_brokers_answer(monkeypatch):
         "missing": {"error_code": 3, "authorized_operations": []},
         "read-only": {"error_code": 0, "authorized_operations": ["READ", "DESCRIBE"]},
     }
+    requests = []
 
     class Admin:
         def describe_topics(self, topics):
-            return [answers[topics[0]]]
+            requests.append(topics)
+            return [{"name": t, **answers[t]} for t in topics]
 
         def close(self):
             pass
 
     monkeypatch.setattr(kafka, "make_admin", lambda _settings: Admin())
-    settings = kafka.KafkaSettings()
-    assert kafka.check_writable(settings, "ok") is None and kafka.check_writable(settings, "no-authoriser") is None
-    assert kafka.check_writable(settings, "missing") == "UnknownTopicOrPartitionError"
-    assert "not authorised to write" in kafka.check_writable(settings, "read-only")
+    problems = kafka.unwritable(kafka.KafkaSettings(), list(answers))
+    assert len(requests) == 1  # one metadata request for every topic
+    assert set(problems) == {"missing", "read-only"}
+    assert problems["missing"] == "UnknownTopicOrPartitionError"
+    assert "not authorised to write" in problems["read-only"]
 
 
 def test_topic_names_the_broker_would_refuse_are_refused_by_the_settings():
