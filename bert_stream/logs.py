@@ -103,8 +103,9 @@ def _mask_secrets(_logger, _method, event_dict):
             event_dict[key] = mask(value)
         elif not isinstance(value, (int, float, bool, type(None))):
             shown = str(value)
-            if mask(shown) != shown:
-                event_dict[key] = mask(shown)
+            masked = mask(shown)
+            if masked != shown:
+                event_dict[key] = masked
     return event_dict
 
 

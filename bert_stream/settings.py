@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import types
@@ -232,18 +233,25 @@ def from_env(cls: type[T], env: Mapping[str, str] | None = None, **overrides: An
         raise SettingsError(str(exc)) from None
 
 
+def _leaves(obj: Any) -> Iterator[tuple[dataclasses.Field, Any]]:
+    """(field, value) of every leaf setting of a settings object (:func:`iter_settings`' order)."""
+    for f, _tp, path in iter_settings(type(obj)):
+        yield f, functools.reduce(getattr, path, obj)
+
+
+def _has_url_credentials(value: Any) -> bool:
+    return isinstance(value, str) and "://" in value and "@" in value
+
+
 def secret_values(obj: Any) -> list[str]:
     """Every secret a settings object holds: the fields marked secret, and the passwords in URLs."""
     from urllib.parse import urlsplit
 
     out = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out += secret_values(value)
-        elif f.metadata.get("secret") and isinstance(value, str):
+    for f, value in _leaves(obj):
+        if f.metadata.get("secret") and isinstance(value, str):
             out.append(value)
-        elif isinstance(value, str) and "://" in value and "@" in value:
+        elif _has_url_credentials(value):
             try:
                 password = urlsplit(value).password
             except ValueError:
@@ -256,13 +264,10 @@ def secret_values(obj: Any) -> list[str]:
 def public_view(obj: Any) -> dict[str, Any]:
     """The settings as a flat dict for logging, with secrets masked."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(public_view(value))
-        elif f.metadata.get("secret"):
+    for f, value in _leaves(obj):
+        if f.metadata.get("secret"):
             out[f.name] = "***" if value else value
-        elif isinstance(value, str) and "://" in value and "@" in value:
+        elif _has_url_credentials(value):
             out[f.name] = mask_url_password(value)  # redis://:password@host, rediss://user:password@host
         else:
             out[f.name] = str(value) if isinstance(value, Path) else value
