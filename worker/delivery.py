@@ -16,17 +16,17 @@ The worker loop is the same in both modes (poll -> decode -> batch -> classify -
     across crashes, rebalances and broker restarts. A transaction that fails is aborted and the worker rewinds
     its partitions to the group's committed offsets and goes on: nothing is lost, nothing shows twice.
 
-    Fencing (which zombie is stopped, and how), chosen after reading what kafka-python 3.0.12 implements:
-    - KIP-447 consumer-group fencing. ``KafkaConsumer.group_metadata()`` (generation, member id) goes with
-      every ``TxnOffsetCommit``; the group coordinator refuses the offsets of a member whose generation is
-      stale (kafka-python turns that into an abortable ``CommitFailedError``). So a worker that lost its
-      partitions in a rebalance, or was presumed dead, cannot commit a transaction over the new owner's work.
-    - A member the group already dropped (session expired, unknown member id: kafka-python's
-      ``on_partitions_lost``) has no valid generation left to send its offsets with; the worker aborts
-      instead and commits nothing more of those partitions (worker/run.py ``_lose``).
+    Fencing (which zombie is stopped, and how), the same on both clients (bert_stream/kafka/):
+    - KIP-447 consumer-group fencing. The consumer's group metadata (generation, member id) goes with every
+      ``TxnOffsetCommit``; the group coordinator refuses the offsets of a member whose generation is stale
+      (an abortable error). So a worker that lost its partitions in a rebalance, or was presumed dead,
+      cannot commit a transaction over the new owner's work.
+    - A member the group already dropped (session expired, unknown member id: partitions "lost") has no
+      valid generation left to send its offsets with; the worker aborts instead and commits nothing more
+      of those partitions (worker/run.py ``on_revoking``).
     - The new owner's consumer reads with ``read_committed``, so its OffsetFetch asks for stable offsets
       (``require_stable``): while a dead worker's transaction with offsets is still pending, the broker
-      answers UNSTABLE_OFFSET_COMMIT and kafka-python retries; the new owner starts only after that
+      answers UNSTABLE_OFFSET_COMMIT and the client retries; the new owner starts only after that
       transaction committed or was aborted, never from an offset it would then overtake.
     - With KIP-447 the ``transactional.id`` need not be tied to partitions (the pre-2.5 scheme, one producer
       per input partition, is what KIP-447 replaced). It is ``<group_id>-<instance_id>``, unique among live
@@ -51,10 +51,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from bert_stream.kafka import close_producer
+from bert_stream.kafka import interface as kafka
 
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 REPLACE_ATTEMPTS = 3  # exactly-once: transaction timeouts to wait for the broker when replacing the producer
@@ -76,22 +76,14 @@ def transactional_id(group_id: str, instance_id: str | None) -> str:
     return f"{group_id}-{instance_id or default_instance_id()}"
 
 
-def client_overrides(mode: str, group_id: str, instance_id: str | None,
-                     transaction_timeout_ms: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(producer, consumer) settings a delivery mode adds to :mod:`bert_stream.kafka`'s."""
+def client_options(mode: str, group_id: str, instance_id: str | None,
+                   transaction_timeout_ms: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(producer, consumer) keyword arguments a delivery mode gives either adapter's constructors."""
     if mode == "at-least-once":
         return {}, {}
-    producer = {"transactional_id": transactional_id(group_id, instance_id), "enable_idempotence": True,
-                "transaction_timeout_ms": transaction_timeout_ms}
-    # skip aborted records of transactional producers upstream, and fetch committed offsets only once no
-    # transaction holds pending offsets for them (require_stable: KIP-447)
-    return producer, {"isolation_level": "read_committed"}
-
-
-def commit_request(offsets: dict) -> dict:
-    from kafka.structs import OffsetAndMetadata
-
-    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+    return ({"transactional_id": transactional_id(group_id, instance_id),
+             "transaction_timeout_ms": transaction_timeout_ms},
+            {"read_committed": True})
 
 
 class AtLeastOnce:
@@ -104,7 +96,7 @@ class AtLeastOnce:
     def __init__(self):
         self.consumer = self.producer = None
 
-    def start(self, consumer, new_producer: Callable[[], Any]) -> None:
+    def start(self, consumer: kafka.Consumer, new_producer: Callable[[], kafka.Producer]) -> None:
         self.consumer, self.producer = consumer, new_producer()
 
     def before_send(self) -> None:
@@ -113,9 +105,9 @@ class AtLeastOnce:
     def pending(self) -> bool:
         return False
 
-    def commit(self, offsets: dict) -> None:
+    def commit(self, offsets: Mapping) -> None:
         if offsets:
-            self.consumer.commit(commit_request(offsets))
+            self.consumer.commit(offsets)
 
     def abort(self) -> None:
         raise AssertionError("at-least-once has no transaction to abort")
@@ -125,10 +117,9 @@ class ExactlyOnce:
     """A transaction per commit interval: outputs, dead letters and consumed offsets (see the docstring).
 
     Every transactional call waits at most ``timeout_s`` (the transaction timeout: past it the broker aborts
-    the transaction anyway). kafka-python 3.0.12's own calls wait without a limit, and were seen to wait
-    forever after a broker restart. A call that times out leaves the producer in an unknown state, so the
-    abort then replaces it: a new producer with the same transactional id fences the old one (its epoch) and
-    its ``init_transactions`` aborts whatever transaction was open."""
+    the transaction anyway). A call that times out leaves the producer in an unknown state, so the abort then
+    replaces it: a new producer with the same transactional id fences the old one (its epoch) and its
+    ``init_transactions`` aborts whatever transaction was open."""
 
     name = "exactly-once"
     transactional = True
@@ -136,77 +127,92 @@ class ExactlyOnce:
     def __init__(self, timeout_s: float = 30.0):
         self.consumer = self.producer = None
         self.timeout_s = self.flush_timeout_s = timeout_s  # sends can wait behind a stuck transactional call
-        self._new_producer: Callable[[], Any] | None = None
+        self._new_producer: Callable[[], kafka.Producer] | None = None
         self._open = False
+        self._began = 0.0     # time.monotonic() at begin_transaction
         self._broken = False  # a call timed out: abort() replaces the producer
 
-    def start(self, consumer, new_producer: Callable[[], Any]) -> None:
+    def start(self, consumer: kafka.Consumer, new_producer: Callable[[], kafka.Producer]) -> None:
         """Create the producer and register the transactional id (fencing any earlier producer with it; its
         open transaction is aborted). A broker without transactions: DeliveryUnsupported."""
-        from kafka import errors
-
         self.consumer, self._new_producer = consumer, new_producer
         producer = new_producer()
         try:
-            producer.init_transactions()
+            producer.init_transactions(self.timeout_s)
         except BaseException as exc:
-            close_producer(producer, 1.0)
-            if isinstance(exc, (errors.UnsupportedVersionError, errors.IncompatibleBrokerVersion)):
+            producer.close(1.0)
+            if isinstance(exc, kafka.Unsupported):
                 raise DeliveryUnsupported(f"exactly-once needs a broker with transactions (Apache Kafka 2.5+): "
-                                          f"init_transactions failed: {type(exc).__name__}: {exc}") from None
+                                          f"init_transactions failed: {exc}") from None
             raise
         self.producer = producer
 
     def before_send(self) -> None:
         if not self._open:
             self.producer.begin_transaction()
-            self._open = True
+            self._open, self._began = True, time.monotonic()
 
     def pending(self) -> bool:
         """A transaction is open (something was sent since the last commit)."""
         return self._open
 
-    def commit(self, offsets: dict) -> None:
+    def commit(self, offsets: Mapping) -> None:
         """Offsets into the open transaction, then commit it. Raises TransactionFailed (abortable: the worker
         aborts and rewinds) or the producer's fatal error (fenced, unauthorised: the worker exits)."""
         if not self._open:
             return  # nothing was sent, so nothing was acknowledged: no offsets moved
-        from kafka import errors
-
-        manager = self.producer._transaction_manager  # what KafkaProducer's own methods call, minus the wait
         try:
             if offsets:
-                group = self.consumer.group_metadata()
-                self._wait(lambda: manager.send_offsets_to_transaction(commit_request(offsets), group),
-                           "send_offsets_to_transaction")
-            self._wait(manager.begin_commit, "commit_transaction")
-        except (errors.ProducerFencedError, errors.TransactionalIdAuthorizationFailedError):
-            raise
+                self.producer.send_offsets(offsets, self.consumer, self.timeout_s)
+            self.producer.commit_transaction(self.timeout_s)
+        except kafka.FatalError as exc:
+            if not self._expired():
+                raise
+            self._broken = True
+            raise TransactionFailed(f"the transaction outlived its timeout and the broker aborted it: {exc}"[:300]) \
+                from exc
         except Exception as exc:  # noqa: BLE001 - abortable: a send failed, the generation moved, a timeout
+            if isinstance(exc, kafka.TransactionTimeout):
+                self._broken = True
             self.raise_if_fatal()
-            raise TransactionFailed(f"{type(exc).__name__}: {exc}"[:300]) from exc
+            raise TransactionFailed(str(exc)[:300]) from exc
         self._open = False
 
     def raise_if_fatal(self) -> None:
         """Raise the producer's fatal error (fenced by a newer producer with this transactional id, not
-        authorised), if it has one. After the first, kafka-python raises a plain KafkaError ("in an error
-        state") from every call: aborting and replacing the producer then would fence the other worker in
+        authorised), if it has one: aborting and replacing the producer then would fence the other worker in
         turn, and two workers with one instance id would take turns forever. Fatal ends the worker (exit 1)."""
-        manager = self.producer._transaction_manager
-        if manager.has_fatal_error():
-            raise manager.last_error()
+        fatal = self.producer.fatal_error()
+        if fatal is not None and self._expired():
+            self._broken = True  # the broker's abort of our own transaction, not a twin: a new producer
+            return
+        if fatal is not None:
+            raise fatal
+
+    def _expired(self) -> bool:
+        """The open transaction began longer than the transaction timeout ago (a broker outage held its
+        commit). The coordinator then aborts it and bumps the producer's epoch, which librdkafka reports as a
+        fatal error (fenced, or INVALID_TXN_STATE), as it would a newer producer's takeover. A takeover by a
+        twin fences a young transaction (each lives a commit interval): only that is fatal; an expired one
+        gets a new producer (whose init_transactions fails again if the cause was not the timeout: not
+        authorised, say). Timed from begin_transaction, which comes before the coordinator starts its clock,
+        so a transaction the coordinator timed out always counts here."""
+        return self._open and time.monotonic() - self._began > self.timeout_s
 
     def abort(self) -> None:
         """Abort the open transaction (its records are never visible to read_committed readers); replace
         the producer when a call timed out or the abort itself fails."""
         if not self._open:
             return
-        self._open = False
         self.raise_if_fatal()
+        expired, self._open = self._expired(), False
         if not self._broken:
             try:
-                self._wait(self.producer._transaction_manager.begin_abort, "abort_transaction")
+                self.producer.abort_transaction(self.timeout_s)
                 return
+            except kafka.FatalError:
+                if not expired:
+                    raise
             except Exception:  # noqa: BLE001 - whatever it was, a new producer settles it
                 pass
         self._replace_producer()
@@ -215,27 +221,18 @@ class ExactlyOnce:
         """The producer did not finish in time (a flush): the abort replaces it."""
         self._broken = True
 
-    def _wait(self, begin: Callable[[], Any], what: str) -> None:
-        result = begin()
-        self.producer._sender.wakeup()
-        if not result.wait(timeout_ms=self.timeout_s * 1000):
-            self._broken = True
-            raise TransactionFailed(f"{what} did not complete within {self.timeout_s:.0f} s")
-
     def _replace_producer(self) -> None:
         """A new producer with the same transactional id. The broker may still be down (a restart): retry
         until it answers, for at most REPLACE_ATTEMPTS transaction timeouts, then give up (the worker exits 1
         and is restarted; nothing is lost, its transaction is aborted by the broker)."""
-        from kafka import errors
-
-        close_producer(self.producer, 1.0)  # what it could not finish is fenced by the new epoch anyway
+        self.producer.close(1.0)  # what it could not finish is fenced by the new epoch anyway
         deadline = time.monotonic() + REPLACE_ATTEMPTS * self.timeout_s
         while True:
             try:
                 self.start(self.consumer, self._new_producer)
                 self._broken = False
                 return
-            except (errors.NoBrokersAvailable, errors.KafkaTimeoutError, errors.KafkaConnectionError):
+            except kafka.Unavailable:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)

@@ -54,7 +54,7 @@ class WorkerMetrics:
         self.commits = Counter("bert_stream_commits", "Offset commits by result.", ["result"], registry=r)
         self.transactions = Counter("bert_stream_transactions", "exactly-once: transactions committed or "
                                     "aborted (an abort rewinds to the committed offsets).", ["result"], registry=r)
-        self.rebalances = Counter("bert_stream_rebalances", "Partition revocations, assignments and forced rejoins.",
+        self.rebalances = Counter("bert_stream_rebalances", "Partition assignments and revocations (lost ones too).",
                                   ["event"], registry=r)
         self.model_info = Gauge("bert_stream_model_info", "The model version being served (value 1).",
                                 ["version", "dtype", "device"], registry=r)

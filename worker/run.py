@@ -47,16 +47,13 @@ import gc
 import os
 import queue
 import signal
-import struct
 import sys
 import threading
 import time
 from collections import deque
 
-from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError
-
-from bert_stream.kafka import (JOIN_POLL_TIMEOUT_MS, close_producer, ensure_topics, make_consumer,
-                               make_producer, unwritable)
+from bert_stream.kafka import adapter, ensure_topics, unwritable
+from bert_stream.kafka.interface import ClientError, Fenced, FlushTimeout, TopicPartition
 from bert_stream.logs import bind_process, configure_logging, get_logger
 from bert_stream.settings import parse_settings, public_view
 from trainer.checkpoint import CheckpointError
@@ -80,7 +77,6 @@ LAG_EVERY_S = 10.0          # end-offset requests for the lag gauge (one round t
 DLQ_MAX_BYTES = 900_000     # a dead letter's value, key and headers together: under the 1 MB request limit
 PROBE_TEXT = "模型自检：今天天气很好"  # a text any working model classifies: tells a broken model from poison input
 MODEL_RETRY_BACKOFF_S = 0.5  # the first wait before a broken model's batch is retried; doubles each time
-MAX_REJOINS = 3             # undecodable assignments in a row before the worker exits 1 (see _rejoin)
 PRODUCER_CLOSE_S = 10.0     # the producer's close at exit: what is not sent by then is re-delivered anyway
 
 
@@ -339,16 +335,11 @@ class Worker:
         self._acks: deque = deque()         # (epoch, tp, offset) appended by the producer's I/O thread
         self._send_errors: deque = deque()  # (epoch, tp, offset, exception)
         self._epoch = 0                     # +1 per aborted transaction: what was in flight before is dropped
-        self._needs_rewind: set = set()     # partitions to seek back to the committed offset (see _on_assigned)
         self._partitions: dict[str, int] = {}
         self._next_commit = 0.0
         self._since_commit = 0
         self._next_lag = 0.0
-        self._joining = True                # from a revocation to the next assignment: a group join in flight
-        self._rejoins = 0                   # undecodable assignments since the last good one
-        self._fast_handover = settings.kafka_client == "confluent-kafka"  # see _input_waiting
-        self._rewind_on_assign = settings.kafka_client == "kafka-python"  # see _on_assigned
-        self._commit_acked_so_far = settings.kafka_client == "confluent-kafka"  # see _maybe_commit
+        self._revoking: dict = {}           # offsets handed to the consumer to commit in a revocation
         self._closing = False               # set before the clients close: the listener then does nothing
         self._failure: str | None = None    # why the worker is stopping with exit 1 (logged as worker_failed)
         self._aborting_since: float | None = None  # exactly-once: first abort since the last commit
@@ -365,14 +356,13 @@ class Worker:
                     PublishFailing) as exc:
                 log.error("worker_failed", error=str(exc)[:1000])  # an operator's problem: one line
                 self.exit_code = 1
-            except ProducerFencedError:
+            except Fenced as exc:
                 txn_id = delivery.transactional_id(self.settings.group_id, self.settings.instance_id)
-                log.error("worker_failed", error=f"ProducerFencedError: a newer producer with this worker's "
-                          f"transactional id ({txn_id}) took over; each live worker needs its own "
-                          "BERT_STREAM_INSTANCE_ID")
+                log.error("worker_failed", error=f"{exc}: a newer producer with this worker's transactional id "
+                          f"({txn_id}) took over; each live worker needs its own BERT_STREAM_INSTANCE_ID"[:1000])
                 self.exit_code = 1
-            except KafkaError as exc:  # what the broker or client reports (a topic gone, a request refused)
-                log.error("worker_failed", error=f"{type(exc).__name__}: {exc}"[:1000])
+            except ClientError as exc:  # what the broker or client reports (a topic gone, a request refused)
+                log.error("worker_failed", error=str(exc)[:1000])
                 self.exit_code = 1
             except Exception:
                 log.exception("worker_failed")
@@ -418,23 +408,18 @@ class Worker:
                                      model_failure_retries=s.model_failure_retries)
         stack.callback(self.classifier.close)
         self.health.stalled_for, self.health.stall_after_s = self.classifier.stalled_for, s.inference_stall_s
-        producer_overrides, consumer_overrides = delivery.client_overrides(
+        producer_options, consumer_options = delivery.client_options(
             s.delivery, s.group_id, s.instance_id, s.transaction_timeout_ms)
-        if s.kafka_client == "confluent-kafka":  # librdkafka behind kafka-python's interface (at-least-once)
-            from bert_stream import confluent
-
-            self.consumer = confluent.Consumer(s.kafka, s.group_id, **consumer_overrides)
-            new_producer = lambda: confluent.Producer(s.kafka, **producer_overrides)  # noqa: E731
-        else:
-            self.consumer = make_consumer(s.kafka, s.group_id, **consumer_overrides)
-            new_producer = lambda: make_producer(s.kafka, **producer_overrides)  # noqa: E731
-        stack.callback(self.consumer.close, autocommit=False)
+        client = adapter(s.kafka_client)
+        self.consumer = client.Consumer(s.kafka, s.group_id, **consumer_options)
+        new_producer = lambda: client.Producer(s.kafka, **producer_options)  # noqa: E731
+        stack.callback(self.consumer.close)
         # the delivery owns the producer: exactly-once registers its transactional id, and replaces it after
         # a transactional call that hangs (worker.delivery.ExactlyOnce)
         self.delivery.start(self.consumer, new_producer)
         self.producer = self.delivery.producer
         # bounded: after _finish everything is flushed; on the way out of an error nothing may hang the exit
-        stack.callback(lambda: close_producer(self.producer, PRODUCER_CLOSE_S))
+        stack.callback(lambda: self.producer.close(PRODUCER_CLOSE_S))
         self._ensure_output_topics()
         if self.freeze_heap:
             # Everything alive now (torch, transformers, the model, the clients) lives until exit: moved out
@@ -446,13 +431,9 @@ class Worker:
         self._subscribe()
 
     def _subscribe(self) -> None:
-        """Join the consumer group on the input topic, with the listener that commits before a revocation."""
-        self.consumer.subscribe([self.settings.input_topic], listener=rebalance_listener(self))
-        # One metadata round trip now, so the coordinator's snapshot of the subscribed topic's partitions is
-        # taken before the join. Without it kafka-python 3.0.12 joins with an empty snapshot, sees the
-        # partitions in the next metadata update and rebalances again at once (seen on Apache Kafka: a
-        # revoke ~0.1-0.5 s after every first assignment, and once a join lost for good after it).
-        self.consumer.topics()
+        """Join the consumer group on the input topic; this worker is the group listener (on_assigned,
+        on_revoking, on_revoked)."""
+        self.consumer.subscribe(self.settings.input_topic, self)
 
     def _ensure_output_topics(self) -> None:
         """Create missing output/DLQ topics with the input's partition count (best effort: a cluster that
@@ -460,7 +441,7 @@ class Worker:
         cannot publish would otherwise find out at its first output, or at its first bad message for the DLQ,
         and fail there on every restart."""
         s = self.settings
-        inputs = self.consumer.partitions_for_topic(s.input_topic) or set()  # None while it does not exist
+        inputs = self.consumer.partitions_for(s.input_topic) or set()  # None while it does not exist
         try:
             ensure_topics(s.kafka, {s.output_topic: max(1, len(inputs)), s.dlq_topic: max(1, len(inputs))})
         except Exception as exc:  # noqa: BLE001
@@ -472,12 +453,7 @@ class Worker:
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def _poll(self) -> list:
-        if self._joining or not self.consumer.assignment():
-            # kafka-python loses a join that finishes between two short polls (the next poll sends a new
-            # JoinGroup): while one is in flight, wait for it. An eager rebalance keeps the old assignment
-            # until the join completes, so assignment() alone does not tell.
-            timeout_ms = JOIN_POLL_TIMEOUT_MS
-        elif self._input_waiting():
+        if self._input_waiting():
             timeout_ms = 0  # work is queued already: the wait, if any, is for the model (_done_wait)
         elif self.classifier.batches_in_flight:
             timeout_ms = BUSY_POLL_MS
@@ -485,25 +461,12 @@ class Worker:
             wait = self.batcher.seconds_until_ready(time.monotonic())
             timeout_ms = IDLE_POLL_MS if wait is None else min(IDLE_POLL_MS, int(wait * 1000) + 1)
         room = self.settings.max_queued_messages - self._queued()
-        try:
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(1, room))
-        except struct.error as exc:  # a group assignment kafka-python cannot decode
-            self._rejoin(exc)
-            return []
-        records = [r for records in polled.values() for r in records]
-        if self._needs_rewind:  # what was fetched from before the rewind is read again after it
-            records = [r for r in records if _tp(r.topic, r.partition) not in self._needs_rewind]
-            if not self._joining:  # the assignment is settled: no I/O of ours between the join's polls
-                self._rewind_to_committed()
-        return records
+        return self.consumer.poll(timeout_ms / 1000, max(1, room))
 
     def _input_waiting(self) -> bool:
-        """A full batch is queued for the model: polling can wait, the model cannot. Only with librdkafka:
-        with this shortcut on kafka-python a fresh clone saw 34 duplicates under exactly-once in a rebalance.
-        The cause found later was kafka-python dropping a join that completes between two polls (see
-        :meth:`_on_assigned`, now handled), which zero-timeout polls make likelier; the shortcut was not
-        measured again on kafka-python."""
-        return self._fast_handover and len(self.batcher) >= self.settings.max_batch_size
+        """A full batch is queued for the model: polling can wait, the model cannot. (A client that needs
+        longer polls while it joins a group takes them: bert_stream.kafka.python.)"""
+        return len(self.batcher) >= self.settings.max_batch_size
 
     def _done_wait(self) -> float | None:
         """How long to wait for the model after submitting: while input is queued and the model holds all the
@@ -590,23 +553,21 @@ class Worker:
         partitions = self._partitions.get(topic) or self._partition_count(topic)
         try:
             self.delivery.before_send()  # exactly-once: the first send after a commit begins a transaction
-            future = self.producer.send(topic, value=value, key=key, headers=headers,
-                                        partition=source.partition % partitions)
-        except (KafkaError, ValueError) as exc:
+            self.producer.send(topic, source.partition % partitions, value, key, headers,
+                               self._delivered, self._epoch, tp, offset)
+        except ClientError as exc:
             # refused before it was queued: a transaction in error, a topic the broker re-created with other
-            # partitions (kafka-python raises ValueError), a record too large. As a failed delivery: under
-            # at-least-once commit what was acknowledged and exit 1; under exactly-once abort and rewind.
+            # partitions, a record too large. As a failed delivery: under at-least-once commit what was
+            # acknowledged and exit 1; under exactly-once abort and rewind.
             self._send_errors.append((self._epoch, tp, offset, exc))
             return False
-        future.add_both(self._delivered, self._epoch, tp, offset)  # one callback for both outcomes: no closures
         self._since_commit += 1
         return True
 
-    def _delivered(self, epoch: int, tp, offset: int, result) -> None:
-        """A send's outcome (the producer's thread with kafka-python, this one with librdkafka): the record's
-        metadata, or the exception it failed with."""
-        if isinstance(result, BaseException):
-            self._send_errors.append((epoch, tp, offset, result))
+    def _delivered(self, epoch: int, tp, offset: int, error: Exception | None) -> None:
+        """A send's outcome, on whichever thread the client reports it (deques: thread-safe appends)."""
+        if error is not None:
+            self._send_errors.append((epoch, tp, offset, error))
         else:
             self._acks.append((epoch, tp, offset))
 
@@ -631,24 +592,20 @@ class Worker:
         assigned, paused = self.consumer.assignment(), self.consumer.paused()
         if queued >= self.settings.max_queued_messages:
             if assigned - paused:
-                self.consumer.pause(*(assigned - paused))
+                self.consumer.pause(assigned - paused)
                 self.metrics.paused.set(1)
         elif paused:
-            self.consumer.resume(*paused)
+            self.consumer.resume(paused)
             self.metrics.paused.set(0)
 
     def _maybe_commit(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now < self._next_commit and self._since_commit < self.settings.commit_every:
             return
-        # With librdkafka, commits between forced ones take the acks that have come in without waiting for the
-        # rest: a flush every `commit_every` messages stalled the loop for a round trip each time (15% of a
-        # cached worker's main thread at ~45k msgs/s). The price: a crash re-delivers also what was in flight
-        # to the broker at the last commit (a linger and a round trip's worth). kafka-python, whose ceiling is
-        # its own Python, keeps the tighter window (tests/fault: a broker killed mid-stream re-delivered 112
-        # messages with the shortcut, more than commit_every + the batches in flight). Exactly-once always
-        # flushes: a transaction's offsets have to cover every record in it.
-        flush = force or self.delivery.transactional or not self._commit_acked_so_far
+        # A producer with lazy_commits commits between forced ones what has been acknowledged so far, without
+        # waiting for the rest (bert_stream/kafka/: which, and why). Exactly-once always flushes: a
+        # transaction's offsets have to cover every record in it.
+        flush = force or self.delivery.transactional or not self.producer.lazy_commits
         self._commit(self._acknowledged(flush=flush))
         if now >= self._next_lag:
             self._next_lag = now + LAG_EVERY_S
@@ -660,13 +617,11 @@ class Worker:
         self._next_commit = time.monotonic() + self.settings.commit_interval_ms / 1000
         self._since_commit = 0
         if not flush:
-            serve = getattr(self.producer, "poll", None)  # librdkafka reports deliveries only inside poll/flush,
-            if serve is not None:                         # on this thread; kafka-python on its I/O thread
-                serve(0)
+            self.producer.serve()  # the delivery reports that have arrived
         else:
             try:
-                self.producer.flush(timeout=self.delivery.flush_timeout_s)  # all sent are now acked (or failed)
-            except KafkaTimeoutError as exc:  # exactly-once only: sends stuck behind a transaction that hangs
+                self.producer.flush(self.delivery.flush_timeout_s)  # all sent are now acked (or failed)
+            except FlushTimeout as exc:  # exactly-once only: sends stuck behind a transaction that hangs
                 self.delivery.mark_broken()
                 self._send_errors.append((self._epoch, None, -1, exc))  # -> _commit aborts (a new producer)
         while self._acks:
@@ -731,29 +686,11 @@ class Worker:
         self.tracker.revoke(self.tracker.partitions())
         self._acks.clear()
         self._send_errors.clear()
-        self._needs_rewind.update(self.consumer.assignment())  # no I/O: also allowed in the rebalance listener
+        owned = self.consumer.assignment()
+        self.consumer.rewind(owned)  # only marks them: also allowed inside a rebalance
         log.warning("transaction_aborted", reason=reason[:300], dropped=len(dropped),
-                    partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in self._needs_rewind),
+                    partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in owned),
                     action="rewinding to the committed offsets")
-
-    def _rewind_to_committed(self) -> None:
-        """Seek the marked partitions (:meth:`_abort`, :meth:`_on_assigned`) that this worker owns to the
-        group's committed offsets (with read_committed the fetch waits until no transaction holds pending
-        offsets for them: KIP-447), else the log start. A marked partition not assigned right now stays
-        marked: :meth:`_on_assigned` decides when it comes back."""
-        owned = self._needs_rewind & self.consumer.assignment()
-        for tp in owned:
-            try:
-                committed = self.consumer.committed(tp)
-            except KafkaError as exc:  # the coordinator is moving (a broker restart): the next poll retries
-                log.warning("rewind_deferred", partition=f"{tp.topic}:{tp.partition}",
-                            error=f"{type(exc).__name__}: {exc}"[:300])
-                return
-            if committed is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
-            self._needs_rewind.discard(tp)
 
     def _update_lag(self) -> None:
         """``bert_stream_consumer_lag`` per assigned partition: end offset minus the group's committed offset
@@ -763,93 +700,73 @@ class Worker:
         if not assigned:
             return
         try:
-            ends = self.consumer.end_offsets(assigned)
-            committed = {tp: self.tracker.committed(tp) for tp in ends}
-            for tp in [tp for tp, offset in committed.items() if offset is None]:
-                committed[tp] = self.consumer.committed(tp)
-            never = [tp for tp, offset in committed.items() if offset is None]
-            if never:  # a restart begins at the log start (auto_offset_reset=earliest)
-                committed.update(self.consumer.beginning_offsets(never))
+            marks = self.consumer.watermarks(assigned)
+            committed = {tp: self.tracker.committed(tp) for tp in marks}
+            unknown = [tp for tp, offset in committed.items() if offset is None]
+            if unknown:
+                committed.update(self.consumer.committed(unknown))
         except Exception as exc:  # noqa: BLE001 - only a gauge
             log.debug("lag_unavailable", error=str(exc))
             return
-        for tp, end in ends.items():
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed[tp]))
+        for tp, (start, end) in marks.items():
+            done = committed.get(tp)
+            done = start if done is None else done  # a restart begins at the log start (earliest)
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
 
-    # ---- rebalance and shutdown ----------------------------------------------------------------------------
-    def _prepare_revocation(self, revoked: set) -> dict:
-        """Before giving partitions up: publish what the model holds; returns the offsets to commit. A model
-        that does not finish within ``inference_stall_s`` ends the worker (the partitions' next owner
-        re-reads what was not committed)."""
-        if not revoked or self._closing:
-            return {}
-        self._publish(self.classifier.drain(self.settings.inference_stall_s))
-        return self._acknowledged()
-
-    def _forget(self, revoked: set) -> None:
-        """Drop what was not started for the revoked partitions: the next owner reads it again from the
-        committed offset."""
+    # ---- rebalance (this worker is the consumer's GroupListener) and shutdown -----------------------------
+    def on_assigned(self, partitions: set) -> None:
+        """Partitions assigned (all of them, or the ones added: cooperative protocols; the log line names
+        what is owned now). Each starts at the group's committed offset; the adapter sees to it."""
         if self._closing:
             return
-        self._joining = True  # a revocation opens a rebalance: the join follows in the next polls
-        if not revoked:
+        owned = self.consumer.assignment()
+        self.health.assigned = len(owned)
+        self.metrics.rebalances.labels("assigned").inc()
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in owned),
+                 added=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
+
+    def on_revoking(self, partitions: set, lost: bool) -> dict:
+        """Before partitions go: publish what the model holds, then commit it. Under exactly-once the
+        transaction commits here (on the producer's side: allowed inside a rebalance), and a member the group
+        already dropped (``lost``: no valid generation to fence its offsets with) aborts instead, so nothing
+        more of those partitions commits. Under at-least-once the offsets are returned for the consumer to
+        commit. A model that does not finish within ``inference_stall_s`` ends the worker (the partitions'
+        next owner re-reads what was not committed)."""
+        self._revoking = {}
+        if self._closing or not partitions:
+            return {}
+        if lost and self.delivery.transactional:
+            self._abort("the group dropped this member: nothing more of its partitions may commit")
+            return {}
+        self._publish(self.classifier.drain(self.settings.inference_stall_s))
+        offsets = self._acknowledged()
+        if self.delivery.transactional:
+            self._commit(offsets)
+            return {}
+        self._revoking = offsets
+        return offsets
+
+    def on_revoked(self, partitions: set, commit_error: Exception | None) -> None:
+        """Drop what was not started for the revoked partitions: whoever owns them next (this worker too)
+        reads it again from the committed offset."""
+        if self._closing:
+            return
+        offsets, self._revoking = self._revoking, {}
+        if commit_error is not None:  # membership already lost: the next owner re-reads from the last commit
+            self.metrics.commits.labels("failed").inc()
+            log.warning("revocation_commit_failed", error=str(commit_error)[:300])
+        elif offsets:
+            self.tracker.mark_committed(offsets)
+            self.metrics.commits.labels("ok").inc()
+        if not partitions:
             return
         dropped = self.batcher.drop(lambda job: _tp(job.message.source.topic, job.message.source.partition)
-                                    in revoked)
-        # what was dropped is read again from the committed offset by whoever owns the partition next (this
-        # worker too: see _on_assigned)
-        self.tracker.revoke(revoked)
-        self.health.assigned = 0
+                                    in partitions)
+        self.tracker.revoke(partitions)
+        self.health.assigned = len(self.consumer.assignment() - partitions)
         self.metrics.rebalances.labels("revoked").inc()
-        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
+        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions),
                  dropped=len(dropped))
-
-    def _lose(self, lost: set) -> None:
-        """Exactly-once, membership lost: abort the open transaction, if any, and end the epoch (batches
-        still in the classifier are dropped when they come back, not published into the next transaction),
-        then forget the partitions; whoever is assigned them next starts at the committed offsets."""
-        self._abort("the group dropped this member: nothing more of its partitions may commit")
-        self._forget(lost)
-
-    def _rejoin(self, exc: struct.error) -> None:
-        """Leave the group and join it again after an assignment kafka-python could not decode.
-
-        A coordinator may end a rebalance with zero assignment bytes for a member the leader did not
-        include (Kafka fills such members with an empty assignment; noida-db, a stand-in broker, did it to
-        members joining mid-rebalance). kafka-python 3.0.12 cannot decode zero bytes: ``struct.error`` escapes ``poll()``
-        after the client has marked itself a stable member, so it would own nothing until some other
-        member's rebalance. Leaving and rejoining starts a rebalance the leader sees it in. Still failing
-        after ``MAX_REJOINS`` attempts is not that quirk: raise, the process exits 1 and its supervisor
-        restarts it (nothing is lost: this member owns no partitions here)."""
-        self._rejoins += 1
-        log.warning("assignment_undecodable", error=f"struct.error: {exc}"[:300], attempt=self._rejoins,
-                    action="leaving and rejoining the group" if self._rejoins <= MAX_REJOINS else "exiting")
-        if self._rejoins > MAX_REJOINS:
-            raise exc
-        self.metrics.rebalances.labels("rejoined").inc()
-        self.consumer.unsubscribe()
-        self._subscribe()
-        self._joining = True
-
-    def _on_assigned(self, assigned) -> None:
-        """Every assigned partition starts at the group's committed offset. librdkafka does that by itself.
-        kafka-python keeps the fetch position of a partition that is in both its previous and its new
-        assignment, and its previous assignment is not always the last generation's: kafka-python 3.0.12
-        drops a join that completes between two polls (the next poll sends a fresh JoinGroup), so a
-        worker can be given back, in a later generation, partitions that another member processed and
-        committed meanwhile. Resuming from the kept position re-published all of that (CI saw 41 duplicates
-        under exactly-once in a rebalance test; 44 and 125 here in two runs of four). So with kafka-python
-        every assigned partition is marked, and the next poll after the join seeks it to the committed
-        offset (one OffsetFetch per partition and rebalance); what was fetched before that is dropped."""
-        if self._rewind_on_assign:
-            self._needs_rewind = set(assigned)
-        else:
-            self._needs_rewind &= set(assigned)  # an abort's rewinds of partitions still owned
-        self._joining = False
-        self._rejoins = 0
-        self.health.assigned = len(assigned)
-        self.metrics.rebalances.labels("assigned").inc()
-        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
     def _finish(self) -> None:
         """Publish what is held, within ``shutdown_timeout_s``; then commit what was acknowledged. What did not
@@ -867,56 +784,10 @@ class Worker:
         self._maybe_commit(force=True)
 
 
-def rebalance_listener(worker: Worker):
-    """Commit what was published before partitions are given up. kafka-python 3 runs listeners on its I/O
-    thread (the main thread waits inside poll meanwhile), where blocking consumer calls are refused: hence
-    an async listener that awaits the commit."""
-    from kafka import AsyncConsumerRebalanceListener
-
-    class Listener(AsyncConsumerRebalanceListener):
-        async def on_partitions_revoked(self, revoked):
-            if worker._closing:  # after a failure, or after the last commit: nothing of ours to do
-                return
-            offsets = worker._prepare_revocation(set(revoked))
-            if worker.delivery.transactional:
-                # the transaction's commit blocks on the producer's own thread, not on this one: allowed here
-                worker._commit(offsets)
-            elif offsets:
-                try:
-                    await worker.consumer.commit_async(delivery.commit_request(offsets))
-                    worker.tracker.mark_committed(offsets)
-                    worker.metrics.commits.labels("ok").inc()
-                except Exception as exc:  # noqa: BLE001 - membership already lost: the next owner re-reads
-                    worker.metrics.commits.labels("failed").inc()
-                    log.warning("revocation_commit_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-            worker._forget(set(revoked))
-
-        async def on_partitions_lost(self, lost):
-            if worker._closing:
-                return
-            # KIP-429: the group already dropped this member (session expired, unknown member id), so the
-            # partitions may have a new owner. Under exactly-once nothing more of them is published or
-            # committed (the member has no valid generation left to fence its offsets with): the open
-            # transaction is aborted and the partitions are read again from the committed offsets if they
-            # come back. Under at-least-once publishing what the model holds is still right.
-            if worker.delivery.transactional:
-                worker._lose(set(lost))
-            else:
-                await self.on_partitions_revoked(lost)
-
-        async def on_partitions_assigned(self, assigned):
-            if not worker._closing:
-                worker._on_assigned(assigned)
-
-    return Listener()
-
-
 @functools.lru_cache(maxsize=65_536)
-def _tp(topic: str, partition: int):
-    """kafka-python's TopicPartition for a partition, made once: building the named tuple cost ~3 us, twice
-    per message (track at poll, ack at publish), a tenth of a cached worker's time."""
-    from kafka import TopicPartition
-
+def _tp(topic: str, partition: int) -> TopicPartition:
+    """The TopicPartition of a partition, made once: building the named tuple cost ~3 us, twice per message
+    (track at poll, ack at publish), a tenth of a cached worker's time."""
     return TopicPartition(topic, partition)
 
 

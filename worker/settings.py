@@ -10,13 +10,13 @@ import dataclasses
 import importlib.util
 import re
 
-from bert_stream.kafka import KafkaSettings
+from bert_stream.kafka import CLIENTS, KafkaSettings
 from bert_stream.settings import require, setting
 from worker.delivery import DELIVERY_MODES
 
 INPUT_FORMATS = ("auto", "text", "json")
 BACKENDS = ("auto", "packed", "padded")  # how worker.engine runs a batch
-KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
+KAFKA_CLIENTS = CLIENTS
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # what brokers accept (Kafka's Topic.validate)
 DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
 
@@ -101,10 +101,11 @@ class WorkerSettings:
                                     help="A slower Redis is treated as down for the batch (the model runs).")
 
     kafka_client: str = setting("kafka-python", env="BERT_STREAM_KAFKA_CLIENT", choices=KAFKA_CLIENTS,
-                                help="The worker's Kafka client. kafka-python: the default, every delivery mode. "
-                                     "confluent-kafka (librdkafka; pip install 'bert-stream[confluent]'): "
-                                     "consumes and produces for a fraction of the CPU (for a GPU worker that "
-                                     "the path around the model holds back); at-least-once only for now.")
+                                help="The worker's Kafka client; both do everything (both delivery modes). kafka-python: "
+                                     "the default. confluent-kafka (librdkafka; pip install "
+                                     "'bert-stream[confluent]'): consumes and produces for a fraction of the CPU "
+                                     "(for a GPU worker that the path around the model holds back), and speaks "
+                                     "the KIP-848 group protocol (KAFKA_GROUP_PROTOCOL=consumer).")
 
     # ---- delivery and commits -------------------------------------------------------------------------------
     delivery: str = setting("at-least-once", env="BERT_STREAM_DELIVERY", choices=DELIVERY_MODES,
@@ -158,9 +159,11 @@ class WorkerSettings:
         require(self.max_message_bytes >= 16, "max_message_bytes must be at least 16")
         require(self.top_k >= 1, "top_k must be at least 1")
         require(1 <= self.processes <= 64, "processes must be between 1 and 64")
+        if self.kafka.group_protocol == "consumer":
+            require(self.kafka_client == "confluent-kafka",
+                    "group_protocol=consumer (KIP-848) needs kafka_client=confluent-kafka: kafka-python speaks "
+                    "only the classic protocol")
         if self.kafka_client == "confluent-kafka":
-            require(self.delivery == "at-least-once",
-                    "exactly-once runs on the kafka-python client (kafka_client=kafka-python) for now")
             require(importlib.util.find_spec("confluent_kafka") is not None,
                     "kafka_client=confluent-kafka needs the confluent-kafka package: "
                     "pip install 'bert-stream[confluent]'")

@@ -76,7 +76,7 @@ def test_children_get_their_own_port_and_instance_id():
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--kafka-client", "confluent-kafka", "--delivery", "exactly-once"], "exactly-once runs on the kafka-python"),
+    (["--kafka-client", "kafka-python", "--group-protocol", "consumer"], "group_protocol=consumer (KIP-848) needs"),
     (["--kafka-client", "librdkafka"], "invalid choice"),
     (["--processes", "0"], "processes must be between 1 and 64"),
 ])

@@ -8,9 +8,9 @@ from __future__ import annotations
 import types
 
 import pytest
-from kafka import TopicPartition
-from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError, UnsupportedVersionError
 
+from bert_stream.kafka import interface as kafka
+from bert_stream.kafka.interface import TopicPartition
 from worker import delivery
 from worker.cache import ResultCache
 from worker.messages import Prediction, Rejected, Source, decode
@@ -20,113 +20,88 @@ from worker.settings import WorkerSettings
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
 
-class _Future:
-    def __init__(self):
-        self.callbacks = []
-
-    def add_callback(self, fn):
-        self.callbacks.append(fn)
-
-    def add_errback(self, fn):
-        pass
-
-    def add_both(self, fn, *args):
-        self.add_callback(lambda value: fn(*args, value))
-
-
-class _Result:
-    """kafka-python's TransactionalRequestResult: wait() raises the request's error, or says if it is done."""
-
-    def __init__(self, error=None, done=True):
-        self.error, self.done = error, done
-
-    def wait(self, timeout_ms=None):
-        if self.error is not None:
-            raise self.error
-        return self.done
-
-
 class _TransactionalProducer:
-    """Records the transactional calls in order; sends complete at flush; ``fail_commit`` makes the next
-    commit fail with it; calls named in ``hang`` never complete. It is also its own transaction manager
-    (the worker calls the manager, as KafkaProducer's own methods do, to bound the wait)."""
+    """The interface's producer: records the transactional calls in order; sends complete at flush;
+    ``fail_commit`` makes the next commit fail with it; calls named in ``hang`` time out, as an adapter
+    reports a call that did not complete within its timeout."""
+
+    lazy_commits = False
 
     def __init__(self):
         self.calls, self.pending, self.fail_commit, self.hang = [], [], None, set()
-        self._transaction_manager = self
-        self._sender = types.SimpleNamespace(wakeup=lambda: None)
+        self.fatal = None  # the producer's fatal error (fenced), as an adapter reports it
 
     def partitions_for(self, _topic):
         return {0, 1}
 
-    fatal_error = None  # the manager's fatal error (fenced), as kafka-python's reports it
+    def fatal_error(self):
+        return self.fatal
 
-    def has_fatal_error(self):
-        return self.fatal_error is not None
+    def _maybe_hang(self, what):
+        if what in self.hang:
+            raise kafka.TransactionTimeout(f"{what} did not complete within 30 s")
 
-    def last_error(self):
-        return self.fatal_error
-
-    def init_transactions(self):
+    def init_transactions(self, timeout_s):
         self.calls.append("init")
 
     def begin_transaction(self):
         self.calls.append("begin")
 
-    def send(self, topic, *, value, key, headers, partition):
+    def send(self, topic, partition, value, key, headers, on_delivery, *args):
         self.calls.append(("send", topic, partition, value))
-        future = _Future()
-        self.pending.append(future)
-        return future
+        self.pending.append((on_delivery, args))
 
-    def flush(self, timeout=None):
+    def serve(self):
+        pass
+
+    def flush(self, timeout_s=None):
         if "flush" in self.hang:
-            raise KafkaTimeoutError(f"Failed to flush buffered records within {timeout} secs")
-        for future in self.pending:
-            for fn in future.callbacks:
-                fn(None)
+            raise kafka.FlushTimeout(f"records not delivered within {timeout_s} s")
+        for fn, args in self.pending:
+            fn(*args, None)
         self.pending.clear()
 
-    def send_offsets_to_transaction(self, offsets, group_metadata):
-        self.calls.append(("offsets", {tp: m.offset for tp, m in offsets.items()}, group_metadata))
-        return _Result(done="offsets" not in self.hang)
+    def send_offsets(self, offsets, consumer, timeout_s):
+        self.calls.append(("offsets", dict(offsets), consumer.group_metadata()))
+        self._maybe_hang("offsets")
 
-    def begin_commit(self):
+    def commit_transaction(self, timeout_s):
         if self.fail_commit is not None:
             exc, self.fail_commit = self.fail_commit, None
-            return _Result(error=exc)
+            raise exc
         self.calls.append("commit")
-        return _Result(done="commit" not in self.hang)
+        self._maybe_hang("commit")
 
-    def begin_abort(self):
+    def abort_transaction(self, timeout_s):
         self.calls.append("abort")
-        return _Result(done="abort" not in self.hang)
+        self._maybe_hang("abort")
 
-    def close(self, timeout=None):
+    def close(self, timeout_s):
         self.calls.append("close")
 
 
-class _Consumer:
+class _Consumer(kafka.Consumer):
+    """The interface's consumer, with its shared rewind logic; no rebalance is ever in progress."""
+
     def __init__(self, assigned=(TP0, TP1), committed=None):
-        self.assigned, self._committed, self.seeks, self.polled = set(assigned), committed or {}, [], {}
+        super().__init__()
+        self.assigned, self._committed, self.seeks, self.polled = set(assigned), committed or {}, [], []
 
     def group_metadata(self):
         return "group-metadata"  # passed through as is: the producer sends it with the offsets (KIP-447)
 
     def assignment(self):
-        return self.assigned
+        return set(self.assigned)
 
-    def committed(self, tp):
-        return self._committed.get(tp)
+    def _settled(self):
+        return True
 
-    def seek(self, tp, offset):
-        self.seeks.append((tp, offset))
+    def _seek_committed(self, partitions):
+        for tp in partitions:
+            self.seeks.append((tp, self._committed.get(tp, "beginning")))
 
-    def seek_to_beginning(self, tp):
-        self.seeks.append((tp, "beginning"))
-
-    def poll(self, timeout_ms, max_records):
-        polled, self.polled = self.polled, {}
+    def _poll(self, timeout_s, max_records):
+        polled, self.polled = self.polled, []
         return polled
 
 
@@ -134,7 +109,6 @@ def _worker(delivery: str = "exactly-once") -> Worker:
     worker = Worker(WorkerSettings(input_topic="in", output_topic="out", dlq_topic="dlq", delivery=delivery))
     worker.producer, worker.consumer = _TransactionalProducer(), _Consumer()
     worker.delivery.start(worker.consumer, lambda: worker.producer)
-    worker._joining = False
     worker.classifier = types.SimpleNamespace(batches_in_flight=0, items_in_flight=0)
     worker.engine = types.SimpleNamespace(current=types.SimpleNamespace(token_budget=lambda texts: [5] * len(texts),
                                                                         version="v1"))
@@ -177,39 +151,19 @@ def test_a_failed_commit_aborts_and_rewinds_to_the_committed_offsets():
     for o in range(2, 5):
         assert _send(worker, TP0, o)
     worker.batcher.add(Job(decode(_record(0, 5, b"later")), 0.0), 5, 0.0)  # polled, not yet classified
-    worker.producer.fail_commit = KafkaError("CommitFailedError: the group rebalanced")
+    worker.producer.fail_commit = kafka.TransactionAbortable("CommitFailedError: the group rebalanced")
     worker._commit(worker._acknowledged())
     assert worker.producer.calls[-1] == "abort"
     assert not worker.stop.is_set() and worker.exit_code == 0  # an abort is not a reason to exit
     assert worker.metrics.transactions.labels("aborted")._value.get() == 1
     assert len(worker.batcher) == 0 and worker.tracker.partitions() == [] and worker._epoch == 1
     # the next poll drops what was fetched from before the rewind and seeks to the committed offsets
-    worker.consumer.polled = {TP0: [_record(0, 5, b"stale")], TP1: [_record(1, 0, b"fresh")]}
+    worker.consumer.polled = [_record(0, 5, b"stale"), _record(1, 0, b"fresh")]
     records = worker._poll()
     assert [(r.partition, r.offset) for r in records] == []  # TP1 was assigned too: rewound as well
     assert sorted(worker.consumer.seeks, key=str) == sorted([(TP0, 2), (TP1, "beginning")], key=str)
-    worker.consumer.polled = {TP0: [_record(0, 2, b"again")]}
+    worker.consumer.polled = [_record(0, 2, b"again")]
     assert [(r.partition, r.offset) for r in worker._poll()] == [(0, 2)]
-
-
-@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
-def test_every_assigned_partition_starts_at_the_committed_offset(delivery):
-    """kafka-python keeps the fetch position of a partition in both its previous and its new assignment, and
-    drops a join that completes between two polls: a worker can get back, a generation later, a partition
-    that another member processed and committed meanwhile. It must start at that commit, not at its own
-    kept position (seen: 41 and 125 duplicates under exactly-once in a rebalance test)."""
-    worker = _worker(delivery)
-    worker.consumer = _Consumer(committed={TP0: 40})
-    worker._forget({TP0, TP1})  # a revocation: the join is in flight from here
-    worker._joining = True
-    worker.consumer.polled = {TP0: [_record(0, 7, b"fetched before")]}
-    assert [r.offset for r in worker._poll()] == [7] and worker.consumer.seeks == []  # no I/O of ours mid-join
-    worker._on_assigned({TP0, TP1})  # the assignment of a later generation: the same partitions
-    worker.consumer.polled = {TP0: [_record(0, 8, b"from the kept position")]}
-    assert worker._poll() == []  # dropped: read again from the committed offset
-    assert sorted(worker.consumer.seeks, key=str) == sorted([(TP0, 40), (TP1, "beginning")], key=str)
-    worker.consumer.polled = {TP0: [_record(0, 40, b"after the rewind")]}
-    assert [r.offset for r in worker._poll()] == [40]
 
 
 def test_results_classified_before_an_abort_are_not_published():
@@ -222,8 +176,8 @@ def test_results_classified_before_an_abort_are_not_published():
 
 
 def test_a_transactional_call_that_hangs_is_bounded_and_the_producer_replaced():
-    """kafka-python waits without a limit (seen forever, after a broker restart): the worker waits at most
-    the transaction timeout, then a new producer with the same transactional id fences the old one."""
+    """A call that times out (the adapters bound every one by the transaction timeout) leaves the producer
+    in doubt: a new producer with the same transactional id fences the old one."""
     worker = _worker()
     old = worker.producer
     new = _TransactionalProducer()
@@ -248,31 +202,45 @@ def test_sends_stuck_behind_a_hanging_transaction_are_bounded_too():
     old.hang.add("flush")
     worker._commit(worker._acknowledged())
     assert old.calls[-1] == "close" and worker.producer is new and not worker.stop.is_set()
-    assert worker.tracker.partitions() == [] and worker._needs_rewind == {TP0, TP1}
+    assert worker.tracker.partitions() == [] and worker.consumer._needs_rewind == {TP0, TP1}
 
 
 def test_a_fenced_producer_is_fatal():
     worker = _worker()
     assert _send(worker, TP0, 0)
-    worker.producer.fail_commit = ProducerFencedError()
-    with pytest.raises(ProducerFencedError):
+    worker.producer.fail_commit = kafka.Fenced("PRODUCER_FENCED")
+    with pytest.raises(kafka.Fenced):
         worker._commit(worker._acknowledged())
 
 
-def test_a_fenced_producer_is_fatal_when_later_calls_raise_a_plain_kafka_error():
-    """After its first ProducerFencedError, kafka-python's producer raises KafkaError("... in an error state")
-    from every call. Aborting and replacing it would fence the other worker with this id in turn."""
-    from kafka.errors import KafkaError
-
+def test_a_fenced_producer_is_fatal_when_later_calls_raise_a_plain_error():
+    """After its first fencing error, a producer may raise a plain error ("in an error state") from every
+    call. Aborting and replacing it would fence the other worker with this id in turn."""
     worker = _worker()
     new = _TransactionalProducer()
     worker.delivery.start(worker.consumer, iter([worker.producer, new]).__next__)
     assert _send(worker, TP0, 0)
-    worker.producer.fatal_error = ProducerFencedError()
-    worker.producer.fail_commit = KafkaError("Cannot execute transactional method because we are in an error state")
-    with pytest.raises(ProducerFencedError):
+    worker.producer.fatal = kafka.Fenced("PRODUCER_FENCED")
+    worker.producer.fail_commit = kafka.TransactionAbortable("in an error state")
+    with pytest.raises(kafka.Fenced):
         worker._commit(worker._acknowledged())
     assert new.calls == []  # no new producer under the same id
+
+
+def test_a_transaction_the_broker_timed_out_is_replaced_not_fatal():
+    """A broker outage longer than the transaction timeout: the coordinator aborts the open transaction and
+    bumps the epoch, which librdkafka reports as fenced. That transaction began over a timeout ago, so it is
+    the broker's abort (a new producer settles it), not a twin's takeover."""
+    worker = _worker()
+    new = _TransactionalProducer()
+    worker.delivery.start(worker.consumer, iter([worker.producer, new]).__next__)
+    assert _send(worker, TP0, 0)
+    worker.delivery._began -= worker.delivery.timeout_s + 1  # opened before the outage
+    worker.producer.fatal = kafka.Fenced("_FENCED: Failed to end transaction")
+    worker.producer.fail_commit = kafka.Fenced("_FENCED: Failed to end transaction")
+    worker._commit(worker._acknowledged())
+    assert worker.producer is new and new.calls == ["init"] and not worker.stop.is_set()
+    assert worker.metrics.transactions.labels("aborted")._value.get() == 1
 
 
 def test_dead_letters_are_published_in_input_order_with_the_outputs():
@@ -293,8 +261,8 @@ def test_dead_letters_are_published_in_input_order_with_the_outputs():
 
 def test_a_broker_without_transactions_is_a_clear_error():
     class NoTransactions(_TransactionalProducer):
-        def init_transactions(self):
-            raise UnsupportedVersionError("InitProducerId")
+        def init_transactions(self, timeout_s):
+            raise kafka.Unsupported("UnsupportedVersionError: InitProducerId")
 
     with pytest.raises(delivery.DeliveryUnsupported, match="exactly-once needs a broker with transactions"):
         delivery.make("exactly-once").start(_Consumer(), NoTransactions)
@@ -303,7 +271,7 @@ def test_a_broker_without_transactions_is_a_clear_error():
 def test_transactional_ids_are_per_instance():
     assert delivery.transactional_id("g", "pod-7") == "g-pod-7"
     assert delivery.transactional_id("g", None) == f"g-{delivery.default_instance_id()}"
-    producer, consumer = delivery.client_overrides("exactly-once", "g", "pod-7", 30_000)
-    assert producer == {"transactional_id": "g-pod-7", "enable_idempotence": True, "transaction_timeout_ms": 30_000}
-    assert consumer == {"isolation_level": "read_committed"}
-    assert delivery.client_overrides("at-least-once", "g", None, 30_000) == ({}, {})
+    producer, consumer = delivery.client_options("exactly-once", "g", "pod-7", 30_000)
+    assert producer == {"transactional_id": "g-pod-7", "transaction_timeout_ms": 30_000}
+    assert consumer == {"read_committed": True}
+    assert delivery.client_options("at-least-once", "g", None, 30_000) == ({}, {})

@@ -9,28 +9,17 @@ prefix, and stops with status 1.
 
 from __future__ import annotations
 
+from bert_stream.kafka import TopicPartition
 from worker.messages import Source
 from worker.run import Worker
 from worker.settings import WorkerSettings
 
 
-class _Future:
-    def __init__(self):
-        self.callbacks, self.errbacks = [], []
-
-    def add_callback(self, fn):
-        self.callbacks.append(fn)
-
-    def add_errback(self, fn):
-        self.errbacks.append(fn)
-
-    def add_both(self, fn, *args):
-        self.add_callback(lambda value: fn(*args, value))
-        self.add_errback(lambda exc: fn(*args, exc))
-
-
 class _Producer:
-    """Completes each send at flush(): partitions in ``failing`` fail, the rest are acknowledged."""
+    """The interface's producer: completes each send at flush(); partitions in ``failing`` fail, the rest are
+    acknowledged."""
+
+    lazy_commits = False
 
     def __init__(self, failing: set[int]):
         self.failing, self.pending, self.sent = failing, [], []
@@ -38,16 +27,13 @@ class _Producer:
     def partitions_for(self, _topic):
         return {0, 1}
 
-    def send(self, topic, *, value, key, headers, partition):
-        future = _Future()
-        self.pending.append((partition, future))
+    def send(self, topic, partition, value, key, headers, on_delivery, *args):
+        self.pending.append((partition, on_delivery, args))
         self.sent.append((topic, partition, value))
-        return future
 
-    def flush(self, timeout=None):
-        for partition, future in self.pending:
-            for fn in future.errbacks if partition in self.failing else future.callbacks:
-                fn(RuntimeError("OutOfOrderSequenceNumber") if partition in self.failing else None)
+    def flush(self, timeout_s=None):
+        for partition, fn, args in self.pending:
+            fn(*args, RuntimeError("OutOfOrderSequenceNumber") if partition in self.failing else None)
         self.pending.clear()
 
 
@@ -56,7 +42,7 @@ class _Consumer:
         self.commits = []
 
     def commit(self, offsets):
-        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+        self.commits.append(dict(offsets))
 
 
 def _worker(producer) -> Worker:
@@ -71,9 +57,7 @@ def _send(worker: Worker, partition: int, offset: int) -> bool:
     return worker._send("out", Source("in", partition, offset), b"v", None, [])
 
 
-def _tp(partition: int):
-    from kafka import TopicPartition
-
+def _tp(partition: int) -> TopicPartition:
     return TopicPartition("in", partition)
 
 
