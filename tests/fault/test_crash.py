@@ -49,13 +49,9 @@ def _published_uncommitted(committed: dict[int, int | None], reader: h.TopicRead
     return sum(1 for (p, o) in reader.by_source if o >= (committed.get(p) or 0))
 
 
-@pytest.mark.parametrize("delivery, client", [
-    ("at-least-once", "kafka-python"),
-    pytest.param("exactly-once", "kafka-python", marks=xfail_on_broker(
-        "tansu", "it never aborts a killed producer's open transaction (no transaction timeout), so "
-                 "read_committed readers wait behind it for good")),
-    ("at-least-once", "confluent-kafka"),
-])
+@pytest.mark.parametrize("delivery, client", h.matrix({("exactly-once", "kafka-python"): xfail_on_broker(
+    "tansu", "it never aborts a killed producer's open transaction (no transaction timeout), so read_committed "
+             "readers wait behind it for good")}))
 def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store, stack, workers, delivery,
                                               client):
     rng = random.Random(SEED)
@@ -66,7 +62,7 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
     # kill points: a random share of the stream done, then a random fraction of a second (inside a batch,
     # a publish, a commit or a poll: wherever the process happens to be)
     shares = sorted(rng.uniform(lo, hi) for lo, hi in ((0.05, 0.25), (0.3, 0.5), (0.55, 0.75))[:KILLS])
-    window = h.uncommitted_window()
+    window = h.uncommitted_window(client)
     group = names.group_id
     uncommitted_at_kill, kill_log, commits_ahead, unfinished = [], [], 0, None
     started = time.monotonic()
@@ -132,15 +128,15 @@ def test_kill9_at_random_points_loses_nothing(kafka_settings, names, model_store
         assert len({(r["label"], r["model_version"]) for r in records}) == 1, records
 
 
-@pytest.mark.parametrize("delivery", h.DELIVERY_MODES)
+@pytest.mark.parametrize("delivery, client", h.matrix())
 def test_sigterm_during_a_batch_commits_and_redelivers_nothing(kafka_settings, names, model_store, stack,
-                                                               workers, delivery):
+                                                               workers, delivery, client):
     _topics(kafka_settings, names)
     messages = h.make_messages(1200, seed=SEED + 1)
     sent = h.publish_messages(kafka_settings, names.input_topic, messages)
     reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                       redis_url=stack.redis_url, delivery=delivery)
+                       redis_url=stack.redis_url, delivery=delivery, kafka_client=client)
     started = time.monotonic()
     try:
         first = workers.start("worker-1", env)
@@ -161,7 +157,7 @@ def test_sigterm_during_a_batch_commits_and_redelivers_nothing(kafka_settings, n
         reader.drain()
         assert second.terminate() == 0
         counts = h.count(sent, reader)
-        h.report(f"graceful-stop({delivery})", counts, done_at_sigterm=done_at_stop, queued_at_sigterm=draining["queued"],
+        h.report(f"graceful-stop({h.variant(delivery, client)})", counts, done_at_sigterm=done_at_stop, queued_at_sigterm=draining["queued"],
                  seconds=round(time.monotonic() - started, 1))
     finally:
         reader.close()

@@ -26,7 +26,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
 MAX_BYTES = 65_536  # the worker's default max_message_bytes
 HYPOTHESIS_EXAMPLES = 300
 CODECS = (None, "gzip", "snappy", "lz4", "zstd")  # a fifth of the hostile part each
-VARIANTS = [("at-least-once", "kafka-python"), ("exactly-once", "kafka-python"), ("at-least-once", "confluent-kafka")]
 
 
 def hand_picked() -> list[tuple[str, bytes | None, set[str] | None]]:
@@ -173,7 +172,7 @@ def _outcome(records: list) -> str:
     return "output" if isinstance(r, dict) else r.reason
 
 
-@pytest.mark.parametrize("delivery, client", VARIANTS, ids=[h.variant(d, c) for d, c in VARIANTS])
+@pytest.mark.parametrize("delivery, client", h.matrix())
 def test_hostile_input_ends_on_output_or_dlq_and_never_stalls(kafka_settings, names, model_store, stack,
                                                               workers, delivery, client):
     """Also under exactly-once: dead letters are part of the transactions, in input order with the outputs."""

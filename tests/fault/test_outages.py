@@ -36,11 +36,12 @@ def private_redis(tmp_path):
     server.stop()
 
 
-def test_redis_outage_mid_stream(kafka_settings, names, model_store, stack, private_redis, workers):
+@pytest.mark.parametrize("delivery, client", h.matrix())
+def test_redis_outage_mid_stream(kafka_settings, names, model_store, stack, private_redis, workers, delivery, client):
     _topics(kafka_settings, names)
-    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic)
+    reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                       redis_url=private_redis.url, http_port=0)
+                       redis_url=private_redis.url, http_port=0, delivery=delivery, kafka_client=client)
     # mostly repeats of a small set of titles: every repeat is a cache hit whenever Redis is up
     publisher = h.RatePublisher(kafka_settings, names.input_topic,
                                 h.make_messages(20_000, seed=SEED, repeat_ratio=0.8), rate=60)
@@ -74,7 +75,7 @@ def test_redis_outage_mid_stream(kafka_settings, names, model_store, stack, priv
         during = [r for r in outputs if down_at + 0.5 < r["_ts"] / 1000 < up_at]
         hits_after = sum(r["cached"] and r["_ts"] / 1000 > up_at for r in outputs)
         counts = h.count(sent, reader)
-        h.report("redis-outage", counts, outputs_during_outage=len(during),
+        h.report(f"redis-outage({h.variant(delivery, client)})", counts, outputs_during_outage=len(during),
                  cached_during_outage=sum(r["cached"] for r in during), cache_hits_after_recovery=hits_after,
                  outages_metric=outages, unavailable_lookups=unavailable,
                  seconds=round(time.monotonic() - started, 1))
@@ -93,9 +94,9 @@ def test_redis_outage_mid_stream(kafka_settings, names, model_store, stack, priv
 
 @pytest.mark.skipif(BROKER != "kafka", reason="needs a broker that keeps its data across a restart (Apache "
                                               "Kafka); Tansu's in-memory storage loses every topic")
-@pytest.mark.parametrize("delivery", h.DELIVERY_MODES)
+@pytest.mark.parametrize("delivery, client", h.matrix())
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
-def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig, delivery):
+def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig, delivery, client):
     private = LocalStack(tmp_path / "kafka-stack", broker="kafka")
     private.start_broker()
     settings = KafkaSettings(bootstrap_servers=private.bootstrap_servers, session_timeout_ms=6000,
@@ -108,7 +109,7 @@ def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig, d
         reader = h.TopicReader(settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
         # no Redis: this test is about the broker (the cache is disabled without REDIS_URL)
         env = h.worker_env(bootstrap_servers=private.bootstrap_servers, names=names, model_dir=model_store,
-                           redis_url=None, delivery=delivery)
+                           redis_url=None, delivery=delivery, kafka_client=client)
         w = workers.start("worker", env)
         h.wait_until(lambda: reader.poll() >= 0 and len(reader.by_source) >= 300, 180, "300 outputs",
                      workers.tails)
@@ -124,8 +125,8 @@ def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig, d
         assert w.alive(), f"the worker exited instead of reconnecting\n{w.tail()}"
         assert w.terminate() == 0
         counts = h.count(sent, reader)
-        h.report(f"broker-restart({sig.name},{delivery})", counts, outage_s=round(outage_s, 1),
-                 done_at_restart=done_at_restart, window=h.uncommitted_window(),
+        h.report(f"broker-restart({sig.name},{h.variant(delivery, client)})", counts, outage_s=round(outage_s, 1),
+                 done_at_restart=done_at_restart, window=h.uncommitted_window(client),
                  commit_failures=len(w.events("commit_failed")),
                  aborted_transactions=len(w.events("transaction_aborted")),
                  seconds=round(time.monotonic() - started, 1))
@@ -136,6 +137,6 @@ def test_broker_restart_mid_stream(names, model_store, tmp_path, workers, sig, d
         private.down()
 
     assert counts.lost == 0 and counts.dlq == 0 and counts.output == len(sent)
-    assert counts.duplicates <= h.uncommitted_window()
+    assert counts.duplicates <= h.uncommitted_window(client)
     if delivery == "exactly-once":
         assert counts.duplicates == 0

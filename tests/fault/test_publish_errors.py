@@ -13,11 +13,10 @@ from tests.fault import harness as h
 
 pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
 
-VARIANTS = [("at-least-once", "kafka-python"), ("exactly-once", "kafka-python"), ("at-least-once", "confluent-kafka")]
 
 
 @pytest.mark.skipif(BROKER != "kafka", reason="Tansu keeps serving a deleted topic's partitions: no publish error")
-@pytest.mark.parametrize("delivery, client", VARIANTS, ids=[h.variant(d, c) for d, c in VARIANTS])
+@pytest.mark.parametrize("delivery, client", h.matrix())
 def test_a_deleted_output_topic_is_one_error_line_and_a_clean_restart(kafka_settings, names, model_store, stack,
                                                                       workers, delivery, client):
     ensure_topics(kafka_settings, {names.input_topic: 2, names.output_topic: 2, names.dlq_topic: 2})
