@@ -137,6 +137,7 @@ _ENV_NAMES = {  # WorkerSettings field -> its environment variable (worker/setti
     "cache_timeout_ms": "BERT_STREAM_CACHE_TIMEOUT_MS", "commit_interval_ms": "BERT_STREAM_COMMIT_INTERVAL_MS",
     "commit_every": "BERT_STREAM_COMMIT_EVERY", "http_port": "BERT_STREAM_HTTP_PORT", "log_level": "LOG_LEVEL",
     "delivery": "BERT_STREAM_DELIVERY", "instance_id": "BERT_STREAM_INSTANCE_ID",
+    "group_protocol": "KAFKA_GROUP_PROTOCOL",
     "transaction_timeout_ms": "BERT_STREAM_TRANSACTION_TIMEOUT_MS", "processes": "BERT_STREAM_PROCESSES",
     "kafka_client": "BERT_STREAM_KAFKA_CLIENT", "shutdown_timeout_s": "BERT_STREAM_SHUTDOWN_TIMEOUT_S",
     "model_failure_retries": "BERT_STREAM_MODEL_FAILURE_RETRIES", "inference_stall_s": "BERT_STREAM_INFERENCE_STALL_S",

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests.conftest import BROKER
 from tests.fault import harness as h
 from tests.fault.test_crash import _topics
 
@@ -30,14 +31,23 @@ def _batches(w: h.WorkerProcess) -> int:
     return len(w.events("batch"))
 
 
-@pytest.mark.parametrize("delivery, client", h.matrix())
-def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, stack, workers, delivery, client):
+# the KIP-848 consumer protocol (the gpu overlay's), on librdkafka and Apache Kafka 4.x only
+KIP848 = [pytest.param(d, "confluent-kafka", "consumer", id=f"{d}-confluent-kafka-kip848",
+                       marks=pytest.mark.skipif(BROKER != "kafka", reason="KIP-848 is Apache Kafka 4.x's"))
+          for d in h.DELIVERY_MODES]
+
+
+@pytest.mark.parametrize("delivery, client, protocol", [
+    pytest.param(*p.values, "classic", id=p.id, marks=p.marks) for p in h.matrix()] + KIP848)
+def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, stack, workers, delivery, client,
+                                            protocol):
     _topics(kafka_settings, names)
     reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic, h.isolation(delivery))
     # a long max_wait keeps an open batch in the batcher nearly all the time, so a revocation always finds
     # messages that were polled but not started (what a rebalance must not lose)
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=model_store,
-                       redis_url=stack.redis_url, max_wait_ms=300, delivery=delivery, kafka_client=client)
+                       redis_url=stack.redis_url, max_wait_ms=300, delivery=delivery, kafka_client=client,
+                       group_protocol=protocol)
     publisher = h.RatePublisher(kafka_settings, names.input_topic, h.make_messages(20_000, seed=SEED), RATE)
     started = time.monotonic()
     try:
@@ -74,7 +84,7 @@ def test_worker_joins_and_leaves_mid_stream(kafka_settings, names, model_store, 
         failed_commits = [e["error"] for w in (a, b) for name in ("commit_failed", "revocation_commit_failed")
                           for e in w.events(name)]
         aborted = [e["reason"] for w in (a, b) for e in w.events("transaction_aborted")]
-        h.report(f"rebalance({h.variant(delivery, client)})", counts, aborted_transactions=len(aborted), batches_a=_batches(a),
+        h.report(f"rebalance({h.variant(delivery, client)}{', kip-848' if protocol == 'consumer' else ''})", counts, aborted_transactions=len(aborted), batches_a=_batches(a),
                  batches_b=_batches(b),
                  assignments_a=len(a.events("partitions_assigned")), failed_commits=len(failed_commits),
                  dropped_on_revocation=sum(e.get("dropped", 0) for w in (a, b)
