@@ -43,7 +43,8 @@ def _worktree(ref: str, work_dir: Path) -> Path:
 
 def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
         workers: Sequence[int] = (1, 2), profile_messages: int = 40_000, client_messages: int = 60_000,
-        stream: Sequence[str] | None = None, clients: Sequence[str] = ("kafka-python", "confluent-kafka")) -> dict:
+        stream: Sequence[str] | None = None, clients: Sequence[str] = ("kafka-python", "confluent-kafka"),
+        exactly_once: bool = True) -> dict:
     base = list(stream or common.stream_texts(unique))[:unique]
     texts = (base * (messages // len(base) + 1))[:messages]
     prefix = f"bench:{ws.run_id}:ceiling:"
@@ -70,10 +71,16 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
         for n in workers:
             drain(("1 process" if n == 1 else f"{n} processes") + suffix, f"ceiling-p{n}{suffix[2:8]}", workers=n,
                   worker_args=args)
+        if exactly_once:  # a transaction per commit interval (1 s): what it costs at the ceiling
+            drain(f"1 process{suffix}, exactly-once", f"ceiling-eos{suffix[2:8]}",
+                  worker_args=(*args, "--delivery", "exactly-once"))
     result = {"messages": len(texts), "unique": len(base), "partitions": PARTITIONS, "variants": variants,
               "fill_msgs_per_s": fill["msgs_per_s"], "compare_ref": compare_ref,
               "ceiling_msgs_per_s": variants.get("1 process", {}).get("msgs_per_s"),
-              "ceiling_confluent_msgs_per_s": variants.get("1 process, confluent-kafka", {}).get("msgs_per_s")}
+              "ceiling_confluent_msgs_per_s": variants.get("1 process, confluent-kafka", {}).get("msgs_per_s"),
+              "ceiling_eos_msgs_per_s": variants.get("1 process, exactly-once", {}).get("msgs_per_s"),
+              "ceiling_confluent_eos_msgs_per_s": variants.get("1 process, confluent-kafka, exactly-once",
+                                                               {}).get("msgs_per_s")}
     if "2 processes" in variants:
         result["two_over_one"] = common.ratio(variants["2 processes"]["msgs_per_s"], result["ceiling_msgs_per_s"])
     if compare_ref:

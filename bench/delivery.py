@@ -1,19 +1,19 @@
-"""Part: exactly-once against at-least-once, side by side, at two commit intervals.
+"""Part: exactly-once against at-least-once, side by side, at two commit intervals, on both Kafka clients.
 
-``python -m bench.delivery [--unique 800] [--repeat 12] [--rate 800] [--seconds 20]``
+``python -m bench.delivery [--unique 800] [--repeat 12] [--rate 800] [--seconds 20] [--clients ...]``
 
 What a delivery mode costs is the commit (a transaction per commit interval, against one OffsetCommit) and,
 for exactly-once, the wait of a ``read_committed`` reader until the transaction holding its record commits.
 Both show best where the model does not hide them, so every message here is a cache hit: the unique texts
 are classified once (that fills the cache), then every variant streams the same repeated texts.
 
-For each (mode, commit interval), with its own worker process:
+For each (client, mode, commit interval), with its own worker process:
 - **backlog**: the whole stream published first, then the worker drains it. msgs/s = messages / (last
   output *visible to its reader* - the worker's poll of the first input).
 - **steady**: the worker ready, messages published at ``--rate`` for ``--seconds``; latency = when a live
   reader (``read_committed`` for exactly-once, the default for at-least-once: as their consumers read) got
   the output, minus the input's produce time. p50/p99.
-Variants run back to back, in the same order every time (at-least-once first at each interval).
+Variants run back to back, in the same order every time (per client, at-least-once first at each interval).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench import common, e2e
 
+CLIENTS = ("kafka-python", "confluent-kafka")
 VARIANTS = (("at-least-once", 1000), ("exactly-once", 1000), ("at-least-once", 100), ("exactly-once", 100))
 
 
@@ -65,13 +66,15 @@ class LiveReader(threading.Thread):
             consumer.close()
 
 
-def _variant(ws: common.Workspace, texts: Sequence[str], *, mode: str, interval_ms: int, cache_prefix: str,
-             prepublish: bool, rate: float | None = None, timeout_s: float = 300.0) -> dict:
-    tag = f"{'eos' if mode == 'exactly-once' else 'alos'}-{interval_ms}-{'backlog' if prepublish else 'steady'}"
+def _variant(ws: common.Workspace, texts: Sequence[str], *, client: str, mode: str, interval_ms: int,
+             cache_prefix: str, prepublish: bool, rate: float | None = None, timeout_s: float = 300.0) -> dict:
+    tag = (f"{'ck' if client == 'confluent-kafka' else 'kp'}-{'eos' if mode == 'exactly-once' else 'alos'}-"
+           f"{interval_ms}-{'backlog' if prepublish else 'steady'}")
     topic = ws.name(tag)
     common.create_topics(ws, {topic: 2, f"{topic}-out": 2, f"{topic}-dlq": 2})
     worker = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=cache_prefix,
-                                  tag=tag, extra=["--delivery", mode, "--commit-interval-ms", str(interval_ms)])
+                                  tag=tag, extra=["--kafka-client", client, "--delivery", mode,
+                                         "--commit-interval-ms", str(interval_ms)])
     reader = LiveReader(ws, worker.output_topic, "read_committed" if mode == "exactly-once" else "read_uncommitted")
     reader.start()
     reader.ready.wait(30)
@@ -100,13 +103,18 @@ def _variant(ws: common.Workspace, texts: Sequence[str], *, mode: str, interval_
     last_visible = max(reader.arrived.values())
     visible = [reader.arrived[i] - sent[i] for i in sent]
     return {
-        "mode": mode, "commit_interval_ms": interval_ms, "messages": len(sent), "rate_target": rate,
+        "client": client, "mode": mode, "commit_interval_ms": interval_ms, "messages": len(sent), "rate_target": rate,
         "msgs_per_s": len(sent) / max((last_visible - first_polled) / 1000, 1e-3),
         "visible_latency_ms": common.latency_summary(visible),
         "cached_fraction": sum(o.cached for o in outputs) / len(outputs),
         "duplicates": len(outputs) - len({o.id for o in outputs}),
         "transactions": transactions, "commits": commits,
     }
+
+
+def _short(client: str) -> str:
+    """The ratio keys' client part: none for the default client (the keys it always had)."""
+    return "" if client == "kafka-python" else "confluent_"
 
 
 def _metric(worker: common.WorkerProcess, sample: str) -> float | None:
@@ -118,23 +126,27 @@ def _metric(worker: common.WorkerProcess, sample: str) -> float | None:
 
 
 def run(ws: common.Workspace, *, unique: int = 800, repeat: int = 12, rate: float = 800.0, seconds: float = 20.0,
-        stream: Sequence[str] | None = None, variants: Sequence[tuple[str, int]] = VARIANTS) -> dict:
+        stream: Sequence[str] | None = None, variants: Sequence[tuple[str, int]] = VARIANTS,
+        clients: Sequence[str] = CLIENTS) -> dict:
     base = list(stream or common.stream_texts(unique))[:unique]
     texts = base * repeat  # all cache hits once the fill below has run
     cache_prefix = f"bench:{ws.run_id}:delivery:"
     fill = e2e.backlog(ws, base, tag="delivery-fill", cache_prefix=cache_prefix)
     steady_texts = texts[: max(50, int(rate * seconds))]
     results = []
-    for mode, interval in variants:
-        backlog = _variant(ws, texts, mode=mode, interval_ms=interval, cache_prefix=cache_prefix, prepublish=True)
-        steady = _variant(ws, steady_texts, mode=mode, interval_ms=interval, cache_prefix=cache_prefix,
-                          prepublish=False, rate=rate)
-        results.append({"mode": mode, "commit_interval_ms": interval, "backlog": backlog, "steady": steady})
-    by = {(r["mode"], r["commit_interval_ms"]): r for r in results}
-    ratios = {f"eos_over_alos_{i}ms": common.ratio(by[("exactly-once", i)]["backlog"]["msgs_per_s"],
-                                                     by[("at-least-once", i)]["backlog"]["msgs_per_s"])
-              for i in sorted({i for _, i in variants})
-              if ("exactly-once", i) in by and ("at-least-once", i) in by}
+    for client in clients:
+        for mode, interval in variants:
+            backlog = _variant(ws, texts, client=client, mode=mode, interval_ms=interval, cache_prefix=cache_prefix,
+                               prepublish=True)
+            steady = _variant(ws, steady_texts, client=client, mode=mode, interval_ms=interval,
+                              cache_prefix=cache_prefix, prepublish=False, rate=rate)
+            results.append({"client": client, "mode": mode, "commit_interval_ms": interval, "backlog": backlog,
+                            "steady": steady})
+    by = {(r["client"], r["mode"], r["commit_interval_ms"]): r for r in results}
+    ratios = {f"eos_over_alos_{_short(c)}{i}ms": common.ratio(by[(c, "exactly-once", i)]["backlog"]["msgs_per_s"],
+                                                                by[(c, "at-least-once", i)]["backlog"]["msgs_per_s"])
+              for c in clients for i in sorted({i for _, i in variants})
+              if (c, "exactly-once", i) in by and (c, "at-least-once", i) in by}
     result = {"variants": results, "ratios": ratios, "fill": {"messages": fill["messages"],
                                                                 "msgs_per_s": fill["msgs_per_s"]},
               "messages": len(texts), "unique": len(base), "rate": rate, "seconds": seconds}
@@ -142,12 +154,12 @@ def run(ws: common.Workspace, *, unique: int = 800, repeat: int = 12, rate: floa
     return result
 
 
-TABLE_HEADER = ["delivery", "commit interval ms", "backlog msgs/s", "steady msgs/s offered", "visible p50 ms",
+TABLE_HEADER = ["client", "delivery", "commit interval ms", "backlog msgs/s", "steady msgs/s offered", "visible p50 ms",
                 "visible p99 ms", "transactions (steady)", "duplicates"]
 
 
 def table_rows(r: dict) -> list[list]:
-    return [[v["mode"], v["commit_interval_ms"], v["backlog"]["msgs_per_s"], v["steady"]["rate_target"],
+    return [[v.get("client", "kafka-python"), v["mode"], v["commit_interval_ms"], v["backlog"]["msgs_per_s"], v["steady"]["rate_target"],
              v["steady"]["visible_latency_ms"].get("p50"), v["steady"]["visible_latency_ms"].get("p99"),
              v["steady"]["transactions"], v["backlog"]["duplicates"] + v["steady"]["duplicates"]]
             for v in r["variants"]]
@@ -167,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=12, help="the backlog streams the unique texts this often")
     parser.add_argument("--rate", type=float, default=800.0, help="steady load, messages/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="steady duration per variant")
+    parser.add_argument("--clients", default=",".join(CLIENTS), help="Kafka clients to run, comma-separated")
     parser.add_argument("--output", default=str(common.WORK_DIR / "delivery.json"), help="JSON written here")
     args = parser.parse_args(argv)
     with common.open_workspace(args.model_dir) as ws:
-        result = run(ws, unique=args.unique, repeat=args.repeat, rate=args.rate, seconds=args.seconds)
+        result = run(ws, unique=args.unique, repeat=args.repeat, rate=args.rate, seconds=args.seconds,
+                     clients=[c for c in args.clients.split(",") if c])
     common.save_json(Path(args.output), result)
     print(f"\nwrote {args.output}")
     return 0

@@ -260,6 +260,8 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
         ]
     if "delivery" in p:
         out += ["", *_delivery_md(p["delivery"])]
+    if "rebalance_gap" in p:
+        out += ["", *_rebalance_gap_md(p["rebalance_gap"])]
     if "ceiling" in p:
         out += ["", *_ceiling_md(p["ceiling"])]
     out += ["", *_gpu_md(s.get("gpu_sweep"))]
@@ -519,6 +521,22 @@ def _delivery_md(d: dict) -> list[str]:
          f"{d['seconds']:.0f} s."),
         "",
         _table(delivery.TABLE_HEADER, delivery.table_rows(d)),
+    ]
+
+
+def _rebalance_gap_md(g: dict) -> list[str]:
+    from bench import rebalance_gap
+
+    return [
+        "### 7b. Rebalances: the output gap while a second worker joins and leaves",
+        "",
+        (f"One worker on a {g['partitions']}-partition topic fed at {g['rate']:.0f} msgs/s (every message a cache "
+         f"hit); a second worker joins, stays {g['seconds']:.0f} s and leaves (SIGTERM). The gap is the longest "
+         "time with no output arriving at a live reader: before the join (the baseline), from the second "
+         f"worker's start to {g['seconds']:.0f} s after it is ready, and from its SIGTERM to "
+         f"{g['seconds']:.0f} s after (`python -m bench.rebalance_gap`)."),
+        "",
+        _table(rebalance_gap.TABLE_HEADER, rebalance_gap.table_rows(g)),
     ]
 
 

@@ -12,9 +12,11 @@ Starts the local stack (its own broker and Redis), uses the newest checkpoint in
 4. the same stream again, fully cached;
 5. overhead = end-to-end / model-only at the worker's batch setting (computed from 1 and 2);
 6. one vs two worker processes on a 4-partition topic;
-7. exactly-once against at-least-once at two commit intervals, on a cached stream (``bench/delivery.py``);
+7. exactly-once against at-least-once at two commit intervals, on a cached stream, on both Kafka clients
+   (``bench/delivery.py``); then the output gap while a second worker joins and leaves, per group protocol
+   (``bench/rebalance_gap.py``);
 8. the ceiling: the worker path with the model's cost taken out (every message a cache hit), one and two
-   processes, and a py-spy profile of where its time goes (``bench/ceiling.py``).
+   processes, exactly-once too, and a py-spy profile of where its time goes (``bench/ceiling.py``).
 
 Sized to finish well within 20 minutes on a 2-core machine (``--quick`` shrinks every part for a smoke run).
 A part that fails is recorded with its error and the others still run; the exit status is then 1.
@@ -49,13 +51,15 @@ def run_all(
     scale_seconds: float | None = None,
     delivery_sizes: dict | None = None,
     ceiling_sizes: dict | None = None,
+    gap_sizes: dict | None = None,
     student_dir: str | None = None,
 ) -> dict:
     """All parts on one workspace; ``scale`` shrinks the fixed time boxes (GEMM timing, model-only over the
     stream) for smoke runs. ``e2e_seconds``/``scale_seconds`` cap the e2e/cache stream and each scale-out
     variant at that many seconds of the model-only rate measured first, so a slow CPU still finishes in
     time and a fast one gets the full counts."""
-    from bench import alternatives, brokers, cache, ceiling, delivery, e2e, model_only, pipeline_baseline, scale_out
+    from bench import (alternatives, brokers, cache, ceiling, delivery, e2e, model_only, pipeline_baseline,
+                       rebalance_gap, scale_out)
 
     stream = common.stream_texts(messages)
     delivery_sizes = delivery_sizes or {}
@@ -109,6 +113,7 @@ def run_all(
     )
     part("scale_out", lambda: scale_out.run(ws, messages=min(scale_messages, len(stream)), stream=stream))
     part("delivery", lambda: delivery.run(ws, stream=stream, **delivery_sizes))
+    part("rebalance_gap", lambda: rebalance_gap.run(ws, stream=stream, **(gap_sizes or {})))
     part("ceiling", lambda: ceiling.run(ws, stream=stream, **(ceiling_sizes or {})))
     if mo:
         results["gpu_inputs"] = mo.pop("gpu_inputs")
@@ -142,6 +147,7 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "cached_msgs_per_s": ca["cached"]["msgs_per_s"] if ca else None,
         "ceiling_msgs_per_s": ce["ceiling_msgs_per_s"] if ce else None,
         "ceiling_confluent_msgs_per_s": ce.get("ceiling_confluent_msgs_per_s") if ce else None,
+        "ceiling_confluent_eos_msgs_per_s": ce.get("ceiling_confluent_eos_msgs_per_s") if ce else None,
         "gemm_limit_msgs_per_s": mo["stream"]["limit_msgs_per_s"] if mo else None,
         "latency_ms_p50": steady.get("p50"),
         "latency_ms_p95": steady.get("p95"),
@@ -185,6 +191,10 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "ceiling >= 50,000 msgs/s (one process)": _target(headline["ceiling_msgs_per_s"], 50_000, ">="),
         "ceiling >= 50,000 msgs/s (one process, confluent-kafka)": _target(
             headline["ceiling_confluent_msgs_per_s"], 50_000, ">="),
+        "ceiling >= 50,000 msgs/s (one process, confluent-kafka, exactly-once)": _target(
+            headline["ceiling_confluent_eos_msgs_per_s"], 50_000, ">="),
+        "exactly-once >= 0.8x at-least-once backlog at 1,000 ms commits (confluent-kafka)": _target(
+            ratios.get("eos_over_alos_confluent_1000ms"), 0.8, ">="),
         "p99 at 70% load < 4 x (max_wait + one batch)": _target(
             st.get("latency_ms", {}).get("p99"), st.get("p99_bound_ms"), "<"
         ),
@@ -254,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256", help="model-only sweep")
     parser.add_argument(
         "--parts",
-        default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,ceiling",
+        default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,rebalance_gap,"
+                "ceiling",
         help="comma-separated subset of parts",
     )
     parser.add_argument("--student-dir", default=None,
@@ -277,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                      if args.quick else {})
     if args.ceiling_compare_ref:
         ceiling_sizes["compare_ref"] = args.ceiling_compare_ref
+    gap_sizes = {"rate": 200.0, "seconds": 3.0, "unique": 60} if args.quick else {}
 
     from bench import report
     from bert_stream.logs import configure_logging
@@ -302,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_seconds=args.scale_seconds,
             delivery_sizes=delivery_sizes,
             ceiling_sizes=ceiling_sizes,
+            gap_sizes=gap_sizes,
             student_dir=args.student_dir,
         )
         broker = ws.broker

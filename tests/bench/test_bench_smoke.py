@@ -13,8 +13,9 @@ from tests.conftest import BROKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
-# one and two processes, on each Kafka client the worker offers
-CEILING_VARIANTS = {"1 process", "2 processes", "1 process, confluent-kafka", "2 processes, confluent-kafka"}
+# one and two processes, and one in exactly-once mode, on each Kafka client the worker offers
+CEILING_VARIANTS = {"1 process", "2 processes", "1 process, exactly-once", "1 process, confluent-kafka",
+                    "2 processes, confluent-kafka", "1 process, confluent-kafka, exactly-once"}
 
 
 def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_path):
@@ -30,12 +31,14 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
             skip_alternatives=["compile", "onnx"],
             batch_sizes=[1, 16],
             scale=0.02,
-            # the broker comparison starts Tansu beside Apache Kafka: in the Apache Kafka pass
+            # the broker comparison starts Tansu beside Apache Kafka, and the KIP-848 group protocol is
+            # Apache Kafka's: both in the Apache Kafka pass
             parts={"model_only", "alternatives", "e2e", "pipeline_baseline", "cache", "scale_out", "delivery",
-                   "ceiling", *(["brokers"] if BROKER == "kafka" else [])},
+                   "ceiling", *(["brokers", "rebalance_gap"] if BROKER == "kafka" else [])},
             delivery_sizes={"unique": 20, "repeat": 3, "rate": 100.0, "seconds": 1.0,
                             "variants": (("at-least-once", 100), ("exactly-once", 100))},
             ceiling_sizes={"messages": 200, "unique": 20, "profile_messages": 0},
+            gap_sizes={"rate": 100.0, "seconds": 1.0, "unique": 20},
         )
         settings = {"model_version": ws.checkpoint_folder()[0], "broker": ws.broker, "messages": 120}
     assert results["errors"] == {}
@@ -55,10 +58,16 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
         brokers = data["parts"]["brokers"]
         assert brokers["broker"] == "tansu" and brokers["backlog"]["msgs_per_s"] > 0
         assert brokers["cached"]["cached_fraction"] == 1.0 and brokers["backlog"]["cached_fraction"] == 0.0
-    modes = {v["mode"]: v for v in data["parts"]["delivery"]["variants"]}
-    assert set(modes) == {"at-least-once", "exactly-once"} and modes["exactly-once"]["steady"]["transactions"] >= 1
-    assert all(v["backlog"]["duplicates"] == 0 and v["backlog"]["cached_fraction"] == 1.0 for v in modes.values())
-    assert data["ratios"]["eos_over_alos_100ms"] > 0
+        gaps = data["parts"]["rebalance_gap"]["variants"]
+        assert {(v["client"], v["protocol"]) for v in gaps} == {
+            ("kafka-python", "classic"), ("confluent-kafka", "classic"), ("confluent-kafka", "consumer")}
+        assert all(v["lost"] == 0 and v["join_gap_ms"] > 0 for v in gaps)
+    variants = data["parts"]["delivery"]["variants"]
+    assert {(v["client"], v["mode"]) for v in variants} == {
+        (c, m) for c in ("kafka-python", "confluent-kafka") for m in ("at-least-once", "exactly-once")}
+    assert all(v["steady"]["transactions"] >= 1 for v in variants if v["mode"] == "exactly-once")
+    assert all(v["backlog"]["duplicates"] == 0 and v["backlog"]["cached_fraction"] == 1.0 for v in variants)
+    assert data["ratios"]["eos_over_alos_100ms"] > 0 and data["ratios"]["eos_over_alos_confluent_100ms"] > 0
     alt = data["parts"]["alternatives"]  # the served (packed) forward beside the padded one it replaced
     assert {f"{alt['base']} packed", alt["reference"], "fp32 padded"} <= set(alt["agreement_with_fp32"])
     assert data["ratios"]["served_over_padded_stream"] > 0 and data["ratios"]["served_agreement_with_fp32"] > 0.5
