@@ -26,8 +26,8 @@ Delivery guarantee: at-least-once (default) or exactly-once (:mod:`worker.delive
     An input offset is committed only after the output (or DLQ) records of it and of every earlier message
     of its partition are acknowledged by the broker (``acks=all``): commit = flush the producer, take the
     acknowledged prefix (:class:`worker.offsets.OffsetTracker`), commit it. Commits happen every
-    ``commit_interval_ms`` or ``commit_every`` messages, on partition revocation (after the in-flight
-    batches are published) and on shutdown. A crash at any point loses nothing; at-least-once publishes
+    ``commit_interval_ms`` (at-least-once also every ``commit_every`` messages), on partition revocation
+    (after the in-flight batches are published) and on shutdown. A crash at any point loses nothing; at-least-once publishes
     again what was published after the last commit, exactly-once puts the outputs and the offsets of one
     commit in one transaction, and a transaction that fails is aborted and the partitions rewound to the
     committed offsets (``_abort``). Outputs keep the input's key and go to the same partition number, so per
@@ -600,7 +600,12 @@ class Worker:
 
     def _maybe_commit(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now < self._next_commit and self._since_commit < self.settings.commit_every:
+        # Exactly-once commits by the interval alone: every commit is a transaction (a flush and three round
+        # trips, the loop waiting), and a count would make them as frequent as the stream is fast; there are
+        # no duplicates for a count to bound.
+        due = now >= self._next_commit or (not self.delivery.transactional
+                                           and self._since_commit >= self.settings.commit_every)
+        if not force and not due:
             return
         # A producer with lazy_commits commits between forced ones what has been acknowledged so far, without
         # waiting for the rest (bert_stream/kafka/: which, and why). Exactly-once always flushes: a

@@ -120,7 +120,9 @@ class WorkerSettings:
                                            "of read_committed readers (exactly-once), costs a round trip or "
                                            "a transaction each time.")
     commit_every: int = setting(1000, env="BERT_STREAM_COMMIT_EVERY",
-                                help="Also commit after this many messages are published.")
+                                help="at-least-once: also commit after this many messages are published (bounds "
+                                     "what a crash publishes twice). Exactly-once commits by the interval "
+                                     "alone: each commit is a transaction.")
     instance_id: str | None = setting(None, env="BERT_STREAM_INSTANCE_ID",
                                       help="exactly-once: this worker's part of its transactional id "
                                            "(<group_id>-<instance_id>); default <hostname>-<pid>. A stable "
