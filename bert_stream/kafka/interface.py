@@ -20,7 +20,7 @@ Offsets are plain ints: the next offset to read, as Kafka commits them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 
 class TopicPartition(NamedTuple):
@@ -211,6 +211,3 @@ class Consumer:
             return
         self._needs_rewind -= owned
 
-
-def offsets_of(mapping: Mapping[Any, Any]) -> dict[TopicPartition, int]:
-    return {TopicPartition(tp.topic, tp.partition): int(o) for tp, o in mapping.items()}
