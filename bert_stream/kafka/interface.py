@@ -22,6 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, Protocol
 
+from bert_stream.logs import get_logger
+
+log = get_logger("bert_stream.kafka")
+
 
 class TopicPartition(NamedTuple):
     """A partition. Equal to, and hashed as, either client's own (topic, partition) tuple."""
@@ -205,9 +209,7 @@ class Consumer:
         try:
             self._seek_committed(owned)
         except Unavailable as exc:  # the coordinator is moving (a broker restart): the next poll retries
-            from bert_stream.logs import get_logger
-
-            get_logger("bert_stream.kafka").warning("rewind_deferred", partitions=len(owned), error=str(exc)[:300])
+            log.warning("rewind_deferred", partitions=len(owned), error=str(exc)[:300])
             return
         self._needs_rewind -= owned
 
