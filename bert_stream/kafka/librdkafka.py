@@ -39,6 +39,7 @@ log = get_logger("bert_stream.kafka")
 
 METADATA_TIMEOUT_S = 10.0
 POLL_PRODUCER_EVERY = 512  # sends between two producer polls (serves delivery reports, frees the queue)
+RETRY_BACKOFF_S = 0.1      # between two tries of a transactional call that failed retriably
 _FENCED = {ck.KafkaError._FENCED, ck.KafkaError.PRODUCER_FENCED, ck.KafkaError.INVALID_PRODUCER_EPOCH}
 _UNSUPPORTED = {ck.KafkaError._UNSUPPORTED_FEATURE, ck.KafkaError.UNSUPPORTED_VERSION}
 
@@ -376,6 +377,7 @@ class Producer:
                         raise i.TransactionTimeout(f"{what} did not complete within {timeout_s:.0f} s: "
                                                    f"{err.name()}") from exc
                     raise _error(exc, otherwise) from exc
+                time.sleep(RETRY_BACKOFF_S)  # a retriable error can come back at once (no coordinator yet)
 
     def fatal_error(self) -> i.FatalError | None:
         self._p.poll(0)  # runs error_cb for what has arrived

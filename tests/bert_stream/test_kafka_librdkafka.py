@@ -1,0 +1,66 @@
+"""Unit tests of the librdkafka adapter's error rules (pure logic: librdkafka's own error objects, no broker).
+The integration side is every worker and fault test, run on both clients."""
+
+from __future__ import annotations
+
+import pytest
+
+ck = pytest.importorskip("confluent_kafka")
+
+from bert_stream.kafka import interface as i  # noqa: E402
+from bert_stream.kafka import librdkafka  # noqa: E402
+
+
+def _exc(code, **flags) -> ck.KafkaException:
+    return ck.KafkaException(ck.KafkaError(code, "test", **flags))
+
+
+@pytest.mark.parametrize("error, expected", [
+    (_exc(ck.KafkaError._FENCED, fatal=True), i.Fenced),
+    (_exc(ck.KafkaError.PRODUCER_FENCED), i.Fenced),
+    (_exc(ck.KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, fatal=True), i.FatalError),
+    (_exc(ck.KafkaError.UNSUPPORTED_VERSION), i.Unsupported),
+    (_exc(ck.KafkaError._TRANSPORT), i.ClientError),
+])
+def test_errors_map_to_what_the_worker_does(error, expected):
+    mapped = librdkafka._error(error)
+    assert type(mapped) is expected and mapped.__cause__ is error
+    assert "test" in str(mapped)
+
+
+def _producer() -> librdkafka.Producer:
+    return librdkafka.Producer.__new__(librdkafka.Producer)
+
+
+def test_a_retriable_transactional_error_is_retried_until_it_succeeds():
+    calls = []
+
+    def commit(timeout):
+        calls.append(timeout)
+        if len(calls) < 3:
+            raise _exc(ck.KafkaError._TIMED_OUT, retriable=True)
+
+    _producer()._call(commit, 5.0, "commit_transaction")
+    assert len(calls) == 3 and all(0 < t <= 5.0 for t in calls)
+
+
+def test_an_abortable_error_aborts_and_a_retriable_one_times_out():
+    def abortable(_timeout):
+        raise _exc(ck.KafkaError._STATE, txn_requires_abort=True)
+
+    with pytest.raises(i.TransactionAbortable):
+        _producer()._call(abortable, 5.0, "commit_transaction")
+
+    def stuck(_timeout):
+        raise _exc(ck.KafkaError._TIMED_OUT, retriable=True)
+
+    with pytest.raises(i.TransactionTimeout, match="did not complete within"):
+        _producer()._call(stuck, 0.2, "commit_transaction")
+
+
+def test_a_fatal_transactional_error_is_fatal():
+    def fenced(_timeout):
+        raise _exc(ck.KafkaError._FENCED, fatal=True)
+
+    with pytest.raises(i.Fenced):
+        _producer()._call(fenced, 5.0, "commit_transaction")
