@@ -302,12 +302,12 @@ class Producer:
                     self._p.produce(topic, value, key, partition, report)
                 break
             except BufferError:  # the local queue is full: let librdkafka send, then try again
-                self._p.poll(0.05)
+                self._reporting(self._p.poll, 0.05)
             except (ck.KafkaException, ValueError, TypeError) as exc:
                 raise _error(exc, i.SendRefused) from exc
         self._sends += 1
         if not self._sends % POLL_PRODUCER_EVERY:
-            self._p.poll(0)
+            self._reporting(self._p.poll, 0)
 
     def serve(self) -> None:
         self._reporting(self._p.poll, 0)
@@ -325,9 +325,13 @@ class Producer:
         exception it leaves set makes the next C call of a callback a SystemError: either is the error."""
         try:
             return call(timeout)
-        except (ck.KafkaException, SystemError) as exc:
+        except Exception as exc:  # noqa: BLE001 - SystemError or AttributeError from a callback run with it set
             cause = exc if isinstance(exc, ck.KafkaException) else exc.__cause__
-            raise _error(cause if isinstance(cause, ck.KafkaException) else exc) from exc
+            if isinstance(cause, ck.KafkaException):
+                raise _error(cause) from exc
+            if self._fatal is not None:
+                raise _error(ck.KafkaException(self._fatal), i.FatalError) from exc
+            raise
 
     # ---- transactions ----------------------------------------------------------------------------------
     def init_transactions(self, timeout_s: float) -> None:
@@ -390,6 +394,6 @@ class Producer:
         if self._p is not None:
             try:
                 self._p.flush(timeout_s)  # what is left is re-delivered after a restart
-            except ck.KafkaException:
-                pass  # a fatal error (fenced): nothing more can be sent, the transaction is aborted
+            except Exception:  # noqa: BLE001 - a fatal error (fenced) raises from inside flush's callbacks;
+                pass           # nothing more can be sent then, and the open transaction is aborted anyway
             self._p = None  # librdkafka's handle (and its threads) go with the last reference

@@ -271,7 +271,7 @@ def _error(exc: BaseException, cls: type[i.ClientError] = i.ClientError) -> i.Cl
         cls = i.FatalError
     elif isinstance(exc, (kerrors.UnsupportedVersionError, kerrors.IncompatibleBrokerVersion)):
         cls = i.Unsupported
-    elif isinstance(exc, (kerrors.NoBrokersAvailable, kerrors.KafkaConnectionError)):
+    elif isinstance(exc, (kerrors.KafkaConnectionError, kerrors.NodeNotReadyError, kerrors.BrokerNotAvailableError)):
         cls = i.Unavailable
     error = cls(f"{type(exc).__name__}: {exc}"[:1000])
     error.__cause__ = exc

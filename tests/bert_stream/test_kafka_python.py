@@ -180,3 +180,18 @@ def test_the_revocation_commit_is_awaited_and_its_outcome_reported():
     asyncio.run(fake.listener.on_partitions_lost({KTP("in", 0)}))
     assert committed == [{TP0: 12}]
     assert listener.events == [("revoking", {TP0}, True), ("revoked", {TP0}, None)]
+
+
+@pytest.mark.parametrize("exc, expected", [
+    ("ProducerFencedError", i.Fenced),
+    ("TransactionalIdAuthorizationFailedError", i.FatalError),
+    ("UnsupportedVersionError", i.Unsupported),
+    ("KafkaConnectionError", i.Unavailable),
+    ("CommitFailedError", i.ClientError),
+])
+def test_kafka_python_errors_map_to_what_the_worker_does(exc, expected):
+    from kafka import errors
+
+    original = getattr(errors, exc)("test")
+    mapped = python._error(original)
+    assert type(mapped) is expected and mapped.__cause__ is original and exc in str(mapped)
