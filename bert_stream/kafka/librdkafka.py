@@ -18,12 +18,17 @@ How librdkafka differs, and what is done about it here:
 - ``consume(n, timeout)`` waits for all n messages or the timeout: :meth:`Consumer._poll` asks for what has
   arrived first, and waits only while nothing has;
 - a retriable error of a transactional call means "call it again": :meth:`Producer._call` does, until its
-  deadline.
+  deadline;
+- a transactional call can wait past its own timeout, for good: after a broker restart,
+  ``send_offsets_to_transaction`` was seen blocked in ``rd_kafka_txn_op_req`` (an untimed condition wait)
+  with librdkafka's threads idle. Each runs on a helper thread, waited for up to its timeout plus a margin
+  (:meth:`Producer._bounded`); past that the worker replaces the producer, as after any timeout.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -40,6 +45,7 @@ log = get_logger("bert_stream.kafka")
 METADATA_TIMEOUT_S = 10.0
 POLL_PRODUCER_EVERY = 512  # sends between two producer polls (serves delivery reports, frees the queue)
 RETRY_BACKOFF_S = 0.1      # between two tries of a transactional call that failed retriably
+CALL_MARGIN_S = 5.0        # how much longer than its own timeout a transactional call may take
 _FENCED = {ck.KafkaError._FENCED, ck.KafkaError.PRODUCER_FENCED, ck.KafkaError.INVALID_PRODUCER_EPOCH}
 _UNSUPPORTED = {ck.KafkaError._UNSUPPORTED_FEATURE, ck.KafkaError.UNSUPPORTED_VERSION}
 
@@ -365,7 +371,7 @@ class Producer:
         while True:
             left = deadline - time.monotonic()
             try:
-                call(max(left, 0.1))
+                self._bounded(call, max(left, 0.1), what)
                 return
             except ck.KafkaException as exc:
                 err = exc.args[0] if exc.args else None
@@ -382,6 +388,29 @@ class Producer:
                                                    f"{err.name()}") from exc
                     raise _error(exc, otherwise) from exc
                 time.sleep(RETRY_BACKOFF_S)  # a retriable error can come back at once (no coordinator yet)
+
+    @staticmethod
+    def _bounded(call: Callable[[float], Any], timeout_s: float, what: str) -> None:
+        """``call(timeout_s)`` on a helper thread, waited for at most ``timeout_s + CALL_MARGIN_S``: a call
+        that does not return by then raises TransactionTimeout and is left behind (a daemon thread holding
+        the old handle; the producer that replaces this one fences it)."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                call(timeout_s)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append(exc)
+
+        helper = threading.Thread(target=run, name=f"librdkafka-{what}", daemon=True)
+        helper.start()
+        helper.join(timeout_s + CALL_MARGIN_S)
+        if not outcome:
+            raise i.TransactionTimeout(f"{what} did not return within {timeout_s + CALL_MARGIN_S:.0f} s "
+                                       "(librdkafka's wait has no limit of its own)")
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def fatal_error(self) -> i.FatalError | None:
         self._p.poll(0)  # runs error_cb for what has arrived

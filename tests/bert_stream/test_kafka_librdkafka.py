@@ -64,3 +64,15 @@ def test_a_fatal_transactional_error_is_fatal():
 
     with pytest.raises(i.Fenced):
         _producer()._call(fenced, 5.0, "commit_transaction")
+
+
+def test_a_transactional_call_that_never_returns_is_bounded(monkeypatch):
+    """librdkafka was seen waiting for good inside send_offsets_to_transaction after a broker restart: the
+    adapter gives up after the call's timeout plus a margin, as after any transactional timeout."""
+    import threading
+
+    monkeypatch.setattr(librdkafka, "CALL_MARGIN_S", 0.2)
+    release = threading.Event()
+    with pytest.raises(i.TransactionTimeout, match="did not return"):
+        _producer()._call(lambda _timeout: release.wait(30), 0.1, "send_offsets_to_transaction")
+    release.set()
