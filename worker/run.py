@@ -334,7 +334,8 @@ class Worker:
         self.delivery = delivery.make(settings.delivery, settings.transaction_timeout_ms)
         self._acks: deque = deque()         # (epoch, tp, offset) appended by the producer's I/O thread
         self._send_errors: deque = deque()  # (epoch, tp, offset, exception)
-        self._unacked = 0                   # sends whose ack has not been drained from _acks
+        self._sent = self._acked = 0        # sends made, and acks drained from _acks (main thread only)
+        self._sent_at_last_commit = 0       # self._sent when the last commit took its offsets
         self._epoch = 0                     # +1 per aborted transaction: what was in flight before is dropped
         self._partitions: dict[str, int] = {}
         self._next_commit = 0.0
@@ -563,7 +564,7 @@ class Worker:
             self._send_errors.append((self._epoch, tp, offset, exc))
             return False
         self._since_commit += 1
-        self._unacked += 1
+        self._sent += 1
         return True
 
     def _delivered(self, epoch: int, tp, offset: int, error: Exception | None) -> None:
@@ -621,15 +622,15 @@ class Worker:
     def _acknowledged(self, flush: bool = True) -> dict:
         """The offsets whose outputs (and all before them) the broker acknowledged: after flushing the
         producer (every send acked or failed), or with ``flush=False`` as far as the acks have come. Even then
-        it flushes when more than ``commit_every`` sends are still unacknowledged (a broker down or slow):
-        what a crash or a lost membership publishes twice stays bounded, and the loop stops feeding a
-        producer that cannot deliver, as a flushing client's does."""
+        it flushes when a send from before the previous commit is still unacknowledged (a broker down or
+        slow): what a crash or a lost membership publishes twice stays within two commits' worth, and the
+        loop stops feeding a producer that cannot deliver, as a flushing client's does."""
         self._next_commit = time.monotonic() + self.settings.commit_interval_ms / 1000
         self._since_commit = 0
         if not flush:
             self.producer.serve()  # the delivery reports that have arrived
             self._drain_acks()
-            flush = self._unacked - len(self._send_errors) > self.settings.commit_every
+            flush = self._acked + len(self._send_errors) < self._sent_at_last_commit
         if flush:
             try:
                 self.producer.flush(self.delivery.flush_timeout_s)  # all sent are now acked (or failed)
@@ -637,12 +638,13 @@ class Worker:
                 self.delivery.mark_broken()
                 self._send_errors.append((self._epoch, None, -1, exc))  # -> _commit aborts (a new producer)
         self._drain_acks()
+        self._sent_at_last_commit = self._sent
         return self.tracker.committable()
 
     def _drain_acks(self) -> None:
         while self._acks:
             epoch, tp, offset = self._acks.popleft()
-            self._unacked -= 1
+            self._acked += 1
             if epoch == self._epoch:
                 self.tracker.ack(tp, offset)
 
@@ -701,7 +703,7 @@ class Worker:
         dropped = self.batcher.drop(lambda job: True)
         self.tracker.revoke(self.tracker.partitions())
         self._acks.clear()
-        self._unacked = 0  # a replaced producer's outcomes are dropped with the epoch
+        self._sent = self._acked = self._sent_at_last_commit = 0  # the old epoch's outcomes are dropped
         self._send_errors.clear()
         owned = self.consumer.assignment()
         self.consumer.rewind(owned)  # only marks them: also allowed inside a rebalance
