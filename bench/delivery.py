@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import common, e2e
+from bert_stream.kafka import CLIENTS
 
-CLIENTS = ("kafka-python", "confluent-kafka")
 CONFLUENT_SCALE = 5
 COMMIT_EVERY = 10_000_000  # out of reach: the commit interval alone paces commits
 VARIANTS = (("at-least-once", 1000), ("exactly-once", 1000), ("at-least-once", 100), ("exactly-once", 100))

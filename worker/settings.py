@@ -16,7 +16,6 @@ from worker.delivery import DELIVERY_MODES
 
 INPUT_FORMATS = ("auto", "text", "json")
 BACKENDS = ("auto", "packed", "padded")  # how worker.engine runs a batch
-KAFKA_CLIENTS = CLIENTS
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # what brokers accept (Kafka's Topic.validate)
 DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
 
@@ -100,7 +99,7 @@ class WorkerSettings:
     cache_timeout_ms: int = setting(100, env="BERT_STREAM_CACHE_TIMEOUT_MS",
                                     help="A slower Redis is treated as down for the batch (the model runs).")
 
-    kafka_client: str = setting("kafka-python", env="BERT_STREAM_KAFKA_CLIENT", choices=KAFKA_CLIENTS,
+    kafka_client: str = setting("kafka-python", env="BERT_STREAM_KAFKA_CLIENT", choices=CLIENTS,
                                 help="The worker's Kafka client; both do everything (both delivery modes). kafka-python: "
                                      "the default. confluent-kafka (librdkafka; pip install "
                                      "'bert-stream[confluent]'): consumes and produces for a fraction of the CPU "

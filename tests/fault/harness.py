@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bert_stream.kafka import KafkaSettings, make_consumer, make_producer
+from bert_stream.kafka import CLIENTS, KafkaSettings, adapter, make_consumer, make_producer
 from tests.conftest import BROKER
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def uncommitted_window(client: str = "kafka-python") -> int:
     librdkafka the worker commits between flushes what the broker has acknowledged so far (``lazy_commits``),
     so what was still unacknowledged at a commit, at most what was sent since the one before, stays
     uncommitted until the next: one more commit_every."""
-    lazy = client == "confluent-kafka"
+    lazy = adapter(client).Producer.lazy_commits
     return (2 if lazy else 1) * COMMIT_EVERY + _in_flight_batches() * MAX_BATCH_SIZE
 
 
@@ -562,7 +562,6 @@ def duplicated(sent: Sent, reader: TopicReader) -> str:
 REPORTS: list[tuple[str, str]] = []  # (test, line) for the terminal summary
 
 
-CLIENTS = ("kafka-python", "confluent-kafka")
 # what the Tansu pass runs of the client x mode matrix: the rest runs on Apache Kafka only (Tansu's quirks are
 # the broker's, not the client's, and the matrix would double the pass's time)
 ON_TANSU = {("at-least-once", "kafka-python"), ("exactly-once", "kafka-python"), ("at-least-once", "confluent-kafka")}

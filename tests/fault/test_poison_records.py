@@ -15,14 +15,13 @@ import subprocess
 
 import pytest
 
-from bert_stream.kafka import ensure_topics, make_producer
+from bert_stream.kafka import CLIENTS, ensure_topics, make_producer
 from tests.conftest import BROKER
 from tests.fault import harness as h
 from worker import messages as m
 
 pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
 
-CLIENTS = ("kafka-python", "confluent-kafka")
 CODECS = ("gzip", "snappy", "lz4", "zstd")
 TEXTS = ("国足世预赛主场两球击败对手", "央行宣布下调存款准备金率", "这本书内容空洞，完全不值这个价格", "电影节闭幕，最佳影片揭晓")
 
