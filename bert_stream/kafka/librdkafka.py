@@ -20,7 +20,7 @@ How librdkafka differs, and what is done about it here:
 - a retriable error of a transactional call means "call it again": :meth:`Producer._call` does, until its
   deadline;
 - a transactional call can wait past its own timeout, for good: after a broker restart,
-  ``send_offsets_to_transaction`` was seen blocked in ``rd_kafka_txn_op_req`` (an untimed condition wait)
+  ``send_offsets_to_transaction`` can block in ``rd_kafka_txn_op_req`` (an untimed condition wait)
   with librdkafka's threads idle. Each runs on a helper thread, waited for up to its timeout plus a margin
   (:meth:`Producer._bounded`); past that the worker replaces the producer, as after any timeout.
 """
@@ -271,9 +271,9 @@ class Producer:
     """confluent-kafka's producer as the interface's. Delivery callbacks run inside send/serve/flush."""
 
     # commits between forced ones take the acks that have come in without waiting for the rest: a flush
-    # every commit_every messages stalled the loop for a round trip each time (15% of a cached worker's main
-    # thread at ~45k msgs/s). The price, at-least-once only: a crash re-delivers also what was in flight to
-    # the broker at the last commit (a linger and a round trip's worth).
+    # every commit_every messages stalls the loop for a round trip each time (bench/RESULTS.md, part 8). The
+    # price, at-least-once only: a crash re-delivers also what was unacknowledged at the last commit (at most
+    # one commit's worth: worker/run.py _acknowledged flushes when the broker falls a commit behind).
     lazy_commits = True
 
     def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None,

@@ -329,7 +329,7 @@ class Consumer(i.Consumer):
         between two polls is dropped, and the next poll joins afresh): a partition can come back, a
         generation later, after another member processed and committed it. Every assigned partition is
         therefore rewound to the committed offset before its first record is returned (one OffsetFetch
-        per partition and rebalance; CI saw 41-125 duplicates under exactly-once without it)."""
+        per partition and rebalance; without it a rebalance re-publishes, exactly-once included)."""
         self.forget_rewinds(partitions)
         self.rewind(partitions)
         self._joining, self._rejoins = False, 0
