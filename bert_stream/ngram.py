@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,85 @@ def _vectorizer(n_features: int, ngram_range: tuple[int, int]):
 
     return HashingVectorizer(analyzer="char", ngram_range=ngram_range, n_features=n_features,
                              alternate_sign=False, norm=None)
+
+
+_WHITE_SPACES = re.compile(r"\s\s+")  # scikit-learn's analyzer="char" collapses runs of white space
+_C1, _C2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
+
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def murmur3_32(words: Sequence[np.ndarray], length: np.ndarray) -> np.ndarray:
+    """MurmurHash3_x86_32 (seed 0, signed) of byte strings of up to 12 bytes, given as three little-endian
+    uint32 words zero-padded past ``length``: scikit-learn's feature hash, for many strings in one pass."""
+    words = [w.astype(np.uint32) for w in words]
+    h = np.zeros(len(length), dtype=np.uint32)
+    full = length >> 2
+    for j, word in enumerate(words):
+        k = _rotl(word * _C1, 15) * _C2
+        h = np.where(full > j, _rotl(h ^ k, 13) * np.uint32(5) + np.uint32(0xE6546B64), h)
+    tail = np.select([full == 0, full == 1, full == 2], words, np.uint32(0))  # its last 1-3 bytes
+    h = np.where(length & 3, h ^ (_rotl(tail * _C1, 15) * _C2), h)
+    h ^= length.astype(np.uint32)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h.view(np.int32)
+
+
+def _utf8(cps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each code point's UTF-8 bytes as a little-endian uint64 (zero past them) and their count."""
+    c = cps.astype(np.uint64)
+    one, two, three = c < 0x80, c < 0x800, c < 0x10000
+    length = np.where(one, 1, np.where(two, 2, np.where(three, 3, 4))).astype(np.uint64)
+    low6, mid6, high6 = 0x80 | (c & 0x3F), 0x80 | ((c >> 6) & 0x3F), 0x80 | ((c >> 12) & 0x3F)
+    b0 = np.where(one, c, np.where(two, 0xC0 | (c >> 6), np.where(three, 0xE0 | (c >> 12), 0xF0 | (c >> 18))))
+    b1 = np.where(two, low6, np.where(three, mid6, high6))
+    b2 = np.where(three, low6, mid6)
+    word = b0 | (b1 << 8) | (b2 << 16) | (low6 << 24)
+    return word & ((np.uint64(1) << (length * 8)) - 1), length
+
+
+def char_ngram_hashes(texts: Sequence[str], ngram_range: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(text index, signed MurmurHash3) of every character n-gram scikit-learn's ``HashingVectorizer(
+    analyzer="char")`` extracts (lowercased, runs of white space collapsed), computed in numpy for the whole
+    batch. None for what this path cannot split exactly (a text holding NUL, a lone surrogate): the caller
+    then asks scikit-learn, which decides as it always did."""
+    lo, hi = ngram_range
+    if not texts or hi > 3 or lo < 1:  # an n-gram of at most 3 characters fits the 12-byte hash below
+        return None
+    joined = _WHITE_SPACES.sub(" ", "\x00".join(texts).lower())  # NUL: neither white space nor cased
+    try:
+        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    except UnicodeEncodeError:
+        return None
+    bounds = np.flatnonzero(cps == 0)
+    if len(bounds) != len(texts) - 1:
+        return None
+    doc = np.zeros(len(cps), dtype=np.int64)
+    doc[bounds + 1] = 1
+    doc = np.cumsum(doc)
+    inside = cps != 0
+    word, length = _utf8(cps)
+    docs, hashes = [], []
+    mask32 = np.uint64(0xFFFFFFFF)
+    for n in range(lo, hi + 1):
+        starts = np.flatnonzero(inside[:len(cps) - n + 1])
+        for k in range(1, n):
+            starts = starts[inside[starts + k]]
+        low, high, size = word[starts], np.zeros(len(starts), dtype=np.uint64), length[starts]
+        for k in range(1, n):  # append the next character's bytes at byte offset `size` (<= 8)
+            nxt, shift = word[starts + k], size * 8
+            low = low | np.where(shift < 64, nxt << np.minimum(shift, 63), 0).astype(np.uint64)
+            high = high | (nxt >> (np.uint64(64) - shift))  # its bytes past the eighth (none while shift <= 32)
+            size = size + length[starts + k]
+        docs.append(doc[starts])
+        hashes.append(murmur3_32([low & mask32, low >> np.uint64(32), high & mask32], size))
+    return np.concatenate(docs), np.concatenate(hashes)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -65,6 +145,10 @@ class NgramModel:
             (self.coef.ravel(), (np.repeat(self.buckets, self.coef.shape[1]),
                                  np.tile(np.arange(self.coef.shape[1]), len(self.buckets)))),
             shape=(self.n_features, self.coef.shape[1]), dtype=np.float32)
+        # bucket -> its row of coef, or len(buckets) for a bucket no training text had
+        self._row_of = np.full(self.n_features, len(self.buckets), dtype=np.int32)
+        self._row_of[self.buckets] = np.arange(len(self.buckets), dtype=np.int32)
+        self._idf_rows = np.append(self.idf, np.float32(self.unseen_idf)).astype(np.float32)
 
     @property
     def labels(self) -> int:
@@ -121,7 +205,34 @@ class NgramModel:
 
     # ---- scoring ---------------------------------------------------------------------------------------------
     def scores(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), labels] float32: the linear model's decision function."""
+        """[len(texts), labels] float32: the linear model's decision function. The features are hashed in
+        numpy for the whole batch (:func:`char_ngram_hashes`; scikit-learn's analyzer is a Python loop per
+        n-gram, the largest cost of an uncached message); what that cannot split goes to scikit-learn."""
+        hashed = char_ngram_hashes(texts, tuple(self.ngram_range))
+        if hashed is None:
+            return self._scores_sklearn(texts)
+        doc, h = hashed
+        n, f = len(texts), self.n_features
+        index = np.abs(h.astype(np.int64))  # scikit-learn's bucket is this mod f, INT_MIN included
+        if f & (f - 1) == 0:  # a power of two: masks and shifts instead of divisions
+            pairs, counts = np.unique((doc << (f.bit_length() - 1)) | (index & (f - 1)), return_counts=True)
+            doc, index = pairs >> (f.bit_length() - 1), pairs & (f - 1)
+        else:
+            pairs, counts = np.unique(doc * f + index % f, return_counts=True)  # sorted by text, then bucket
+            doc, index = pairs // f, pairs % f
+        rows = self._row_of[index]
+        values = counts.astype(np.float32) * self._idf_rows[rows]
+        norms = np.sqrt(np.bincount(doc, weights=values.astype(np.float64) ** 2, minlength=n)).astype(np.float32)
+        norms[norms == 0] = 1.0  # an empty text scores its intercept
+        weighted = rows < len(self.buckets)  # only buckets seen in training carry weights
+        doc, contrib = doc[weighted], values[weighted, None] * self.coef[rows[weighted]]
+        out = np.zeros((n, self.labels), dtype=np.float32)
+        if len(doc):
+            starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+            out[doc[starts]] = np.add.reduceat(contrib, starts, axis=0)
+        return out / norms[:, None] + self.intercept
+
+    def _scores_sklearn(self, texts: Sequence[str]) -> np.ndarray:
         x = self._hasher.transform(list(texts)).astype(np.float32)
         x.data *= self._idf[x.indices]
         norms = np.sqrt(np.add.reduceat(x.data**2, x.indptr[:-1])) if x.nnz else np.zeros(x.shape[0])

@@ -98,3 +98,31 @@ def test_calibration_weighs_the_half_that_knows():
     fit = shuffled.calibrate(mostly, held_texts, held_labels)
     assert shuffled.model_scale > 0.5 and shuffled.ngram_scale < 0.2 * shuffled.model_scale, fit
     assert fit["log_loss_hybrid"] <= fit["log_loss_transformer"]
+
+
+ODD_TEXTS = ["", " ", "A  B\t\tc", "ΣΑΣ ΟΔΟΣ", "İstanbul", "a\u3000\u3000b", "😀😀x", "\n", "ab", "Ǆ", "é" * 300,
+             "Ab\r\n\r\nCD", "价格\u00a0\u00a0合理", "一"]
+
+
+@pytest.mark.parametrize("texts", [ODD_TEXTS, ["a\x00b", "好"], ["\ud800孤"], ["一"]],
+                         ids=["odd", "nul", "lone-surrogate", "one"])
+def test_numpy_hashing_buckets_every_ngram_as_scikit_learn_does(texts):
+    """The worker's vectorised hashing (any script, 1-4 byte UTF-8, case, white-space runs) gives the
+    buckets scikit-learn's HashingVectorizer gives; what it cannot split (NUL, a lone surrogate) falls back."""
+    hasher = ngram._vectorizer(ngram.N_FEATURES, ngram.NGRAM_RANGE)
+    hashed = ngram.char_ngram_hashes(texts, ngram.NGRAM_RANGE)
+    if "\x00" in "".join(texts) or "\ud800" in "".join(texts):
+        assert hashed is None
+        return
+    doc, h = hashed
+    ours = [sorted(np.abs(h[doc == i].astype(np.int64)) % ngram.N_FEATURES) for i in range(len(texts))]
+    x = hasher.transform(texts)
+    theirs = [sorted(np.repeat(x[i].indices, x[i].data.astype(int))) for i in range(len(texts))]
+    assert [list(map(int, o)) for o in ours] == [list(map(int, t)) for t in theirs]
+
+
+def test_numpy_scores_match_the_scikit_learn_path():
+    texts, labels = corpus(60)
+    model = NgramModel.fit(texts, labels, 3)
+    queries = corpus(20, seed=5)[0] + ODD_TEXTS + ["a\x00b"]
+    np.testing.assert_allclose(model.scores(queries), model._scores_sklearn(queries), rtol=1e-5, atol=1e-6)
