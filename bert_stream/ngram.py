@@ -16,6 +16,7 @@ transformer's confidences (a temperature); both scales are fitted by validation 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -53,10 +54,10 @@ def murmur3_32(words: Sequence[np.ndarray], length: np.ndarray) -> np.ndarray:
     words = [w.astype(np.uint32) for w in words]
     h = np.zeros(len(length), dtype=np.uint32)
     full = length >> 2
-    for j, word in enumerate(words):
+    for j, word in enumerate(words[:max(1, int(full.max(initial=0)))]):
         k = _rotl(word * _C1, 15) * _C2
         h = np.where(full > j, _rotl(h ^ k, 13) * np.uint32(5) + np.uint32(0xE6546B64), h)
-    tail = np.select([full == 0, full == 1, full == 2], words, np.uint32(0))  # its last 1-3 bytes
+    tail = np.select([full == j for j in range(len(words))], words, np.uint32(0))  # its last 1-3 bytes
     h = np.where(length & 3, h ^ (_rotl(tail * _C1, 15) * _C2), h)
     h ^= length.astype(np.uint32)
     h ^= h >> np.uint32(16)
@@ -78,6 +79,13 @@ def _utf8(cps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     b2 = np.where(three, low6, mid6)
     word = b0 | (b1 << 8) | (b2 << 16) | (low6 << 24)
     return word & ((np.uint64(1) << (length * 8)) - 1), length
+
+
+@functools.cache
+def _unigram_hashes() -> np.ndarray:
+    """The hash of every code point as a one-character n-gram (4.4 MB; surrogates never reach it)."""
+    word, length = _utf8(np.arange(0x110000, dtype=np.uint32))
+    return murmur3_32([word & np.uint64(0xFFFFFFFF)], length)
 
 
 def char_ngram_hashes(texts: Sequence[str], ngram_range: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -107,14 +115,17 @@ def char_ngram_hashes(texts: Sequence[str], ngram_range: tuple[int, int]) -> tup
         starts = np.flatnonzero(inside[:len(cps) - n + 1])
         for k in range(1, n):
             starts = starts[inside[starts + k]]
+        docs.append(doc[starts])
+        if n == 1:  # a character's hash is looked up: the commonest n-grams, hashed once per process
+            hashes.append(_unigram_hashes()[cps[starts]])
+            continue
         low, high, size = word[starts], np.zeros(len(starts), dtype=np.uint64), length[starts]
         for k in range(1, n):  # append the next character's bytes at byte offset `size` (<= 8)
             nxt, shift = word[starts + k], size * 8
             low = low | np.where(shift < 64, nxt << np.minimum(shift, 63), 0).astype(np.uint64)
             high = high | (nxt >> (np.uint64(64) - shift))  # its bytes past the eighth (none while shift <= 32)
             size = size + length[starts + k]
-        docs.append(doc[starts])
-        hashes.append(murmur3_32([low & mask32, low >> np.uint64(32), high & mask32], size))
+        hashes.append(murmur3_32([low & mask32, low >> np.uint64(32), high & mask32][:n], size))
     return np.concatenate(docs), np.concatenate(hashes)
 
 
@@ -214,23 +225,24 @@ class NgramModel:
         doc, h = hashed
         n, f = len(texts), self.n_features
         index = np.abs(h.astype(np.int64))  # scikit-learn's bucket is this mod f, INT_MIN included
-        if f & (f - 1) == 0:  # a power of two: masks and shifts instead of divisions
-            pairs, counts = np.unique((doc << (f.bit_length() - 1)) | (index & (f - 1)), return_counts=True)
-            doc, index = pairs >> (f.bit_length() - 1), pairs & (f - 1)
-        else:
-            pairs, counts = np.unique(doc * f + index % f, return_counts=True)  # sorted by text, then bucket
-            doc, index = pairs // f, pairs % f
+        from scipy import sparse
+
+        bits = f.bit_length() - 1
+        power_of_two = f == 1 << bits  # then masks and shifts instead of divisions
+        keys = np.sort((doc << bits) | (index & (f - 1)) if power_of_two else doc * f + index % f)
+        first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # each (text, bucket) pair once ...
+        counts = np.diff(np.r_[first, len(keys)]).astype(np.float32)  # ... and how often it occurs
+        pairs = keys[first]
+        doc, index = (pairs >> bits, pairs & (f - 1)) if power_of_two else (pairs // f, pairs % f)
         rows = self._row_of[index]
-        values = counts.astype(np.float32) * self._idf_rows[rows]
-        norms = np.sqrt(np.bincount(doc, weights=values.astype(np.float64) ** 2, minlength=n)).astype(np.float32)
-        norms[norms == 0] = 1.0  # an empty text scores its intercept
+        values = counts * self._idf_rows[rows]  # TF-IDF, sorted by text
+        starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+        norms = np.ones(n, dtype=np.float32)  # an empty text scores its intercept
+        norms[doc[starts]] = np.sqrt(np.add.reduceat(values * values, starts))
         weighted = rows < len(self.buckets)  # only buckets seen in training carry weights
-        doc, contrib = doc[weighted], values[weighted, None] * self.coef[rows[weighted]]
-        out = np.zeros((n, self.labels), dtype=np.float32)
-        if len(doc):
-            starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
-            out[doc[starts]] = np.add.reduceat(contrib, starts, axis=0)
-        return out / norms[:, None] + self.intercept
+        doc, rows, values = doc[weighted], rows[weighted], values[weighted]
+        x = sparse.csr_matrix((values, rows, np.searchsorted(doc, np.arange(n + 1))), shape=(n, len(self.buckets)))
+        return np.asarray(x @ self.coef, dtype=np.float32) / norms[:, None] + self.intercept
 
     def _scores_sklearn(self, texts: Sequence[str]) -> np.ndarray:
         x = self._hasher.transform(list(texts)).astype(np.float32)
