@@ -8,7 +8,7 @@ the key too, so during a rolling upgrade that changes it the old and the new wor
 entries instead of overwriting each other's with values the other reads as misses.
 
 Round trips: one ``MGET`` per poll for every text it returned (the worker's main thread, before batching),
-one pipelined batch of ``SET ... EX ttl`` per batch for the new results after inference.
+one script call per batch that stores the new results after inference (``SET ... EX ttl`` each).
 
 Redis is an optimisation, never a dependency: when a call fails or exceeds ``timeout_ms`` the cache is
 marked down, the batch runs without it, and calls are skipped until a retry time (backoff doubling from
@@ -34,6 +34,18 @@ MAX_BACKOFF_S = 30.0
 # An entry's bytes decide its prediction completely, so this never answers differently; it is emptied
 # when full (a cheap bound: popular entries come back in the next lookups).
 PARSED_ENTRIES = 16_384
+
+
+# SET key value EX ttl for every key: ARGV[1] is the TTL, ARGV[i + 1] the value of KEYS[i]. Atomic as a side
+# effect, which nothing relies on; the keys of one call may lie in different cluster slots only on a
+# single-node Redis, which is what the worker's client connects to.
+STORE_SCRIPT = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end"
+
+
+def redis_errors():
+    import redis.exceptions
+
+    return redis.exceptions
 
 
 ENTRY_FORMAT = "j1"  # a JSON object of the output's prediction fields (before it: a JSON array, no tag)
@@ -62,6 +74,7 @@ class ResultCache:
         self._retry_at = 0.0
         self._backoff = MIN_BACKOFF_S
         self._parsed: dict[bytes, Prediction] = {}  # entry bytes -> the prediction they hold (see lookup)
+        self._store_script = None  # the registered store script; False once Redis refused scripts
 
     @property
     def enabled(self) -> bool:
@@ -149,24 +162,41 @@ class ResultCache:
         return out
 
     def store(self, version: str, items: Sequence[tuple[str, Prediction]]) -> None:
-        """Write new results, pipelined (one round trip), each with the TTL."""
+        """Write new results, each with the TTL, in one round trip: one script call that SETs them all (a
+        pipeline of SETs costs the client a command object per entry), or a pipeline where scripts are
+        refused."""
         if not items or not self._usable():
             return
+        keys = cache_keys(self.prefix, version, [text for text, _ in items])
+        values = [prediction.to_cache() for _text, prediction in items]
         try:
-            with self._redis().pipeline(transaction=False) as pipe:
-                keys = cache_keys(self.prefix, version, [text for text, _ in items])
-                for key, (_text, prediction) in zip(keys, items):
-                    pipe.set(key, prediction.to_cache(), ex=self.ttl_s)
-                pipe.execute()
+            if self._store_script is not False:
+                try:
+                    self._script()(keys=keys, args=[self.ttl_s, *values])
+                except redis_errors().ResponseError as exc:  # scripting disabled (ACL, a managed Redis)
+                    log.warning("cache_script_refused", error=str(exc)[:200], action="storing by pipeline")
+                    self._store_script = False
+            if self._store_script is False:
+                with self._redis().pipeline(transaction=False) as pipe:
+                    for key, value in zip(keys, values):
+                        pipe.set(key, value, ex=self.ttl_s)
+                    pipe.execute()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
             return
         self._ok()
 
+    def _script(self):
+        if self._store_script is None:
+            self._store_script = self._redis().register_script(STORE_SCRIPT)
+        return self._store_script
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+            if self._store_script is not False:
+                self._store_script = None  # bound to the closed client
 
 
 def _safe_url(url: str | None) -> str | None:

@@ -112,3 +112,22 @@ def test_slow_redis_counts_as_down(names):
     assert cache.lookup("v1", ["a"]) == [None]
     assert time.monotonic() - t0 < 1.0 and not cache.up
     server.close()
+
+
+def test_a_redis_that_refuses_scripts_gets_its_entries_by_pipeline(stack, names):
+    """Stores are one script call; a Redis whose ACL (or vendor) refuses scripting still gets every entry,
+    by pipeline (the refusal is logged once)."""
+    admin = redis.Redis.from_url(stack.redis_url)
+    user = f"noscript-{names.redis_prefix.strip(':').replace(':', '-')}"
+    admin.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@scripting"])
+    try:
+        host, port = admin.connection_pool.connection_kwargs["host"], admin.connection_pool.connection_kwargs["port"]
+        cache = ResultCache(f"redis://{user}:pw@{host}:{port}/0", names.redis_prefix, ttl_s=30, timeout_ms=500)
+        cache.store("v1", [("国足获胜", P)])
+        cache.store("v1", [("央行降准", P)])
+        assert cache.up and cache.lookup("v1", ["国足获胜", "央行降准"]) == [P, P]
+        assert 0 < admin.ttl(cache_key(names.redis_prefix, "v1", "央行降准")) <= 30
+        assert cache._store_script is False  # refused once, not asked again per batch
+        cache.close()
+    finally:
+        admin.acl_deluser(user)
