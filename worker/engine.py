@@ -23,14 +23,16 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("USE_TF", "0")  # transformers would otherwise import TensorFlow (seconds, GBs) if present
 os.environ.setdefault("USE_FLAX", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 from bert_stream import precision  # noqa: E402
 from bert_stream.ngram import NgramModel  # noqa: E402
@@ -85,6 +87,60 @@ def choose_dtype(setting: str, device: torch.device, cpuinfo: str | None = None)
     return torch.bfloat16 if precision.cpu_prefers_bf16(cpuinfo) else torch.float32
 
 
+def length_buckets(max_length: int) -> tuple[int, ...]:
+    """The padded lengths a CUDA pass may take: powers of two from 16, and max_length. A bucket wastes at most
+    half its tokens on padding (a quarter on average), and a handful of shapes is what kernel selection,
+    the warm-up and CUDA graphs can cover."""
+    out, n = [], 16
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return (*out, max_length)
+
+
+class Pass(NamedTuple):
+    """One forward pass: the batch positions of its rows, and their ids (padded: [rows, width] int64 with
+    ``mask`` True on real tokens; packed: one list per row, ``mask`` None)."""
+
+    rows: np.ndarray
+    ids: np.ndarray | list[list[int]]
+    mask: np.ndarray | None
+
+
+class Pending:
+    """A launched batch. :meth:`result` waits for the device once and builds every prediction from one
+    [rows, labels] array: softmax, top-k and the hybrid's sum in numpy, then one Prediction per text."""
+
+    __slots__ = ("model", "order", "truncated", "ngram", "wait")
+
+    def __init__(self, model: LoadedModel, order: np.ndarray, truncated: np.ndarray, ngram: np.ndarray | None,
+                 wait: Callable[[], np.ndarray]):
+        self.model, self.order, self.truncated, self.ngram, self.wait = model, order, truncated, ngram, wait
+
+    def logits(self) -> np.ndarray:
+        """[texts, labels] float32 in input order: the transformer's, or a hybrid's sum."""
+        z = np.empty((len(self.order), len(self.model.labels)), dtype=np.float32)
+        z[self.order] = self.wait()
+        half = self.model.ngram
+        if half is not None:
+            z = half.model_scale * _log_softmax(z) + half.ngram_scale * self.ngram
+        return z
+
+    def result(self) -> list[Prediction]:
+        z = self.logits()
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(self.model.top_k, probs.shape[1])
+        top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(probs, top_i, axis=1).astype(np.float64)
+        return Prediction.batch(self.model.labels, top_i.tolist(), top_p.tolist(), self.truncated.tolist())
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 class LoadedModel:
     """One model version, ready to classify."""
 
@@ -111,6 +167,13 @@ class LoadedModel:
             log.warning("packed_backend_unavailable", model_version=version, reason=why_not_packed)
         self.packed = packed.PackedBert(self.model) if self.backend == "packed" else None
         self.chunk_tokens = CHUNK_TOKENS if device.type == "cpu" else CUDA_CHUNK_TOKENS
+        # CUDA: each pass is padded to one of a few lengths, so the device sees a handful of shapes
+        self.buckets = length_buckets(max_length) if device.type == "cuda" and self.packed is None else None
+        # The Rust tokenizer itself, truncating: a batch is encoded in one call that releases the GIL, and
+        # nothing is built per message but its list of ids.
+        self._rust = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self._rust.no_padding()
+        self._rust.enable_truncation(max_length)
         # A hybrid checkpoint (trainer --hybrid) carries a char n-gram model whose scores join every prediction.
         self.ngram = NgramModel.load(folder)
         if self.ngram is not None and self.ngram.labels != len(self.labels):
@@ -128,74 +191,112 @@ class LoadedModel:
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text will occupy (truncated to max_length): what a forward pass costs."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        return [len(ids) for ids in enc["input_ids"]]
+        return [len(e.ids) for e in self._rust.encode_batch_fast(list(texts))]
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        """Classify ``texts`` (in order). Sorted by length, then run packed (padding-free) or in chunks padded
-        to their own longest row."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        truncated = [bool(e.overflowing) for e in enc.encodings]
-        out: list[Prediction | None] = [None] * len(truncated)
-        for chunk, rows in self._chunks(enc["input_ids"]):
-            for i, pred in zip(chunk, self._forward(rows, [texts[i] for i in chunk])):
-                out[i] = Prediction(pred[0], pred[1], pred[2], pred[3], truncated[i])
-        return out  # type: ignore[return-value]
+        """Classify ``texts`` (in order): :meth:`launch`, then wait for the result."""
+        return self.launch(texts).result()
+
+    def launch(self, texts: Sequence[str]) -> Pending:
+        """Tokenize ``texts`` and start their forward passes; :meth:`Pending.result` waits for them. On CUDA
+        this returns while the device computes, so the caller can prepare the next batch meanwhile; the
+        n-gram half of a hybrid is scored here, on the CPU, in that time."""
+        if not texts:
+            return Pending(self, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), None,
+                           lambda: np.zeros((0, len(self.labels)), dtype=np.float32))
+        ids, lengths, truncated = self.encode(texts)
+        passes = self.passes(ids, lengths)
+        ngram = self.ngram.scores(texts) if self.ngram is not None else None
+        return Pending(self, np.concatenate([p.rows for p in passes]), truncated, ngram, self.device_forward(passes))
+
+    def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+        """Token ids per text (truncated to max_length), their lengths, and which were cut."""
+        encs = self._rust.encode_batch_fast(list(texts))
+        ids = [e.ids for e in encs]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        truncated = lengths >= self.max_length
+        for i in np.flatnonzero(truncated):  # exactly max_length tokens is not necessarily a cut
+            truncated[i] = bool(encs[i].overflowing)
+        return ids, lengths, truncated
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """[len(texts), labels] float32 logits in input order (what a distilled student learns from)."""
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-        out = torch.empty((len(ids), len(self.labels)), dtype=torch.float32)
-        with torch.inference_mode():
-            for chunk, rows in self._chunks(ids):
-                out[chunk] = self._logits(rows, [texts[i] for i in chunk]).float().cpu()
-        return out
+        """[len(texts), labels] float32 logits in input order (what a distilled student learns from); a
+        hybrid's are the sum the served model takes its probabilities from."""
+        return torch.from_numpy(self.launch(texts).logits())
 
-    def _chunks(self, ids: list[list[int]]):
-        """(row indices, their token ids) per forward pass, shortest first; a chunk's cost (packed: real
-        tokens, padded: rows x longest) stays within budget."""
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        start = 0
-        while start < len(order):
+    def passes(self, ids: list[list[int]], lengths: np.ndarray) -> list[Pass]:
+        """The forward passes for token rows, shortest first: packed (real tokens within PACKED_TOKENS),
+        or padded to a length bucket (CUDA) or to the pass's own longest row, rows x length within
+        ``chunk_tokens``."""
+        order = np.argsort(lengths, kind="stable")
+        sorted_lengths = lengths[order].tolist()
+        bounds, start, n = [], 0, len(order)
+        while start < n:
             end = start + 1
             if self.packed is not None:
-                tokens = len(ids[order[start]])
-                while end < len(order) and tokens + len(ids[order[end]]) <= PACKED_TOKENS:
-                    tokens += len(ids[order[end]])
+                tokens = sorted_lengths[start]
+                while end < n and tokens + sorted_lengths[end] <= PACKED_TOKENS:
+                    tokens += sorted_lengths[end]
                     end += 1
             else:
-                while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= self.chunk_tokens:
+                width = self._width(sorted_lengths[start])
+                while end < n:
+                    next_width = self._width(sorted_lengths[end])
+                    if (self.buckets and next_width != width) or (end - start + 1) * next_width > self.chunk_tokens:
+                        break
                     end += 1
-            chunk = order[start:end]
-            yield chunk, [ids[i] for i in chunk]
+            bounds.append((start, end))
             start = end
+        out = []
+        for start, end in bounds:
+            rows = order[start:end]
+            if self.packed is not None:
+                out.append(Pass(rows, [ids[i] for i in rows], None))
+                continue
+            width = self._width(sorted_lengths[end - 1])
+            mask = np.arange(width) < lengths[rows][:, None]  # rows are padded on the right
+            padded = np.full(mask.shape, self.pad_id, dtype=np.int64)
+            padded[mask] = np.fromiter(itertools.chain.from_iterable(ids[i] for i in rows), dtype=np.int64,
+                                       count=int(mask.sum()))
+            out.append(Pass(rows, padded, mask))
+        return out
 
-    def _logits(self, rows: list[list[int]], texts: Sequence[str] | None = None) -> torch.Tensor:
-        """The checkpoint's logits for token rows: the transformer's, plus the n-gram half of a hybrid (which
-        reads ``texts``, the rows' texts; None only in warm-up)."""
-        logits = self._transformer_logits(rows)
-        if self.ngram is not None and texts is not None:
-            logits = self.ngram.combine(logits, texts)
-        return logits
+    def _width(self, length: int) -> int:
+        """A padded pass's length for a row of ``length`` tokens: its bucket on CUDA, else itself."""
+        if self.buckets is None:
+            return length
+        return next(b for b in self.buckets if b >= length)
 
-    def _transformer_logits(self, rows: list[list[int]]) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed.logits(rows)
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        attention = np.arange(lengths.max()) < lengths[:, None]  # rows are padded on the right
-        input_ids = np.full(attention.shape, self.pad_id, dtype=np.int64)
-        input_ids[attention] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=lengths.sum())
-        return self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
-                          attention_mask=torch.from_numpy(attention).to(self.device, torch.long)).logits
-
-    def _forward(self, rows: list[list[int]], texts: Sequence[str] | None = None) -> list[tuple[str, int, float, tuple]]:
+    def device_forward(self, passes: list[Pass]) -> Callable[[], np.ndarray]:
+        """Start ``passes`` on the device; returns a function that waits for them and gives their logits,
+        [rows, labels] float32 in pass order. On CUDA the inputs go up from pinned memory without blocking,
+        and the logits of all passes come back in one copy (one synchronisation per batch); elsewhere the
+        work is done before this returns. (bench/standin.py replaces this method to model a GPU.)"""
+        cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            probs = torch.softmax(self._logits(rows, texts).float(), dim=-1)
-            k = min(self.top_k, probs.shape[-1])
-            top_p, top_i = probs.topk(k, dim=-1)
-        top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()  # one device sync per chunk
-        return [(self.labels[ti[0]], ti[0], tp[0], tuple((self.labels[i], p) for i, p in zip(ti, tp)))
-                for tp, ti in zip(top_p, top_i)]
+            outs = [self._pass_logits(p, cuda) for p in passes]
+            logits = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
+            if not cuda:
+                result = logits.numpy()
+                return lambda: result
+            host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(logits, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+
+        def wait() -> np.ndarray:
+            done.synchronize()
+            return host.numpy()
+        return wait
+
+    def _pass_logits(self, p: Pass, cuda: bool) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.logits(p.ids)
+        ids, mask = torch.from_numpy(p.ids), torch.from_numpy(p.mask)
+        if cuda:
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        return self.model(input_ids=ids.to(self.device, non_blocking=cuda),
+                          attention_mask=mask.to(self.device, torch.long, non_blocking=cuda)).logits
 
     def warm_up(self) -> float:
         """Run a few batches so the first real one does not pay for kernel selection; returns seconds."""
@@ -207,9 +308,10 @@ class LoadedModel:
             # mixed shapes ran at 1/7 to 1/2 of the second. So every shape class a batch can take, once, here.
             token = self.tokenizer.unk_token_id or 0
             for rows in (1, 8, 64, 512, 4096):
-                for length in sorted({min(n, self.max_length) for n in (16, 32, 64, self.max_length)}):
+                for length in self.buckets or sorted({min(n, self.max_length) for n in (16, 32, 64, 128)}):
                     if rows * length <= self.chunk_tokens:
-                        self._forward([[token] * length] * rows)
+                        ids = [[token] * length] * rows
+                        self.device_forward(self.passes(ids, np.full(rows, length)))()
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import unicodedata
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -269,6 +270,24 @@ class Prediction:
         return self.json
 
     @classmethod
+    def batch(cls, labels: Sequence[str], top_i: list[list[int]], top_p: list[list[float]],
+              truncated: list[bool]) -> list[Prediction]:
+        """One prediction per row of top-k label ids and probabilities, their ``json`` written from
+        fragments (each label's JSON once, every score by one orjson call): the same object
+        ``__post_init__`` writes, at a fraction of its cost per message."""
+        names = [orjson.dumps(label) for label in labels]
+        entry = [b'{"label":%b,"score":' % name for name in names]  # a top-k entry up to its score
+        flat = [round(p, 6) for row in top_p for p in row]
+        scores = orjson.dumps(flat)[1:-1].split(b",") if flat else []
+        k, out, at = len(top_i[0]) if top_i else 0, [], 0
+        for ids, probs, cut in zip(top_i, top_p, truncated):
+            top = b"},".join([entry[i] + scores[at + j] for j, i in enumerate(ids)])
+            out.append(cls(labels[ids[0]], ids[0], probs[0], tuple(zip([labels[i] for i in ids], probs)), cut,
+                           _PREDICTION % (names[ids[0]], ids[0], scores[at], top, b"true" if cut else b"false")))
+            at += k
+        return out
+
+    @classmethod
     def from_cache(cls, raw: bytes) -> Prediction:
         """The prediction a cache entry holds; raises ValueError (the cache reads it as a miss) for anything
         but the object :attr:`json` writes, so what is spliced into outputs is always that object."""
@@ -284,6 +303,7 @@ class Prediction:
 
 
 _PREDICTION_KEYS = {"label", "label_id", "score", "top_k", "truncated"}
+_PREDICTION = b'{"label":%b,"label_id":%d,"score":%b,"top_k":[%b}],"truncated":%b}'
 
 
 def output_value(message: InputMessage, prediction: Prediction, *, model_version: str, cached: bool,

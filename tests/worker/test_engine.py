@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from bert_stream import precision
 from tests.worker.conftest import chinese_messages, publish_tiny_model
 from trainer import checkpoint
-from worker.engine import Engine, choose_dtype
+from worker.engine import Engine, choose_dtype, length_buckets
 
 
 def test_dtype_follows_the_hardware(monkeypatch):
@@ -43,6 +44,13 @@ def test_predictions_keep_order_and_mark_truncation(model_store, model_labels):
     for chunk_tokens in (32, 2048):  # one row per pass; all 16 rows in one
         padded.chunk_tokens = chunk_tokens
         assert [p.score for p in padded.predict(texts)] == pytest.approx([p.score for p in preds], abs=1e-4)
+    # CUDA's shapes: each pass padded to a length bucket, one bucket per pass (on the CPU: equal outputs only)
+    padded.buckets = length_buckets(32)
+    assert padded.buckets == (16, 32)
+    passes = padded.passes(*_ids(padded, texts))
+    assert {p.ids.shape[1] for p in passes} <= {16, 32} and len(passes) >= 2
+    assert sorted(np.concatenate([p.rows for p in passes]).tolist()) == list(range(len(texts)))
+    assert [p.score for p in padded.predict(texts)] == pytest.approx([p.score for p in preds], abs=1e-4)
     lengths = model.token_lengths(texts)
     assert [p.truncated for p in preds] == [len(model.tokenizer(t)["input_ids"]) > 32 for t in texts]
     assert any(p.truncated for p in preds) and not all(p.truncated for p in preds)
@@ -50,6 +58,11 @@ def test_predictions_keep_order_and_mark_truncation(model_store, model_labels):
     # the batcher's estimate (no tokenizing) never under-counts this character-level vocabulary, and is capped
     budget = model.token_budget(texts)
     assert all(b >= n for b, n in zip(budget, lengths)) and max(budget) == 32
+
+
+def _ids(model, texts):
+    ids = [e.ids for e in model._rust.encode_batch_fast(texts)]
+    return ids, np.array([len(i) for i in ids])
 
 
 def test_new_version_is_swapped_in_and_a_corrupt_one_refused(model_store):
