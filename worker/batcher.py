@@ -98,6 +98,11 @@ class Batcher(Generic[T]):
         self._count -= len(batch)
         return batch
 
+    @property
+    def full(self) -> bool:
+        """A batch is closed by a budget (items or tokens) and waits to be popped."""
+        return bool(self._closed)
+
     def seconds_until_ready(self, now: float) -> float | None:
         """0 when a batch is ready, the wait left for the open batch, or None when empty."""
         if self._closed:

@@ -77,6 +77,7 @@ LAG_EVERY_S = 10.0          # end-offset requests for the lag gauge (one round t
 DLQ_MAX_BYTES = 900_000     # a dead letter's value, key and headers together: under the 1 MB request limit
 PROBE_TEXT = "模型自检：今天天气很好"  # a text any working model classifies: tells a broken model from poison input
 MODEL_RETRY_BACKOFF_S = 0.5  # the first wait before a broken model's batch is retried; doubles each time
+PAUSE_AFTER_S = 1.0          # a queue full this long pauses the partitions (_backpressure)
 PRODUCER_CLOSE_S = 10.0     # the producer's close at exit: what is not sent by then is re-delivered anyway
 
 
@@ -116,8 +117,9 @@ class Classifier:
     def __init__(self, engine: Engine, cache: ResultCache, metrics: WorkerMetrics, *, model_failure_retries: int = 3):
         self.engine, self.cache, self.metrics = engine, cache, metrics
         self.model_failure_retries = model_failure_retries
-        self.busy_since: float | None = None  # time.monotonic() when the batch in the model began, else None
+        self._started: deque[float] = deque()  # time.monotonic() when each batch in the model was launched
         self._todo: queue.Queue[Batch[Job] | None] = queue.Queue()
+        self._launched: queue.Queue[Launched | None] = queue.Queue()
         self._done: queue.Queue[DoneBatch] = queue.Queue()
         self.batches_in_flight = 0
         self.items_in_flight = 0
@@ -125,8 +127,16 @@ class Classifier:
         # text -> (this thread's result for the model served now, time.monotonic() when it was stored)
         self._recent: dict[str, tuple[Prediction, float]] = {}
         self.failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._serve, name="classifier", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._launch_each, name="classifier", daemon=True),
+                         threading.Thread(target=self._finish_each, name="classifier-finish", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def busy_since(self) -> float | None:
+        """time.monotonic() when the oldest batch now in the model was launched, else None."""
+        started = self._started
+        return started[0] if started else None
 
     def has_room(self) -> bool:
         return self.batches_in_flight < MAX_IN_FLIGHT_BATCHES
@@ -173,22 +183,38 @@ class Classifier:
     def close(self) -> None:
         self._todo.put(None)
         # a thread stuck in the model (a hung device) is a daemon: the exit does not wait for it
-        self._thread.join(timeout=5 if self.busy_since is not None else 30)
+        for thread in self._threads:
+            thread.join(timeout=5 if self.busy_since is not None else 30)
 
-    def _serve(self) -> None:
+    def _launch_each(self) -> None:
+        """The first stage: batch N+1 is tokenized and launched while the second stage waits for batch N."""
         try:
             while (batch := self._todo.get()) is not None:
-                self.busy_since = time.monotonic()
-                done = self.classify(batch)
-                self.busy_since = None
-                self._done.put(done)
+                self._started.append(time.monotonic())
+                self._launched.put(self.launch(batch))
         except BaseException as exc:  # a bug, not a model error (_infer isolates those): the worker must exit
+            self.failure = exc
+            log.exception("classifier_failed")
+        finally:
+            self._launched.put(None)
+
+    def _finish_each(self) -> None:
+        try:
+            while (launched := self._launched.get()) is not None:
+                done = self.finish(launched)
+                self._started.popleft()
+                self._done.put(done)
+        except BaseException as exc:
             self.failure = exc
             log.exception("classifier_failed")
 
     def classify(self, batch: Batch[Job]) -> DoneBatch:
-        """Results for a batch: the cache's answers from poll time (for the model served now), then this
-        thread's recent results, then the model for the rest (a text repeated in the batch runs once)."""
+        """Results for a batch, both stages on the calling thread."""
+        return self.finish(self.launch(batch))
+
+    def launch(self, batch: Batch[Job]) -> Launched:
+        """The cache's answers from poll time (for the model served now), then this thread's recent
+        results; the model is launched on the rest (a text repeated in the batch runs once)."""
         model = self.engine.acquire()  # a pending hot reload is swapped in here, between batches
         if model.version != self._version:
             self.metrics.set_model(model.version, str(model.dtype).removeprefix("torch."), str(model.device))
@@ -214,10 +240,19 @@ class Classifier:
                 self.metrics.cache_lookups.labels("recent").inc(recalled)
         todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
         t0 = time.perf_counter()
-        fresh, errors = _infer(model, todo)
+        return Launched(batch, model, start, t0, jobs, texts, cached, todo, _launch(model, todo))
+
+    def finish(self, launched: Launched) -> DoneBatch:
+        """The model's results for a launched batch (a failing batch is isolated item by item, a broken
+        model retried: :meth:`_unless_broken`), stored in the cache, and the batch's results in order."""
+        batch, model, start, jobs, texts, cached, todo = (launched.batch, launched.model, launched.start,
+                                                          launched.jobs, launched.texts, launched.cached,
+                                                          launched.todo)
+        version, recent = model.version, self._recent
+        fresh, errors = _result(model, todo, launched.pending)
         if todo and not fresh:
             fresh, errors = self._unless_broken(model, todo, errors)
-        infer_ms = (time.perf_counter() - t0) * 1000
+        infer_ms = (time.perf_counter() - launched.t0) * 1000
         if fresh:
             self.cache.store(version, list(fresh.items()))
             if len(recent) + len(fresh) > RECENT_RESULTS:
@@ -297,15 +332,51 @@ class ModelBroken(RuntimeError):
     """The model fails on any input: the worker exits 1 (nothing of the failing batches is committed)."""
 
 
-def _infer(model, texts: list[str]) -> tuple[dict[str, Prediction], dict[str, str]]:
-    """Predictions by text; a failing batch is retried item by item once, and an item that fails again is
-    returned in the errors (-> DLQ inference_failed)."""
+@dataclasses.dataclass
+class Launched:
+    """A batch between the classifier's two stages: what the cache answered, and the model's pending work."""
+
+    batch: Batch[Job]
+    model: object
+    start: float  # time.monotonic() when the classifier took the batch
+    t0: float     # time.perf_counter() before the model was launched
+    jobs: list[Job]
+    texts: list[str]
+    cached: list[Prediction | None]
+    todo: list[str]
+    pending: object  # the model's Pending, or the exception its launch raised
+
+
+def _launch(model, texts: list[str]):
+    """The model's pending result for ``texts``; an error here is handled where the result is taken."""
+    if not texts:
+        return None
+    try:
+        return model.launch(texts)
+    except Exception as exc:  # noqa: BLE001 - any model error: isolated by _result
+        return exc
+
+
+def _result(model, texts: list[str], pending) -> tuple[dict[str, Prediction], dict[str, str]]:
+    """Predictions by text from a launched batch; a failing batch is retried item by item once, and an item
+    that fails again is returned in the errors (-> DLQ inference_failed)."""
     if not texts:
         return {}, {}
     try:
-        return dict(zip(texts, model.predict(texts))), {}
+        if isinstance(pending, Exception):
+            raise pending
+        return dict(zip(texts, pending.result())), {}
     except Exception as exc:  # noqa: BLE001 - any model error: isolate the culprit
         log.warning("batch_inference_failed", size=len(texts), error=f"{type(exc).__name__}: {exc}"[:300])
+    return _one_by_one(model, texts)
+
+
+def _infer(model, texts: list[str]) -> tuple[dict[str, Prediction], dict[str, str]]:
+    """:func:`_result` of a batch launched now."""
+    return _result(model, texts, _launch(model, texts))
+
+
+def _one_by_one(model, texts: list[str]) -> tuple[dict[str, Prediction], dict[str, str]]:
     fresh, errors = {}, {}
     for text in texts:
         try:
@@ -345,6 +416,7 @@ class Worker:
         self._closing = False               # set before the clients close: the listener then does nothing
         self._failure: str | None = None    # why the worker is stopping with exit 1 (logged as worker_failed)
         self._aborting_since: float | None = None  # exactly-once: first abort since the last commit
+        self._full_since: float | None = None      # when the queue last reached max_queued_messages
         self._max_text_chars = CHARS_PER_TOKEN * settings.max_length
 
     # ---- the loop ------------------------------------------------------------------------------------------
@@ -463,12 +535,14 @@ class Worker:
             wait = self.batcher.seconds_until_ready(time.monotonic())
             timeout_ms = IDLE_POLL_MS if wait is None else min(IDLE_POLL_MS, int(wait * 1000) + 1)
         room = self.settings.max_queued_messages - self._queued()
+        if room <= 0 and not self.consumer.paused():
+            return []  # full, briefly (see _backpressure): the loop waits for the model instead
         return self.consumer.poll(timeout_ms / 1000, max(1, room))
 
     def _input_waiting(self) -> bool:
-        """A full batch is queued for the model: polling can wait, the model cannot. (A client that needs
-        longer polls while it joins a group takes them: bert_stream.kafka.python.)"""
-        return len(self.batcher) >= self.settings.max_batch_size
+        """A full batch (by items or by tokens) is queued for the model: polling can wait, the model cannot.
+        (A client that needs longer polls while it joins a group takes them: bert_stream.kafka.python.)"""
+        return self.batcher.full
 
     def _done_wait(self) -> float | None:
         """How long to wait for the model after submitting: while input is queued and the model holds all the
@@ -476,7 +550,8 @@ class Worker:
         main thread then sleeps on whichever side it waits for, never a fixed poll timeout while the other
         side has work: a client that hands over a whole backlog in one poll (librdkafka) otherwise left the
         model idle for a poll timeout per batch."""
-        if self._input_waiting() and not self.classifier.has_room():
+        if self.classifier.batches_in_flight and (
+                (self._input_waiting() and not self.classifier.has_room()) or self._full_since is not None):
             return BUSY_POLL_MS / 1000
         return None
 
@@ -590,14 +665,24 @@ class Worker:
         return len(self.batcher) + self.classifier.items_in_flight
 
     def _backpressure(self) -> None:
+        """At ``max_queued_messages`` the loop stops taking records: for up to ``PAUSE_AFTER_S`` it does not
+        poll at all (at full speed the queue is full between every two batches, and a pause would cost a
+        refetch: librdkafka drops what it prefetched for a paused partition); past that (a slow or stuck
+        model) every assigned partition is paused and the loop polls again, empty polls that keep the
+        member in its group. It resumes at half the limit, so pauses do not come and go with each batch."""
         queued = self._queued()
         self.metrics.queued.set(queued)
-        assigned, paused = self.consumer.assignment(), self.consumer.paused()
-        if queued >= self.settings.max_queued_messages:
+        if queued < self.settings.max_queued_messages:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = time.monotonic()
+        paused = self.consumer.paused()
+        if self._full_since is not None and time.monotonic() - self._full_since >= PAUSE_AFTER_S:
+            assigned = self.consumer.assignment()
             if assigned - paused:
                 self.consumer.pause(assigned - paused)
                 self.metrics.paused.set(1)
-        elif paused:
+        elif paused and queued <= self.settings.max_queued_messages // 2:
             self.consumer.resume(paused)
             self.metrics.paused.set(0)
 

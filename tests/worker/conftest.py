@@ -94,6 +94,20 @@ _REVIEWS = (
 )
 
 
+class PredictOnly:
+    """For a test model that overrides ``predict``: its ``launch`` defers to that ``predict``, so the
+    worker's classifier (launch on one thread, result on the other) goes through the override, and what it
+    raises or waits for happens where a device's would: when the result is taken."""
+
+    def launch(self, texts):
+        return _Later(lambda: self.predict(texts))
+
+
+class _Later:
+    def __init__(self, compute):
+        self.result = compute
+
+
 def chinese_messages(n: int, seed: int = 0) -> list[str]:
     """``n`` real-looking Chinese texts of mixed lengths, with repeats (for the cache)."""
     rng = random.Random(seed)

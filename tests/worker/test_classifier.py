@@ -7,13 +7,14 @@ import time
 
 import pytest
 
+from tests.worker.conftest import PredictOnly
 from worker.batcher import Batch
 from worker.messages import InputMessage, Prediction, Rejected, Source
 from worker.metrics import WorkerMetrics
 from worker.run import Classifier, Job
 
 
-class Model:
+class Model(PredictOnly):
     def __init__(self, version: str):
         self.version, self.dtype, self.device = version, "torch.float32", "cpu"
         self.seen: list[list[str]] = []

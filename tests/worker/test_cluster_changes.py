@@ -13,7 +13,7 @@ import pytest
 from bert_stream.kafka import ensure_topics, make_admin, make_producer
 from tests.conftest import xfail_on_broker
 from tests.fault.harness import wait_until
-from tests.worker.conftest import chinese_messages, committed_offsets, read_topic
+from tests.worker.conftest import PredictOnly, chinese_messages, committed_offsets, read_topic
 from worker import messages as m
 from worker import run as worker_run
 
@@ -47,7 +47,7 @@ def _lag_gauge(port: int, topic: str) -> dict[int, float]:
     return {int(p): float(v) for p, t, v in pattern.findall(body) if t == topic}
 
 
-class GatedModel:
+class GatedModel(PredictOnly):
     """The served model, held at a gate: nothing is published (so nothing committed) until it opens."""
 
     gate = threading.Event()

@@ -11,11 +11,11 @@ import pytest
 
 from bert_stream.kafka import ensure_topics
 from tests.conftest import xfail_on_broker
-from tests.worker.conftest import chinese_messages, committed_offsets, produce, read_topic
+from tests.worker.conftest import PredictOnly, chinese_messages, committed_offsets, produce, read_topic
 from worker import messages as m
 
 
-class Breakable:
+class Breakable(PredictOnly):
     """The real model until ``broken`` is set (a lost CUDA context: every call fails, the probe text too), or
     held on ``gate`` for texts with 卡住 (a hung device)."""
 

@@ -10,8 +10,7 @@ import urllib.request
 import pytest
 
 from bert_stream.kafka import ensure_topics
-from tests.conftest import BROKER, xfail_on_broker
-from tests.worker.conftest import chinese_messages, committed_offsets, produce, read_topic
+from tests.worker.conftest import PredictOnly, chinese_messages, committed_offsets, produce, read_topic
 from trainer import checkpoint
 from worker import messages as m
 
@@ -125,7 +124,7 @@ def test_every_message_gets_one_output_or_a_dead_letter(kafka_settings, names, w
     assert sum(c or 0 for c in committed.values()) == len(values) + 50  # everything read is committed
 
 
-class SlowFaultyModel:
+class SlowFaultyModel(PredictOnly):
     """The real model, but the first multi-item batch takes ``delay`` seconds and texts with 故障 always fail."""
 
     slow_batches_left = 1
