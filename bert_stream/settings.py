@@ -142,8 +142,11 @@ def build_parser(cls: type, *, prog: str, description: str | None, env: Mapping[
         if env_name and env.get(env_name) is not None:
             try:
                 default = convert(env[env_name])
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"environment variable {env_name}={env[env_name]!r} is invalid: {exc}")
+            if meta.get("choices") and default not in meta["choices"]:  # argparse checks only the flag's
+                parser.error(f"environment variable {env_name}={env[env_name]!r} is invalid: choose from "
+                             + ", ".join(map(str, meta["choices"])))
         help_text = meta["help"]
         where = f"env {env_name}; " if env_name else ""
         shown = "***" if meta.get("secret") and default not in (None, "", dataclasses.MISSING) else None

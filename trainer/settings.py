@@ -219,6 +219,7 @@ class TrainSettings:
                                       "shared with other busy processes (a worker, tests) use 1: torch's "
                                       "threads wait on each other at every op and a step can get 10x slower.")
     log_level: str = setting("INFO", env="LOG_LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                             parse=str.upper,
                              help="Log level of the structured (JSON or console) event log on stderr.")
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ ConfigMap sets the variables). Each help text states the trade-off the setting c
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import re
@@ -16,6 +17,13 @@ from worker.delivery import DELIVERY_MODES
 
 INPUT_FORMATS = ("auto", "text", "json")
 BACKENDS = ("auto", "packed", "padded")  # how worker.engine runs a batch
+
+
+def _backend(value: str) -> str:
+    if value.strip().lower() == "standin":
+        raise argparse.ArgumentTypeError("standin is the benchmarks' stand-in for a GPU forward pass, not a "
+                                         "model; it runs only under python -m bench.standin")
+    return value
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # what brokers accept (Kafka's Topic.validate)
 DEVICES_HELP = "auto (cuda:0 when a GPU is present, else cpu), cpu, cuda, or cuda:N (one process per GPU)"
 
@@ -47,7 +55,7 @@ class WorkerSettings:
                          help="auto: bf16 on CUDA, and on CPUs with AMX/AVX512-BF16 where a startup probe "
                               "measures bf16 faster than fp32 (2-4x on some; labels agree with fp32 on "
                               ">99.5% of messages); fp32 elsewhere.")
-    backend: str = setting("auto", env="BERT_STREAM_BACKEND", choices=BACKENDS,
+    backend: str = setting("auto", env="BERT_STREAM_BACKEND", choices=BACKENDS, parse=_backend,
                            help="How a batch runs through the model. packed: padding-free (linear layers on "
                                 "the real tokens only, attention per group of similar-length messages; "
                                 "1.6x padded on a mixed title/review stream on CPU, labels as padded's); "
@@ -147,6 +155,7 @@ class WorkerSettings:
                                              "is handed back (re-read by the partitions' next owner). Keep it "
                                              "under the pod's terminationGracePeriodSeconds minus ~15 s.")
     log_level: str = setting("INFO", env="LOG_LEVEL", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                             parse=str.upper,
                              help="Log level; DEBUG also shows the Kafka client's own logs.")
 
     def __post_init__(self) -> None:

@@ -84,3 +84,16 @@ def test_worker_bad_client_or_processes_exit_2_with_one_line(args, says):
     result = run_cli("worker.run", *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and says in result.stderr
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["--backend", "standin"], {}, "argument --backend: standin is the benchmarks' stand-in"),
+    ([], {"BERT_STREAM_BACKEND": "standin"}, "BERT_STREAM_BACKEND='standin' is invalid: standin is the"),
+    ([], {"BERT_STREAM_BACKEND": "gpu"}, "is invalid: choose from auto, packed, padded"),  # env, not only flags
+    ([], {"BERT_STREAM_DELIVERY": "exactly_once"}, "is invalid: choose from at-least-once, exactly-once"),
+])
+def test_worker_refuses_the_benchmark_stand_in_and_unknown_choices_from_env(args, env, says):
+    """The stand-in forward (bench/standin.py) is never a backend a deployment can select."""
+    result = run_cli("worker.run", *args, env=env)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and says in result.stderr
