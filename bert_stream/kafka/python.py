@@ -17,6 +17,7 @@ works around in kafka-python 3.0.12, each where it is done:
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,6 +31,8 @@ from bert_stream.kafka.interface import Record, TopicPartition
 from bert_stream.logs import get_logger
 
 log = get_logger("bert_stream.kafka")
+
+UNKNOWN_TOPIC = kerrors.UnknownTopicOrPartitionError.errno
 
 # kafka-python loses a finished group join when polls are short and spaced (the next poll sends a fresh
 # JoinGroup, and the partitions the lost join gave stay unowned): from a revocation (or the start) until an
@@ -225,8 +228,22 @@ def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_f
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass  # another process created it between list and create
+            _await_metadata(admin, [t.name for t in new])
     finally:
         admin.close()
+
+
+def _await_metadata(admin, names: list[str], timeout_s: float = 10.0) -> None:
+    """Until every broker answering metadata knows the new topics: the controller accepts a creation before
+    the brokers' metadata has it, and a describe or produce in that window reads it as missing."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if all(meta.get("error_code") != UNKNOWN_TOPIC for meta in admin.describe_topics(names)):
+                return
+        except Exception:  # noqa: BLE001 - the caller's next step reports what is wrong
+            return
+        time.sleep(0.05)
 
 
 def unwritable(settings: KafkaSettings, topics: list[str]) -> dict[str, str]:
