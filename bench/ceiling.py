@@ -44,7 +44,8 @@ def _worktree(ref: str, work_dir: Path) -> Path:
 def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
         workers: Sequence[int] = (1, 2), profile_messages: int = 40_000, client_messages: int = 60_000,
         stream: Sequence[str] | None = None, clients: Sequence[str] = ("kafka-python", "confluent-kafka"),
-        exactly_once: bool = True) -> dict:
+        exactly_once: bool = True, worker_args: Sequence[str] = ()) -> dict:
+    """``worker_args``: added to every variant's worker (bench/standin.py: its batch settings)."""
     base = list(stream or common.stream_texts(unique))[:unique]
     texts = (base * (messages // len(base) + 1))[:messages]
     prefix = f"bench:{ws.run_id}:ceiling:"
@@ -53,6 +54,7 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
     drained: list[str] = []  # input topics holding the whole stream (the client floor reads one again)
 
     def drain(name: str, tag: str, cache_prefix: str = prefix, **kw) -> None:
+        kw["worker_args"] = (*kw.get("worker_args", ()), *worker_args)
         r = e2e.run_stream(ws, texts, tag=tag, cache_prefix=cache_prefix, partitions=PARTITIONS, **kw)
         drained.append(ws.name(tag))
         variants[name] = {k: r[k] for k in ("messages", "msgs_per_s", "seconds", "cached_fraction", "workers")}

@@ -434,9 +434,11 @@ class WorkerProcess:
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
         repo: Path | None = None,
+        entry: Sequence[str] = ("-m", "worker.run"),
     ):
         """``repo``: run the worker of another checkout of the project (e.g. a git worktree of an older
-        commit, to compare code side by side); default this one."""
+        commit, to compare code side by side); default this one. ``entry``: what follows the interpreter
+        (bench/standin.py's runs the worker with a stand-in forward)."""
         self.ws, self.tag = ws, tag
         self.repo = Path(repo) if repo else REPO
         self.output_topic = f"{input_topic}-out"
@@ -444,8 +446,7 @@ class WorkerProcess:
         self.log_path = ws.work_dir / f"worker-{ws.run_id}-{tag}.log"
         self.argv = [
             sys.executable,
-            "-m",
-            "worker.run",
+            *entry,
             "--bootstrap-servers",
             ws.bootstrap_servers,
             "--session-timeout-ms",

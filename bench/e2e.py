@@ -40,6 +40,8 @@ def run_stream(
     worker_args: Sequence[str] = (),
     timeout_s: float = 600.0,
     worker_repo=None,
+    worker_entry: Sequence[str] = ("-m", "worker.run"),
+    worker_env: dict[str, str] | None = None,
 ) -> dict:
     """Publish ``texts`` and have ``workers`` worker processes (one group) classify them.
 
@@ -57,6 +59,8 @@ def run_stream(
             tag=f"{tag}-{i}",
             extra=worker_args,
             repo=worker_repo,
+            entry=worker_entry,
+            env=worker_env,
         )
         for i in range(workers)
     ]

@@ -25,8 +25,12 @@ from bench import common, e2e
 # (its function names) decide, and a wait inside a step counts for that step (a sync commit's round trip is
 # commit time, not idle time).
 CATEGORIES = (
-    ("model forward", ("LoadedModel._forward",)),
-    ("tokenize", ("tokenization_utils", "tokenizers", "token_lengths", "token_budget")),
+    ("device wait (stand-in forward)", ("StandIn.",)),
+    ("model forward", ("LoadedModel._forward", "device_forward", "_pass_logits")),
+    ("n-gram half", ("ngram.py",)),
+    ("tokenize", ("tokenization_utils", "tokenizers", "token_lengths", "token_budget", "LoadedModel.encode")),
+    ("pass arrays", ("LoadedModel.passes",)),
+    ("softmax, top-k, predictions", ("Pending.",)),
     ("redis cache", ("worker/cache.py", "redis/")),
     ("commit (producer flush + sync commit)", ("Worker._maybe_commit", "_on_revoked")),
     ("publish outputs (JSON + producer.send)", ("Worker._publish", "Worker._send")),
@@ -34,7 +38,8 @@ CATEGORIES = (
     ("kafka poll", ("Worker._poll",)),
     ("batcher + submit", ("Worker._submit_ready", "worker/batcher.py")),
     ("backpressure", ("Worker._backpressure",)),
-    ("predict bookkeeping", ("LoadedModel.predict", "Classifier.classify", "_infer")),
+    ("predict bookkeeping", ("LoadedModel.predict", "LoadedModel.launch", "Classifier.classify",
+                             "Classifier.launch", "Classifier.finish", "_infer", "_result")),
     ("kafka client I/O thread", ("kafka/",)),
     ("logging/metrics", ("structlog", "logging/", "prometheus_client", "http/server")),
     ("waiting", ("threading.py", "queue.py", "selectors.py")),

@@ -22,6 +22,8 @@ HEADLINE = (
     "model_only_msgs_per_s",
     "cached_msgs_per_s",
     "ceiling_msgs_per_s",
+    "standin_msgs_per_s",
+    "standin_eos_msgs_per_s",
     "gemm_limit_msgs_per_s",
     "latency_ms_p50",
     "latency_ms_p95",
@@ -264,6 +266,8 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
         out += ["", *_rebalance_gap_md(p["rebalance_gap"])]
     if "ceiling" in p:
         out += ["", *_ceiling_md(p["ceiling"])]
+    if "standin" in p:
+        out += ["", *_standin_md(p["standin"])]
     out += ["", *_gpu_md(s.get("gpu_sweep"))]
     if s.get("gpu_check"):
         out += ["", *_gpu_check_md(s["gpu_check"])]
@@ -439,7 +443,7 @@ def _alternatives_md(alt: dict) -> list[str]:
             )
     texts = alt.get("agreement_texts")
     return [
-        f"## 1b. The worker's forward against the alternatives (model-only, same path, interleaved)",
+        "## 1b. The worker's forward against the alternatives (model-only, same path, interleaved)",
         "",
         (
             f"{alt['threads']} torch threads; every variant goes through the engine's `predict` (tokenise, sort, "
@@ -571,6 +575,31 @@ def _ceiling_md(c: dict) -> list[str]:
     return out
 
 
+def _standin_md(r: dict) -> list[str]:
+    from bench import standin
+
+    m = r["cost_model"]
+    out = [
+        "## 9. The uncached path at GPU rates: a stand-in forward",
+        "",
+        (f"{r['messages']:,} distinct messages (no cache hits) from a {r['partitions']}-partition backlog, "
+         f"{r['client']}, worker arguments `{' '.join(r['worker_args'])}`. The transformer's forward is "
+         f"`bench/standin.py`'s stand-in: logits after {m['us_per_pass']:.0f} us per pass plus its FLOPs "
+         f"(e5-small's shape, padding included) at {m['flops_per_s'] / 1e12:.0f} TFLOP/s (30% of an H100's "
+         "dense bf16); everything else is the worker's own path. Against the cached ceiling of the same run "
+         "and batching:"),
+        "",
+        _table(["variant", "messages", "msgs/s", "vs ceiling"], standin.table_rows(r)),
+    ]
+    for key, whose in (("profile_ref", f"the worker at {r.get('compare_ref')}"), ("profile", "this worker")):
+        prof = r.get(key)
+        if prof:
+            out += ["", (f"Where {whose}'s time goes (py-spy, {prof['msgs_per_s']:,.0f} msgs/s while sampled; "
+                         "microseconds of each thread's busy samples per message):"), "",
+                    _table(["thread", "samples", "step", "share", "us/msg"], standin.profile_rows(prof))]
+    return out
+
+
 def _gpu_md(g: dict | None) -> list[str]:
     head = ["## GPU (H200-class) model-only sweep", ""]
     if not g:
@@ -631,7 +660,7 @@ def _gpu_check_md(g: dict) -> list[str]:
                   _table(["dtype", "backend", "token budget", "mean batch", "msgs/s", "pass", "tokenizer alone msgs/s"],
                          rows)]
     if g.get("e2e"):
-        rows = [[r["budget"], r.get("client", "kafka-python"), r.get("processes", 1), r["msgs_per_s"],
+        rows = [[r.get("budget", "overlay"), r.get("client", "kafka-python"), r.get("processes", 1), r["msgs_per_s"],
                  r["gpu"].get("util_mean", "-"), r["gpu"].get("util_p90", "-"), r["gpu"].get("memory_max_mib", "-")]
                 for r in g["e2e"]]
         lines += ["", "End to end (a 4-partition backlog through `python -m worker.run --device cuda`; nvidia-smi "
@@ -642,6 +671,12 @@ def _gpu_check_md(g: dict) -> list[str]:
         rows = [[name, v["msgs_per_s"]] for name, v in g["ceiling"]["variants"].items()]
         lines += ["", "Ceiling (every message a cache hit: the path around the model) on the GPU machine's host:", "",
                   _table(["variant", "msgs/s"], rows)]
+    if g.get("standin"):
+        from bench import standin
+
+        lines += ["", "The stand-in forward on the GPU machine's host (part 9's measurement there):", "",
+                  _table(["variant", "messages", "msgs/s", "vs ceiling"],
+                         standin.table_rows({**g["standin"], "messages": g.get("messages", 0)}))]
     return lines
 
 

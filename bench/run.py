@@ -16,7 +16,9 @@ Starts the local stack (its own broker and Redis), uses the newest checkpoint in
    (``bench/delivery.py``); then the output gap while a second worker joins and leaves, per group protocol
    (``bench/rebalance_gap.py``);
 8. the ceiling: the worker path with the model's cost taken out (every message a cache hit), one and two
-   processes, exactly-once too, and a py-spy profile of where its time goes (``bench/ceiling.py``).
+   processes, exactly-once too, and a py-spy profile of where its time goes (``bench/ceiling.py``);
+9. the uncached path at GPU rates: the worker with a stand-in forward that costs what an H100's would, on
+   distinct messages, against the cached ceiling of the same run and batching (``bench/standin.py``).
 
 Sized to finish well within 20 minutes on a 2-core machine (``--quick`` shrinks every part for a smoke run).
 A part that fails is recorded with its error and the others still run; the exit status is then 1.
@@ -52,6 +54,7 @@ def run_all(
     delivery_sizes: dict | None = None,
     ceiling_sizes: dict | None = None,
     gap_sizes: dict | None = None,
+    standin_sizes: dict | None = None,
     student_dir: str | None = None,
 ) -> dict:
     """All parts on one workspace; ``scale`` shrinks the fixed time boxes (GEMM timing, model-only over the
@@ -59,7 +62,7 @@ def run_all(
     variant at that many seconds of the model-only rate measured first, so a slow CPU still finishes in
     time and a fast one gets the full counts."""
     from bench import (alternatives, brokers, cache, ceiling, delivery, e2e, model_only, pipeline_baseline,
-                       rebalance_gap, scale_out)
+                       rebalance_gap, scale_out, standin)
 
     stream = common.stream_texts(messages)
     delivery_sizes = delivery_sizes or {}
@@ -115,6 +118,7 @@ def run_all(
     part("delivery", lambda: delivery.run(ws, stream=stream, **delivery_sizes))
     part("rebalance_gap", lambda: rebalance_gap.run(ws, stream=stream, **(gap_sizes or {})))
     part("ceiling", lambda: ceiling.run(ws, stream=stream, **(ceiling_sizes or {})))
+    part("standin", lambda: standin.run(ws, **(standin_sizes or {})))
     if mo:
         results["gpu_inputs"] = mo.pop("gpu_inputs")
     return results
@@ -133,9 +137,9 @@ def sized(count: int, rate: float | None, seconds: float | None) -> int:
 def summarize(results: dict, settings: dict, machine: dict) -> dict:
     """The headline keys (each from this run), ratios and targets."""
     p = results["parts"]
-    mo, e, pl, ca, so, alt, br, dv, ce = (
+    mo, e, pl, ca, so, alt, br, dv, ce, si = (
         p.get(k) for k in ("model_only", "e2e", "pipeline_baseline", "cache", "scale_out", "alternatives",
-                           "brokers", "delivery", "ceiling")
+                           "brokers", "delivery", "ceiling", "standin")
     )
     e2e_rate = e["backlog"]["msgs_per_s"] if e else None
     model_rate = mo["stream"]["msgs_per_s"] if mo else None
@@ -148,6 +152,9 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "ceiling_msgs_per_s": ce["ceiling_msgs_per_s"] if ce else None,
         "ceiling_confluent_msgs_per_s": ce.get("ceiling_confluent_msgs_per_s") if ce else None,
         "ceiling_confluent_eos_msgs_per_s": ce.get("ceiling_confluent_eos_msgs_per_s") if ce else None,
+        "standin_msgs_per_s": si["standin_msgs_per_s"] if si else None,
+        "standin_eos_msgs_per_s": si["standin_eos_msgs_per_s"] if si else None,
+        "standin_ceiling_msgs_per_s": si.get("ceiling_msgs_per_s") if si else None,
         "gemm_limit_msgs_per_s": mo["stream"]["limit_msgs_per_s"] if mo else None,
         "latency_ms_p50": steady.get("p50"),
         "latency_ms_p95": steady.get("p95"),
@@ -168,6 +175,8 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "two_workers_over_one": so["two_over_one"] if so else None,
         "tansu_over_kafka_e2e": br["backlog_over_reference"] if br else None,
         "ceiling_two_over_one": ce["two_over_one"] if ce else None,
+        "standin_over_ceiling": si.get("standin_over_ceiling") if si else None,
+        "standin_two_over_one": si.get("two_over_one") if si else None,
         **_forward_ratios(alt),
         **(dv["ratios"] if dv else {}),
     }
@@ -193,6 +202,10 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
             headline["ceiling_confluent_msgs_per_s"], 50_000, ">="),
         "ceiling >= 50,000 msgs/s (one process, confluent-kafka, exactly-once)": _target(
             headline["ceiling_confluent_eos_msgs_per_s"], 50_000, ">="),
+        "stand-in forward >= 0.7x the cached ceiling (same run and batching, confluent-kafka)": _target(
+            ratios["standin_over_ceiling"], 0.7, ">="),
+        "stand-in forward >= 50,000 msgs/s (one process, confluent-kafka)": _target(
+            headline["standin_msgs_per_s"], 50_000, ">="),
         "exactly-once >= 0.8x at-least-once backlog at 1,000 ms commits (confluent-kafka)": _target(
             ratios.get("eos_over_alos_confluent_1000ms"), 0.8, ">="),
         "p99 at 70% load < 4 x (max_wait + one batch)": _target(
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parts",
         default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,rebalance_gap,"
-                "ceiling",
+                "ceiling,standin",
         help="comma-separated subset of parts",
     )
     parser.add_argument("--student-dir", default=None,
@@ -289,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ceiling_compare_ref:
         ceiling_sizes["compare_ref"] = args.ceiling_compare_ref
     gap_sizes = {"rate": 200.0, "seconds": 3.0, "unique": 60} if args.quick else {}
+    standin_sizes = {"messages": 3000, "processes": (1,), "profile_messages": 0} if args.quick else {}
 
     from bench import report
     from bert_stream.logs import configure_logging
@@ -315,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             delivery_sizes=delivery_sizes,
             ceiling_sizes=ceiling_sizes,
             gap_sizes=gap_sizes,
+            standin_sizes=standin_sizes,
             student_dir=args.student_dir,
         )
         broker = ws.broker

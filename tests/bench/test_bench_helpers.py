@@ -151,3 +151,30 @@ def test_poison_cost_measures_every_case_with_the_worker_s_verdict():
     assert costs["escaped lone surrogate"]["verdict"] == "invalid_text"
     assert costs["64 KB of alternating combining marks"]["verdict"] == "output"
     assert all(c["us"] > 0 for c in costs.values())
+
+
+def test_the_stand_in_forward_answers_by_the_ids_after_the_device_time():
+    """bench/standin.py: logits of the right shape that depend on the ids alone, handed back once the pass's
+    modelled device time has passed, passes queued one after another as on one CUDA stream."""
+    import time
+
+    import numpy as np
+
+    from bench import standin
+    from worker.engine import Pass
+
+    model = standin.cost_model()
+    assert model["flops_per_s"] == pytest.approx(0.3 * standin.H100_BF16_FLOPS)
+    s = standin.StandIn(10, **{**model, "us_per_pass": 20_000.0})  # 20 ms a pass: measurable
+    assert s.seconds(64, 32) > s.seconds(64, 16) > s.seconds(8, 16) > 0.02
+    ids = np.arange(64 * 16, dtype=np.int64).reshape(64, 16)
+    first = Pass(np.arange(64), ids, ids > 0)
+    t0 = time.perf_counter()
+    wait_a = s.device_forward([first])
+    wait_b = s.device_forward([first])  # queued behind the first
+    a, b = wait_a(), wait_b()
+    assert time.perf_counter() - t0 >= 2 * s.seconds(64, 16) * 0.95
+    assert a.shape == (64, 10) and a.dtype == np.float32 and np.array_equal(a, b)
+    assert np.all((a >= -4) & (a < 4)) and len({row.argmax() for row in a}) > 1
+    other = s.logits(ids[::-1].copy())
+    assert not np.array_equal(other, a) and np.array_equal(other, a[::-1])  # a row's logits: its ids only
