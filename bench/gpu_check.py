@@ -1,9 +1,10 @@
 """The worker end to end on a GPU, in one command with no network: what to run when a device is lent.
 
-``python -m bench.gpu_check [--device cuda] [--budgets 8192,16384,32768] [--output gpu_check.json]``
+``python -m bench.gpu_check [--device cuda] [--processes 1,2,4] [--output gpu_check.json]``
 
-On the GPU machine (torch and transformers are there; the rest of the worker's packages travel as wheels,
-which ``make gpu-wheels`` downloads here into ``.whl/``)::
+Sized for a short lease: about 5 minutes on an H100 host (16 cores), 8 at most. On the GPU machine (torch
+and transformers are there; the rest of the worker's packages travel as wheels, which ``make gpu-wheels``
+downloads here into ``.whl/``)::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 -m bench.gpu_check --output $OUT/gpu_check.json
@@ -15,18 +16,20 @@ What it runs, against a local stack it starts (Apache Kafka where ``java`` is, e
    costs what the trained model's costs at the same token counts; its labels mean nothing, so no accuracy
    is reported. Texts are random characters with the token lengths of the real mixed stream (titles and
    reviews, as the worker's tokenizer cut them), all distinct: every message reaches the model.
-2. model-only, per token budget, dtype and backend (padded: ``auto``'s choice on CUDA; packed: the CPU's,
-   never measured on a GPU yet): the worker's own engine (``LoadedModel.predict``: tokenize, forward,
-   softmax, copy to the host) on the batches the worker's batcher cuts from the stream.
-3. end to end, per token budget: a 4-partition backlog through ``python -m worker.run --device <device>``:
-   msgs/s, and the GPU's utilisation and memory sampled by ``nvidia-smi`` every 200 ms meanwhile.
-4. the ceiling (``bench.ceiling``): the same worker on a stream that is all cache hits, 1 and 2 processes:
-   what the path around the model carries, against which the GPU's model-only rate is the one to compare.
+2. model-only per token budget in bf16 (``--dtypes``, ``--backends`` add fp32 and packed): the worker's own
+   engine (``LoadedModel.predict``: tokenize, forward in length buckets, softmax, one copy to the host) on
+   the batches the worker's batcher cuts from the stream.
+3. end to end: a backlog drained by 1, 2 and 4 worker processes in one group sharing the GPU (what
+   ``--processes N`` runs), with the gpu overlay's client (librdkafka) and batching; msgs/s, and the GPU's
+   utilisation and memory sampled by ``nvidia-smi`` every 200 ms meanwhile. The target: >= 50,000 msgs/s
+   per GPU.
+4. the stand-in (``bench.standin``) on this host's CPUs: the path around the forward, against the cached
+   ceiling of the same run, 1 and 2 processes.
 
 It also runs on a CPU (``--device cpu``, small ``--messages``): that is how it is checked without a GPU.
-``--parts``, ``--backends`` and ``--clients`` cut it down when device time is short; the JSON is rewritten after
-each part, so a run stopped by its time limit keeps what it measured. Copied to ``bench/gpu_check.json`` it is
-rendered into RESULTS.md by ``python -m bench.report``.
+``--parts`` cuts it down when device time is short; the JSON is rewritten after each part, so a run stopped
+by its time limit keeps what it measured. Copied to ``bench/gpu_check.json`` it is rendered into RESULTS.md
+by ``python -m bench.report``.
 """
 
 from __future__ import annotations
@@ -162,53 +165,37 @@ def model_only(store: Path, device: str, texts: list[str], budgets: list[int], d
     return rows
 
 
-def end_to_end(ws: common.Workspace, device: str, texts: list[str], budgets: list[int],
-               clients: list[str]) -> list[dict]:
-    """A backlog per token budget (one kafka-python worker), then at the largest budget the ways to feed one GPU
-    harder: 2 processes sharing it, and each other client with 1 and 2 processes."""
-    from bench import e2e
+def end_to_end(ws: common.Workspace, device: str, texts: list[str], processes: list[int], client: str) -> list[dict]:
+    """A backlog drained by 1, 2, 4 worker processes in one group sharing the GPU (what ``--processes N`` runs),
+    with the gpu overlay's client and batching, and how busy the GPU was meanwhile."""
+    from bench import e2e, standin
 
-    top = max(budgets)
-    plan = [(budget, "kafka-python", 1) for budget in budgets]
-    plan += [(top, "kafka-python", 2)] + [(top, client, n) for client in clients if client != "kafka-python"
-                                          for n in (1, 2)]
     rows = []
-    for budget, client, processes in plan:
-        args = ["--device", device, "--max-batch-tokens", str(budget), "--max-batch-size", str(max(64, budget // 32)),
-                "--max-queued-messages", str(max(2048, 4 * max(64, budget // 32))), "--kafka-client", client]
-        tag = f"gpu-e2e-{budget}-{client[:8]}-p{processes}"
+    for n in processes:
+        args = [*standin.WORKER_ARGS, "--device", device, "--kafka-client", client]
         with GpuSampler() as gpu:
-            r = e2e.backlog(ws, texts, tag=tag, partitions=4, workers=processes, worker_args=args)
-        rows.append({"budget": budget, "client": client, "processes": processes,
-                     "msgs_per_s": round(r["msgs_per_s"], 1), "latency_ms": r["latency_ms"],
-                     "batch_infer_ms": r["batch_infer_ms"], "gpu": gpu.summary()})
-        print(f"e2e budget {budget}, {client}, {processes} process(es): {r['msgs_per_s']:,.0f} msgs/s, "
-              f"GPU {gpu.summary()}", flush=True)
+            r = e2e.backlog(ws, texts, tag=f"gpu-e2e-p{n}", partitions=4 * max(processes), workers=n,
+                            worker_args=args)
+        rows.append({"client": client, "processes": n, "msgs_per_s": round(r["msgs_per_s"], 1),
+                     "latency_ms": r["latency_ms"], "batch_infer_ms": r["batch_infer_ms"], "gpu": gpu.summary()})
+        print(f"e2e {n} process(es), {client}: {r['msgs_per_s']:,.0f} msgs/s, GPU {gpu.summary()}", flush=True)
     return rows
 
 
-PARTS = ("model", "e2e", "ceiling")
-
-
-def available_clients() -> list[str]:
-    import importlib.util
-
-    return ["kafka-python"] + (["confluent-kafka"] if importlib.util.find_spec("confluent_kafka") else [])
+PARTS = ("model", "e2e", "standin")
 
 
 def run(*, device: str, budgets: list[int], dtypes: list[str], messages: int, model_seconds: float,
-        ceiling_messages: int, work_dir: Path, stack=None, clients: list[str] | None = None,
-        backends: list[str] = ("padded", "packed"), parts: tuple[str, ...] = PARTS,
+        standin_messages: int, work_dir: Path, stack=None, client: str = "confluent-kafka",
+        processes: list[int] = (1, 2, 4), backends: list[str] = ("padded",), parts: tuple[str, ...] = PARTS,
         output: Path | None = None) -> dict:
     """Every part asked for, into one dict (written to ``output`` after each part, so a run cut short keeps
-    what it measured); ``stack``: a running local stack to use (else one is started and stopped);
-    ``clients``: the Kafka clients to run (default: kafka-python, and confluent-kafka where it is installed)."""
-    clients = clients or available_clients()
+    what it measured); ``stack``: a running local stack to use (else one is started and stopped)."""
     store = Path(work_dir) / "store"
     version = publish_random_model(store)
     texts = stream(messages)
     result: dict = {"device": device, "model_version": version, "messages": messages, "budgets": budgets,
-                    "versions": common.package_versions()}
+                    "versions": common.package_versions(), "cpus": os.cpu_count()}
 
     def save() -> None:
         if output is not None:
@@ -222,19 +209,19 @@ def run(*, device: str, budgets: list[int], dtypes: list[str], messages: int, mo
     if "model" in parts:
         result["model_only"] = model_only(store, device, texts, budgets, dtypes, model_seconds, backends)
         save()
-    if not {"e2e", "ceiling"} & set(parts):
+    if not {"e2e", "standin"} & set(parts):
         return result
     with common.open_workspace(model_dir=store, work_dir=work_dir, stack=stack) as ws:
         result["broker"] = ws.broker
         if "e2e" in parts:
-            result["e2e"] = end_to_end(ws, device, texts, budgets, clients)
+            result["e2e"] = end_to_end(ws, device, texts, list(processes), client)
             save()
-        if ceiling_messages and "ceiling" in parts:
-            from bench import ceiling
+        if standin_messages and "standin" in parts:  # the path around the forward on this host's CPUs
+            from bench import standin
 
-            c = ceiling.run(ws, messages=ceiling_messages, unique=min(2000, len(texts)), workers=(1, 2),
-                            profile_messages=0, client_messages=0, stream=texts, clients=clients)
-            result["ceiling"] = {k: c[k] for k in ("variants", "ceiling_msgs_per_s", "two_over_one") if k in c}
+            r = standin.run(ws, messages=standin_messages, processes=(1, 2), exactly_once=False, profile_messages=0)
+            result["standin"] = {k: r.get(k) for k in ("variants", "ceiling_msgs_per_s", "standin_msgs_per_s",
+                                                       "standin_over_ceiling", "two_over_one", "cost_model")}
             save()
     return result
 
@@ -242,21 +229,23 @@ def run(*, device: str, budgets: list[int], dtypes: list[str], messages: int, mo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a check of the script itself)")
-    parser.add_argument("--budgets", default="8192,16384,32768", help="padded-token budgets per batch")
-    parser.add_argument("--dtypes", default="bf16,fp32", help="model-only dtypes (e2e uses the worker's auto)")
-    parser.add_argument("--messages", type=int, default=20_000, help="messages per end-to-end run")
-    parser.add_argument("--model-seconds", type=float, default=5.0, help="time per model-only point")
-    parser.add_argument("--ceiling-messages", type=int, default=60_000, help="cached messages (0: no ceiling)")
-    parser.add_argument("--backends", default="padded,packed", help="model-only forward paths")
-    parser.add_argument("--clients", default=None,
-                        help="Kafka clients for e2e and ceiling (default: kafka-python, and confluent-kafka if installed)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="which of model,e2e,ceiling to run")
+    parser.add_argument("--budgets", default="8192,16384,32768,65536", help="model-only padded-token budgets")
+    parser.add_argument("--dtypes", default="bf16", help="model-only dtypes, of bf16,fp32 (e2e: the worker's auto)")
+    parser.add_argument("--messages", type=int, default=60_000, help="messages per end-to-end run")
+    parser.add_argument("--model-seconds", type=float, default=3.0, help="time per model-only point")
+    parser.add_argument("--standin-messages", type=int, default=60_000, help="stand-in part's messages (0: none)")
+    parser.add_argument("--backends", default="padded", help="model-only forward paths, of padded,packed")
+    parser.add_argument("--processes", default="1,2,4", help="worker processes per end-to-end run")
+    parser.add_argument("--client", default="confluent-kafka", help="the workers' Kafka client")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run")
     parser.add_argument("--output", default=str(common.WORK_DIR / "gpu_check.json"), help="JSON written here")
     args = parser.parse_args(argv)
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
+        processes = [int(n) for n in args.processes.split(",")]
     except ValueError:
-        parser.error(f"--budgets must be integers separated by commas, got {args.budgets!r}")
+        parser.error(f"--budgets and --processes take integers separated by commas, got {args.budgets!r}, "
+                     f"{args.processes!r}")
     parts = tuple(args.parts.split(","))
     if not set(parts) <= set(PARTS):
         parser.error(f"--parts: choose from {','.join(PARTS)}, got {args.parts!r}")
@@ -271,10 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BROKER"] = "tansu"
         print("gpu_check: no java here: the local stack runs Tansu", flush=True)
     run(device=args.device, budgets=budgets, dtypes=args.dtypes.split(","), messages=args.messages,
-        model_seconds=args.model_seconds, ceiling_messages=args.ceiling_messages,
-        work_dir=common.WORK_DIR / f"gpu-check-{time.strftime('%H%M%S')}",
-        clients=args.clients.split(",") if args.clients else None, backends=args.backends.split(","),
-        parts=parts, output=Path(args.output))
+        model_seconds=args.model_seconds, standin_messages=args.standin_messages,
+        work_dir=common.WORK_DIR / f"gpu-check-{time.strftime('%H%M%S')}", client=args.client,
+        processes=processes, backends=args.backends.split(","), parts=parts, output=Path(args.output))
     print(f"wrote {args.output}")
     return 0
 
