@@ -137,8 +137,9 @@ def test_rerendering_the_committed_results_keeps_their_figures():
     data = json.loads((common.REPO / "bench" / "results.json").read_text())
     again = report.rederive(json.loads(json.dumps(data)))
     assert again["sized"] == data["sized"]
-    assert {k: again[k] for k in report.HEADLINE} == {k: data[k] for k in report.HEADLINE}
-    assert again["ratios"] == data["ratios"]
+    # a figure of a part the committed run predates comes back as None, never as a number
+    assert {k: again.get(k) for k in report.HEADLINE} == {k: data.get(k) for k in report.HEADLINE}
+    assert {k: v for k, v in again["ratios"].items() if k in data["ratios"] or v is not None} == data["ratios"]
 
 
 def test_poison_cost_measures_every_case_with_the_worker_s_verdict():
