@@ -221,7 +221,9 @@ class Classifier:
             if self._version is not None:
                 self.metrics.model_swaps.labels("swapped").inc()
             self._version = model.version
-            self._recent.clear()
+            # a new dict, not clear(): the other stage may still store the old version's last results, into
+            # the dict its batch was launched with
+            self._recent = {}
         start = time.monotonic()
         version, recent = model.version, self._recent
         jobs = [job for job in batch.items if not isinstance(job.message, Rejected)]
@@ -240,7 +242,7 @@ class Classifier:
                 self.metrics.cache_lookups.labels("recent").inc(recalled)
         todo = list(dict.fromkeys(t for t, c in zip(texts, cached) if c is None))  # repeats inside a batch: once
         t0 = time.perf_counter()
-        return Launched(batch, model, start, t0, jobs, texts, cached, todo, _launch(model, todo))
+        return Launched(batch, model, start, t0, jobs, texts, cached, todo, recent, _launch(model, todo))
 
     def finish(self, launched: Launched) -> DoneBatch:
         """The model's results for a launched batch (a failing batch is isolated item by item, a broken
@@ -248,7 +250,7 @@ class Classifier:
         batch, model, start, jobs, texts, cached, todo = (launched.batch, launched.model, launched.start,
                                                           launched.jobs, launched.texts, launched.cached,
                                                           launched.todo)
-        version, recent = model.version, self._recent
+        version, recent = model.version, launched.recent  # results of the version the batch was launched with
         fresh, errors = _result(model, todo, launched.pending)
         if todo and not fresh:
             fresh, errors = self._unless_broken(model, todo, errors)
@@ -344,6 +346,7 @@ class Launched:
     texts: list[str]
     cached: list[Prediction | None]
     todo: list[str]
+    recent: dict  # the classifier's recent results of this batch's model version
     pending: object  # the model's Pending, or the exception its launch raised
 
 

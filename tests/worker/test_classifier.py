@@ -176,3 +176,14 @@ def test_a_batch_stuck_in_the_model_shows_in_stalled_for(classifier):
         classifier.drain(timeout_s=0.2)
     release.set()
     assert len(classifier.drain(timeout_s=5)) == 1 and classifier.stalled_for() == 0.0
+
+
+def test_results_of_the_old_version_never_answer_for_the_new_one(classifier):
+    """A swap between one batch's launch and its finish (the classifier's two stages): the old version's
+    results are remembered for that version only."""
+    launched = classifier.launch(_batch(("深圳", None, "v1")))  # launched on v1, not finished yet
+    classifier.engine.current = Model("v2")
+    classifier.classify(_batch(("北京", None, "v2")))  # the first batch on v2
+    classifier.finish(launched)  # v1's answer for 深圳 arrives after the swap
+    done = classifier.classify(_batch(("深圳", None, "v2")))
+    assert done.results[0].prediction.label == "v2:深圳" and not done.results[0].cached
