@@ -111,7 +111,10 @@ def test_a_hung_batch_fails_healthz_and_shutdown_still_ends_in_time(kafka_settin
 
 
 @pytest.mark.kafka
-@xfail_on_broker("tansu", "Tansu does not fence a transactional producer by a newer epoch")
+# Tansu has been seen both to let the older producer go on after a newer InitProducerId and to refuse its
+# AddPartitionsToTxn as fenced: which one happens depends on the order of the two workers' requests.
+@xfail_on_broker("tansu", "Tansu fences a transactional producer by a newer epoch only sometimes (seen in "
+                 "AddPartitionsToTxn)", strict=False)
 @pytest.mark.parametrize("client", ["kafka-python", "confluent-kafka"])
 def test_two_workers_with_one_instance_id_end_with_the_first_fenced_not_a_fencing_loop(
         kafka_settings, names, worker_settings, start_worker, caplog, client):
