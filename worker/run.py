@@ -15,9 +15,10 @@ How inference never starves group membership
     The consumer lives on the main thread; inference runs on one background thread (:class:`Classifier`),
     handed at most ``MAX_IN_FLIGHT_BATCHES`` batches (one running, one prefetched, as text-embeddings-
     inference does). The main loop keeps polling while a batch infers, so the gap between polls is a few
-    milliseconds whatever the model costs. When more than ``max_queued_messages`` are between poll and
-    publish, every assigned partition is paused: polls return nothing but still count as polls, so memory
-    stays bounded and the member stays in the group. The alternative (one thread, batches small enough
+    milliseconds whatever the model costs. When ``max_queued_messages`` are between poll and publish the
+    loop takes no more; if that lasts (a slow model), every assigned partition is paused and the polls go
+    on, returning nothing but counting as polls, so memory stays bounded and the member stays in the group
+    (:meth:`Worker._backpressure`). The alternative (one thread, batches small enough
     that a poll always comes in time) ties membership to hardware speed: a slow CPU, a cold GPU or a
     swapped-in larger model could exceed ``max.poll.interval.ms``. Here a slow batch only slows throughput.
     Tested by ``tests/worker/test_run.py::test_slow_batches_do_not_get_the_worker_evicted``.

@@ -92,8 +92,9 @@ class WorkerSettings:
                                  help="Longest a message waits for its batch to fill: the latency floor "
                                       "under light load.")
     max_queued_messages: int = setting(1024, env="BERT_STREAM_MAX_QUEUED_MESSAGES",
-                                       help="Messages held between poll and inference; above it the input "
-                                            "partitions are paused (bounded memory).")
+                                       help="Messages held between poll and publish (bounded memory): at it the "
+                                            "worker stops taking records, and pauses its partitions if it stays "
+                                            "full for a second (a slow model); they resume at half of it.")
     top_k: int = setting(3, env="BERT_STREAM_TOP_K", help="Probabilities of the k best labels in each output.")
 
     # ---- cache ----------------------------------------------------------------------------------------------
