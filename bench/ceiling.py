@@ -178,17 +178,8 @@ def _floor_confluent(ws: common.Workspace, topic: str, out: str, messages: int, 
 
 def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str, client: str = "kafka-python") -> dict:
     tag = "ceiling-profile" if client == "kafka-python" else "ceiling-profile-ck"
-    topic = ws.name(tag)
-    common.create_topics(ws, {topic: PARTITIONS})
-    common.publish(ws, topic, texts, id_prefix=f"{tag}-", partitions=PARTITIONS)
-    worker = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=prefix,
-                                  tag=tag, extra=("--kafka-client", client))
-    raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
-    with common.running_workers([worker]):
-        profile.record_drain(worker, len(texts), raw, rate=PROFILE_RATE)
-    outputs = common.read_outputs(ws, worker.output_topic, len(texts))
-    return {"messages": len(texts), **common.stream_throughput(outputs), "threads": profile.summarize(raw),
-            "raw": str(raw)}
+    return profile.drain(ws, texts, tag=tag, cache_prefix=prefix, partitions=PARTITIONS, rate=PROFILE_RATE,
+                         extra=("--kafka-client", client))
 
 
 def table_rows(r: dict) -> list[list]:

@@ -17,7 +17,9 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench import common, e2e
 
@@ -94,6 +96,27 @@ def record_drain(worker: common.WorkerProcess, messages: int, raw: Path, rate: i
     return raw
 
 
+def drain(ws: common.Workspace, texts: Sequence[str], *, tag: str, cache_prefix: str, partitions: int = 1,
+          rate: int = 100, **worker: Any) -> dict:
+    """Publish ``texts`` to a new topic and profile one worker (``worker``: :class:`common.WorkerProcess`'s
+    keywords) while it drains them: its msgs/s while sampled, and per thread the share of its samples and
+    the microseconds per message of each step (samples / ``rate`` over the messages)."""
+    topic = ws.name(tag)
+    common.create_topics(ws, {topic: partitions})
+    common.publish(ws, topic, texts, id_prefix=f"{tag}-", partitions=partitions)
+    process = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"),
+                                   cache_prefix=cache_prefix, tag=tag, **worker)
+    raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
+    with common.running_workers([process]):
+        record_drain(process, len(texts), raw, rate)
+    outputs = common.read_outputs(ws, process.output_topic, len(texts))
+    threads = summarize(raw)
+    for x in threads.values():
+        x["us_per_message"] = {step: round(share * x["samples"] * 1e6 / rate / len(texts), 2)
+                               for step, share in x["shares"].items()}
+    return {"messages": len(texts), **common.stream_throughput(outputs), "threads": threads, "raw": str(raw)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
@@ -113,24 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cached:
             e2e.run_stream(ws, texts, tag="profile-fill", cache_prefix=prefix, worker_args=extra)
         tag = "profile-cached" if args.cached else "profile"
-        topic = ws.name(tag)
-        common.create_topics(ws, {topic: 1})
-        common.publish(ws, topic, texts, id_prefix=f"{tag}-")
-        worker = common.WorkerProcess(
-            ws, input_topic=topic, group_id=ws.name(f"{tag}-group"), cache_prefix=prefix, tag=tag, extra=extra
-        )
-        raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
-        with common.running_workers([worker]):
-            record_drain(worker, len(texts), raw, args.rate)
-        outputs = common.read_outputs(ws, worker.output_topic, len(texts))
-    summary = {
-        "messages": len(texts),
-        "cached": args.cached,
-        "torch_threads": args.torch_threads or None,
-        **common.stream_throughput(outputs),
-        "threads": summarize(raw),
-        "raw": str(raw),
-    }
+        drained = drain(ws, texts, tag=tag, cache_prefix=prefix, rate=args.rate, extra=extra)
+    summary = {"cached": args.cached, "torch_threads": args.torch_threads or None, **drained}
     common.save_json(ws.work_dir / f"{tag}.json", summary)
     print(f"{tag}: {summary['msgs_per_s']:,.0f} msgs/s over {summary['messages']:,} messages")
     for thread, x in summary["threads"].items():

@@ -10,9 +10,9 @@ returns logits of the right shape, deterministic in the token ids, after the tim
 the device. It takes ``LoadedModel.device_forward``'s place, so everything before and after it is the
 worker's own code, with the shapes CUDA would get (length buckets, one pass per bucket).
 
-The device time of a pass of ``rows`` x ``width`` padded tokens is ``US_PER_PASS`` plus its FLOPs
-(:func:`bench.common.flops_per_message` of e5-small's shape, ``bench/gpu_inputs.json``: padding is computed
-too) at ``--gpu-share`` of an H100's dense bf16 rate. The default share, 30%, is what BERT-sized inference
+The device time of a pass of ``rows`` x ``width`` padded tokens is ``US_PER_PASS`` plus its FLOPs (per row,
+the dense and attention terms of :func:`bench.common.flops_per_message` for e5-small's shape,
+``bench/gpu_inputs.json``, at the padded width: padding is computed too) at ``--gpu-share`` of an H100's dense bf16 rate. The default share, 30%, is what BERT-sized inference
 reaches on large batches; ``US_PER_PASS`` is the floor of its ~120 kernels run back to back. The host side
 of launching them is taken as negligible, as with CUDA graphs. While a pass "runs" the worker's thread
 sleeps, releasing the GIL as a CUDA synchronisation does, and passes queue behind each other as on one
@@ -157,6 +157,7 @@ def cost_model(gpu_share: float = GPU_SHARE, us_per_pass: float = US_PER_PASS) -
 
     config = json.loads((common.REPO / "bench" / "gpu_inputs.json").read_text())["config"]
     shape = common.ModelShape.from_config(config)
+    # flops_per_message's terms as coefficients: the worker process computes them without bench's modules
     return {"us_per_pass": us_per_pass, "dense_flops_per_token": 2.0 * shape.params_nonembedding,
             "attention_flops_per_token2": 4.0 * shape.layers * shape.hidden,
             "flops_per_s": gpu_share * H100_BF16_FLOPS}
@@ -223,25 +224,10 @@ def run(ws, *, messages: int = 100_000, processes: Sequence[int] = (1, 2), compa
 
 
 def _profile(ws, texts: Sequence[str], env: dict, tag: str = "standin-profile", repo=None) -> dict:
-    from bench import common, profile
+    from bench import ceiling, profile
 
-    topic = ws.name(tag)
-    common.create_topics(ws, {topic: PARTITIONS})
-    common.publish(ws, topic, texts, id_prefix=f"{tag}-", partitions=PARTITIONS)
-    worker = common.WorkerProcess(ws, input_topic=topic, group_id=ws.name(f"{tag}-group"),
-                                  cache_prefix=f"bench:{ws.run_id}:{tag}:", tag=tag, extra=WORKER_ARGS,
-                                  entry=worker_entry(), env=env, repo=repo)
-    raw = ws.work_dir / f"{tag}-{ws.run_id}.raw.txt"
-    with common.running_workers([worker]):
-        profile.record_drain(worker, len(texts), raw, rate=1000)
-    outputs = common.read_outputs(ws, worker.output_topic, len(texts))
-    throughput = common.stream_throughput(outputs)
-    threads = profile.summarize(raw)
-    # microseconds per message per step: a thread's samples (1 ms each) over the drain's messages
-    for x in threads.values():
-        x["us_per_message"] = {step: round(share * x["samples"] * 1000 / len(texts), 2)
-                               for step, share in x["shares"].items()}
-    return {"messages": len(texts), **throughput, "threads": threads, "raw": str(raw)}
+    return profile.drain(ws, texts, tag=tag, cache_prefix=f"bench:{ws.run_id}:{tag}:", partitions=PARTITIONS,
+                         rate=ceiling.PROFILE_RATE, extra=WORKER_ARGS, entry=worker_entry(), env=env, repo=repo)
 
 
 def table_rows(r: dict) -> list[list]:
