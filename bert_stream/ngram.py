@@ -251,12 +251,17 @@ class NgramModel:
         norms = np.where(np.diff(x.indptr) > 0, norms, 1.0).astype(np.float32)  # an empty text scores 0
         return np.asarray((x @ self._weights).todense(), dtype=np.float32) / norms[:, None] + self.intercept
 
+    def add(self, logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The hybrid's logits from the transformer's ([texts, labels] float32) and :meth:`scores` of the
+        same texts: what the worker serves."""
+        return self.model_scale * _log_softmax(logits) + self.ngram_scale * scores
+
     def combine(self, logits, texts: Sequence[str]):
-        """The hybrid's logits from the transformer's (a torch tensor, any device/dtype) for ``texts``."""
+        """:meth:`add` for a torch tensor of logits (any device/dtype) and ``texts``; on the logits' device."""
         import torch
 
-        ngram = torch.from_numpy(self.scores(texts)).to(logits.device)
-        return self.model_scale * torch.log_softmax(logits.float(), dim=-1) + self.ngram_scale * ngram
+        summed = self.add(logits.detach().float().cpu().numpy(), self.scores(texts))
+        return torch.from_numpy(summed).to(logits.device)
 
     # ---- the checkpoint's files ------------------------------------------------------------------------------
     def save(self, folder: Path | str) -> None:

@@ -42,12 +42,6 @@ PARSED_ENTRIES = 16_384
 STORE_SCRIPT = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end"
 
 
-def redis_errors():
-    import redis.exceptions
-
-    return redis.exceptions
-
-
 ENTRY_FORMAT = "j1"  # a JSON object of the output's prediction fields (before it: a JSON array, no tag)
 
 
@@ -171,9 +165,11 @@ class ResultCache:
         values = [prediction.to_cache() for _text, prediction in items]
         try:
             if self._store_script is not False:
+                from redis.exceptions import ResponseError
+
                 try:
                     self._script()(keys=keys, args=[self.ttl_s, *values])
-                except redis_errors().ResponseError as exc:  # scripting disabled (ACL, a managed Redis)
+                except ResponseError as exc:  # scripting disabled (ACL, a managed Redis)
                     log.warning("cache_script_refused", error=str(exc)[:200], action="storing by pipeline")
                     self._store_script = False
             if self._store_script is False:

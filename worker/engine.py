@@ -122,9 +122,7 @@ class Pending:
         z = np.empty((len(self.order), len(self.model.labels)), dtype=np.float32)
         z[self.order] = self.wait()
         half = self.model.ngram
-        if half is not None:
-            z = half.model_scale * _log_softmax(z) + half.ngram_scale * self.ngram
-        return z
+        return z if half is None else half.add(z, self.ngram)
 
     def result(self) -> list[Prediction]:
         z = self.logits()
@@ -134,11 +132,6 @@ class Pending:
         top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, top_i, axis=1).astype(np.float64)
         return Prediction.batch(self.model.labels, top_i.tolist(), top_p.tolist(), self.truncated.tolist())
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 class LoadedModel:
