@@ -111,8 +111,8 @@ def test_a_hung_batch_fails_healthz_and_shutdown_still_ends_in_time(kafka_settin
 
 
 @pytest.mark.kafka
-# Tansu has been seen both to let the older producer go on after a newer InitProducerId and to refuse its
-# AddPartitionsToTxn as fenced: which one happens depends on the order of the two workers' requests.
+# Tansu fences an older transactional producer in AddPartitionsToTxn only, so whether the first worker is
+# fenced depends on the order of the two workers' requests: the mark cannot be strict.
 @xfail_on_broker("tansu", "Tansu fences a transactional producer by a newer epoch only sometimes (seen in "
                  "AddPartitionsToTxn)", strict=False)
 @pytest.mark.parametrize("client", ["kafka-python", "confluent-kafka"])
