@@ -196,7 +196,7 @@ def stream_texts(n: int, seed: int = 0) -> list[str]:
 # ---- the workspace ---------------------------------------------------------------------------------------
 def ensure_checkpoint(store: Path = DEFAULT_STORE, train_data: str = "thucnews-titles") -> Path:
     """The checkpoint store to serve from; trains a ``--quick`` model into it when it has no ``LATEST``."""
-    from trainer import checkpoint
+    from bert_stream import checkpoint
 
     store = Path(store)
     if (store / "config.json").exists() or checkpoint.latest_version(store) is not None:
@@ -253,7 +253,7 @@ class Workspace:
         return f"bench-{self.run_id}-{what}"
 
     def checkpoint_folder(self) -> tuple[str, Path]:
-        from trainer import checkpoint
+        from bert_stream import checkpoint
 
         return checkpoint.resolve(self.model_dir)
 

@@ -72,7 +72,7 @@ def publish_random_model(store: Path) -> str:
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from trainer import checkpoint
+    from bert_stream import checkpoint
 
     store.mkdir(parents=True, exist_ok=True)
     vocab = store / "vocab.txt"

@@ -60,7 +60,7 @@ def run_cli(args: list[str], log_path: Path) -> float:
 
 
 def version_folder(path: Path) -> Path:
-    from trainer.checkpoint import resolve
+    from bert_stream.checkpoint import resolve
 
     return resolve(path)[1]
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer import checkpoint
+from bert_stream import checkpoint
 
 # trainer.run.RUNS_DIR: resumable state of unfinished runs (not imported: trainer.run loads torch)
 RUNS_DIR = ".runs"

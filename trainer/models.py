@@ -247,7 +247,7 @@ def _resolve(spec: str) -> tuple[str, bool]:
         if not path.is_dir():
             raise ModelSourceError(f"model path {spec} is a file; pass the model folder")
         if not (path / "config.json").is_file() and (path / "LATEST").is_file():
-            from trainer.checkpoint import CheckpointError, resolve
+            from bert_stream.checkpoint import CheckpointError, resolve
 
             try:
                 path = resolve(path)[1]  # a checkpoint store: its published version

@@ -19,7 +19,7 @@ every batch. Only the masked positions go through the 21k-way output layer: with
 (the largest matrix of a small BERT) costs ~7x less than the full ``BertForMaskedLM`` forward.
 
 Output (``--output-dir``, default ``pretrained/``): the same store layout as the fine-tuner's checkpoints
-(``trainer.checkpoint``): ``<version>/`` written as ``.staging-<version>/``, renamed into place, then
+(``bert_stream.checkpoint``): ``<version>/`` written as ``.staging-<version>/``, renamed into place, then
 ``LATEST`` replaced atomically. A version folder is a plain transformers folder (``config.json``,
 ``model.safetensors``, tokenizer files) of ``BertForMaskedLM`` (``BertForPreTraining`` with ``--nsp``),
 plus ``metrics.json``, ``pretrain_args.json`` and ``pretraining_curve.png``. It has no ``id2label``
@@ -55,7 +55,8 @@ from tqdm.auto import tqdm
 
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view, require, setting
-from trainer import checkpoint, mlm, runstate
+from bert_stream import checkpoint
+from trainer import mlm, runstate
 from trainer.data import BUILTINS, DataError, DataSpec, load_splits, peoples_daily_texts
 from trainer.models import SCRATCH_PRESETS, ModelSourceError, chinese_char_tokenizer, scratch_config
 from trainer.run import make_accelerator

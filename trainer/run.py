@@ -3,7 +3,7 @@ versioned checkpoint into the store the workers read.
 
 Shape: parse -> data -> model -> ``prepare`` -> loop with ``accumulate`` (evaluating and saving resumable
 state every ``eval_steps``) -> evaluate the best weights on validation and test -> quality gate -> publish
-atomically (``trainer.checkpoint``) -> announce. The same code runs on one CPU process or under
+atomically (``bert_stream.checkpoint``) -> announce. The same code runs on one CPU process or under
 ``accelerate launch -m trainer.run`` / ``torchrun --nproc-per-node N -m trainer.run`` on several
 processes/GPUs: every process trains and evaluates its shard, only the main process writes the checkpoint.
 (On CPUs ``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun, or ``accelerate
@@ -60,7 +60,8 @@ from bert_stream import precision
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.ngram import NgramModel
 from bert_stream.settings import SettingsError, parse_settings, public_view
-from trainer import baseline, checkpoint, metrics, plots, runstate
+from bert_stream import checkpoint
+from trainer import baseline, metrics, plots, runstate
 from trainer.data import DataError, DataSpec, Example, Splits, load_splits
 from trainer.models import ModelSourceError, keep_layers, load_for_classification
 from trainer.settings import (DISTILL_ALPHA, DISTILL_TEMPERATURE, EARLY_STOPPING_AFTER,

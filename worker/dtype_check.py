@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from bert_stream import checkpoint
 from bert_stream.logs import configure_logging
 from bert_stream.settings import parse_settings, require, setting
-from trainer import checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The model engine: load a published checkpoint, choose dtype and device, tokenize, classify, hot-swap.
 
-- Loading follows the checkpoint store's ``LATEST`` (:func:`trainer.checkpoint.resolve`) and checks the
-  folder with :func:`trainer.checkpoint.validate` first, so a truncated or incomplete copy is refused.
+- Loading follows the checkpoint store's ``LATEST`` (:func:`bert_stream.checkpoint.resolve`) and checks the
+  folder with :func:`bert_stream.checkpoint.validate` first, so a truncated or incomplete copy is refused.
 - dtype ``auto``: bf16 on CUDA, and on CPUs with bf16 instructions where bf16 measured faster than fp32
   (:mod:`bert_stream.precision`: 2-4x on AMD Zen 4, slower than fp32 on an Intel VM hiding AMX); fp32
   elsewhere.
@@ -34,10 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from bert_stream import precision  # noqa: E402
-from bert_stream.ngram import NgramModel  # noqa: E402
+from bert_stream import checkpoint, precision  # noqa: E402
 from bert_stream.logs import get_logger  # noqa: E402
-from trainer import checkpoint  # noqa: E402
+from bert_stream.ngram import NgramModel  # noqa: E402
 from worker import packed  # noqa: E402
 from worker.messages import Prediction  # noqa: E402
 

@@ -57,7 +57,7 @@ from bert_stream.kafka import adapter, ensure_topics, unwritable
 from bert_stream.kafka.interface import ClientError, Fenced, FlushTimeout, TopicPartition
 from bert_stream.logs import bind_process, configure_logging, get_logger
 from bert_stream.settings import parse_settings, public_view
-from trainer.checkpoint import CheckpointError
+from bert_stream.checkpoint import CheckpointError
 from worker.batcher import Batch, Batcher
 from worker import delivery
 from worker.cache import ResultCache

@@ -2,7 +2,7 @@
 the version that produced it, and a corrupt or incomplete checkpoint published as LATEST is refused (the
 worker keeps its model and logs why).
 
-Versions are published the way the trainer does it (trainer.checkpoint: staging folder -> publish -> LATEST,
+Versions are published the way the trainer does it (bert_stream.checkpoint: staging folder -> publish -> LATEST,
 then the Redis announcement). The corrupt ones cannot pass ``publish`` (it validates), so they are written
 the way a broken copy or a careless operator would: a folder put in place by hand and ``set_latest``.
 """
@@ -18,7 +18,7 @@ import pytest
 
 from tests.fault import harness as h
 from tests.fault.test_crash import _topics
-from trainer import checkpoint
+from bert_stream import checkpoint
 
 pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
 

@@ -4,7 +4,7 @@
   a wrong password it keeps classifying without the cache (counted, logged); the password never reaches
   the logs.
 - Weights load only from safetensors: a checkpoint with only ``pytorch_model.bin`` (a pickle, which can run
-  code when loaded) is refused by trainer.checkpoint.validate, by the worker at start-up and on hot reload,
+  code when loaded) is refused by bert_stream.checkpoint.validate, by the worker at start-up and on hot reload,
   and the pickle is never opened (its payload would create a marker file).
 - Nothing from a message or from Redis becomes a file path: an announcement of ``../../etc`` or of an
   absolute path, a LATEST that points outside the store, and an id like ``../../etc/passwd`` are inert.
@@ -28,7 +28,7 @@ import redis
 from bert_stream.settings import parse_settings, public_view
 from tests.fault import harness as h
 from tests.fault.test_crash import _topics
-from trainer import checkpoint
+from bert_stream import checkpoint
 
 SEED = 17
 
@@ -188,7 +188,7 @@ def test_wrong_redis_password_runs_without_cache(kafka_settings, names, model_st
 
 
 def test_pickle_weights_are_refused_by_the_checkpoint_contract(fault_store, tmp_path):
-    """trainer.checkpoint.validate and publish refuse a folder without model.safetensors, and never open the
+    """bert_stream.checkpoint.validate and publish refuse a folder without model.safetensors, and never open the
     pickle that is there instead."""
     marker = tmp_path / "pickle-was-loaded"
     version = checkpoint.latest_version(fault_store)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.trainer.test_pretrain import _args as pretrain_args
 from tests.trainer.test_run import CLASSES, train_args, write_csv
-from trainer import checkpoint
+from bert_stream import checkpoint
 
 
 def free_port() -> int:

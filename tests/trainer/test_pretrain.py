@@ -251,7 +251,7 @@ def test_pretrain_interrupted_resumed_loss_falls_and_fine_tuner_loads_it(corpus_
     from transformers import AutoModelForSequenceClassification
 
     from trainer import pretrain
-    from trainer.checkpoint import latest_version
+    from bert_stream.checkpoint import latest_version
     from trainer.models import load_for_classification
 
     out = tmp_path / "pretrained"

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from bert_stream import precision
 from bert_stream.settings import parse_settings
-from trainer import checkpoint, run
+from bert_stream import checkpoint
+from trainer import run
 from trainer.settings import QUICK_MAX_LENGTH, TrainSettings, resolve
 
 # Three classes with disjoint characters: a tiny random BERT separates them in a couple of epochs.

@@ -2,7 +2,7 @@
 
 ``model_store`` is the session fixture ``trained_checkpoint`` from tests/conftest.py when it exists (a small
 classifier really trained by the trainer); until then a tiny randomly initialised BERT (2 layers, hidden 64)
-with the bert-base-chinese vocabulary, published through trainer.checkpoint exactly as the trainer does.
+with the bert-base-chinese vocabulary, published through bert_stream.checkpoint exactly as the trainer does.
 Mechanically real (tokenizer.json, safetensors, LATEST); its labels are not meaningful.
 """
 
@@ -31,7 +31,7 @@ def publish_tiny_model(store: Path, seed: int = 0, labels: tuple[str, ...] = LAB
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from trainer import checkpoint
+    from bert_stream import checkpoint
 
     torch.manual_seed(seed)
     tokenizer = BertTokenizerFast(vocab_file=str(vocab_file()))
@@ -66,7 +66,7 @@ def model_labels(session_model_store) -> set[str]:
     """The label names of the session's model."""
     import json
 
-    from trainer import checkpoint
+    from bert_stream import checkpoint
 
     _, folder = checkpoint.resolve(session_model_store)
     return set(json.loads((folder / "config.json").read_text())["id2label"].values())

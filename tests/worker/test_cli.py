@@ -97,3 +97,12 @@ def test_worker_refuses_the_benchmark_stand_in_and_unknown_choices_from_env(args
     result = run_cli("worker.run", *args, env=env)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and says in result.stderr
+
+
+def test_worker_never_imports_the_trainer():
+    """The checkpoint format is shared (bert_stream.checkpoint): a worker image needs no training code."""
+    code = ("import sys, worker.run, worker.engine, worker.dtype_check, worker.publish, worker.tail; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'trainer', 'bench', 'demo', 'accelerate'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import torch
 
 from bert_stream import precision
 from tests.worker.conftest import chinese_messages, publish_tiny_model
-from trainer import checkpoint
+from bert_stream import checkpoint
 from worker.engine import Engine, choose_dtype, length_buckets
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from bert_stream.kafka import ensure_topics
 from tests.worker.conftest import PredictOnly, chinese_messages, committed_offsets, produce, read_topic
-from trainer import checkpoint
+from bert_stream import checkpoint
 from worker import messages as m
 
 pytestmark = pytest.mark.kafka
