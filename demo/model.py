@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bert_stream import checkpoint
 
-# trainer.run.RUNS_DIR: resumable state of unfinished runs (not imported: trainer.run loads torch)
+# trainer.runstate.RUNS_DIR: resumable state of unfinished runs (not imported: it loads torch)
 RUNS_DIR = ".runs"
 
 

@@ -65,7 +65,7 @@ from trainer.settings import MIXED_PRECISION, MIXED_PRECISION_HELP
 log = get_logger(__name__)
 
 PROG = "python -m trainer.pretrain"
-RUNS = ".runs"  # resumable state of unfinished runs, one folder per version id
+RUNS = runstate.RUNS_DIR
 POSITION_INITS = ("random", "sinusoidal")
 # Settings that may differ between an interrupted run and its --resume (they do not change the model).
 _NOT_FINGERPRINTED = ("resume", "log_every", "save_every")

