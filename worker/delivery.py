@@ -23,7 +23,7 @@ The worker loop is the same in both modes (poll -> decode -> batch -> classify -
       cannot commit a transaction over the new owner's work.
     - A member the group already dropped (session expired, unknown member id: partitions "lost") has no
       valid generation left to send its offsets with; the worker aborts instead and commits nothing more
-      of those partitions (worker/run.py ``on_revoking``).
+      of those partitions (worker/rebalance.py ``on_revoking``).
     - The new owner's consumer reads with ``read_committed``, so its OffsetFetch asks for stable offsets
       (``require_stable``): while a dead worker's transaction with offsets is still pending, the broker
       answers UNSTABLE_OFFSET_COMMIT and the client retries; the new owner starts only after that
@@ -40,7 +40,7 @@ The worker loop is the same in both modes (poll -> decode -> batch -> classify -
 
     Cost: one transaction per commit (AddOffsetsToTxn, TxnOffsetCommit, EndTxn: a few round trips), and the
     outputs become visible to read_committed readers only when their transaction commits, so the commit
-    interval is added to their latency (bench/RESULTS.md measures both modes side by side).
+    interval is added to their latency (``bench/delivery.py`` measures both modes side by side).
 
 The Redis cache stays outside the transaction in both modes: it is keyed by model version and text, not by
 offset, so a replay after an abort only reads the cache again.

@@ -1,7 +1,7 @@
 """``python -m worker.run --processes N``: N worker processes on one machine (one GPU), in one consumer group.
 
 Why: one process carries a bounded rate around the model (poll, decode, batch, cache, publish, commit: the
-ceiling in bench/RESULTS.md), while one GPU classifies far more than that. N processes that share the device
+ceiling that ``bench/ceiling.py`` measures), while one GPU classifies far more than that. N processes that share the device
 feed it N times as much; each is an ordinary worker (its own consumer group member, producer, copy of the
 model, ops port), so every guarantee and fault test of one worker holds for each of them. The GPU is shared
 by time-slicing between the processes' CUDA contexts; e5-small in bf16 needs well under 1 GB per copy.

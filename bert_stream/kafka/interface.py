@@ -1,7 +1,7 @@
 """What the worker needs of a Kafka client, and nothing more: the one shape both adapters implement.
 
 :mod:`bert_stream.kafka.python` (kafka-python, the default) and :mod:`bert_stream.kafka.librdkafka`
-(confluent-kafka used natively) each turn their client into this. The worker loop (worker/run.py,
+(confluent-kafka used natively) each turn their client into this. The worker loop (worker/loop.py,
 worker/delivery.py) only ever sees these types, so it never asks which client it has; each client's
 workarounds live in its adapter, with their reasons.
 
@@ -19,6 +19,7 @@ Offsets are plain ints: the next offset to read, as Kafka commits them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, Protocol
 
@@ -32,6 +33,13 @@ class TopicPartition(NamedTuple):
 
     topic: str
     partition: int
+
+
+@functools.lru_cache(maxsize=65_536)
+def topic_partition(topic: str, partition: int) -> TopicPartition:
+    """The one :class:`TopicPartition` of a partition, made once: the worker needs it twice per message
+    (tracked at poll, acknowledged at publish), and building a named tuple each time is the hot path's cost."""
+    return TopicPartition(topic, partition)
 
 
 class Record:

@@ -1,8 +1,8 @@
 """The librdkafka adapter: confluent-kafka's own ``Consumer`` and ``Producer`` as the worker's interface
 (:mod:`bert_stream.kafka.interface`), selected with ``BERT_STREAM_KAFKA_CLIENT=confluent-kafka``.
 
-It exists because kafka-python is the wall of a worker that feeds a GPU: consuming and producing cost it
-~50-90 us a message in Python, librdkafka ~4 (bench/RESULTS.md, ceiling: client floor). Everything the worker
+It exists because kafka-python is the wall of a worker that feeds a GPU: it consumes and produces each
+record in Python, librdkafka in C (``bench/ceiling.py`` measures both clients' floor). Everything the worker
 does runs on it, exactly-once included (librdkafka's transactional producer, KIP-447 offsets with the
 consumer's group metadata, ``read_committed``).
 
@@ -271,9 +271,9 @@ class Producer:
     """confluent-kafka's producer as the interface's. Delivery callbacks run inside send/serve/flush."""
 
     # commits between forced ones take the acks that have come in without waiting for the rest: a flush
-    # every commit_every messages stalls the loop for a round trip each time (bench/RESULTS.md, part 8). The
+    # every commit_every messages stalls the loop for a round trip each time. The
     # price, at-least-once only: a crash re-delivers also what was unacknowledged at the last commit (at most
-    # one commit's worth: worker/run.py _acknowledged flushes when the broker falls a commit behind).
+    # one commit's worth: worker/loop.py _acknowledged flushes when the broker falls a commit behind).
     lazy_commits = True
 
     def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None,

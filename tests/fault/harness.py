@@ -58,8 +58,9 @@ def isolation(delivery: str) -> str:
 
 
 def _in_flight_batches() -> int:
-    """worker.run.MAX_IN_FLIGHT_BATCHES, read from the source (importing worker.run would import torch)."""
-    found = re.search(r"^MAX_IN_FLIGHT_BATCHES\s*=\s*(\d+)", (REPO / "worker" / "run.py").read_text(), re.MULTILINE)
+    """worker.classifier.MAX_IN_FLIGHT_BATCHES, read from the source (importing it would import torch)."""
+    source = (REPO / "worker" / "classifier.py").read_text()
+    found = re.search(r"^MAX_IN_FLIGHT_BATCHES\s*=\s*(\d+)", source, re.MULTILINE)
     return int(found.group(1)) if found else 2
 
 

@@ -1,6 +1,6 @@
 """Crash and graceful stop: kill -9 loses nothing; SIGTERM exits 0 with everything it published committed.
 
-Each test runs in both delivery modes (worker/delivery.py). The at-least-once promise (worker/run.py): an
+Each test runs in both delivery modes (worker/delivery.py). The at-least-once promise (worker/loop.py): an
 input offset is committed only after the outputs of it and of everything before it in its partition are
 acknowledged. Two things follow that a test can see from outside:
 1. at the moment a worker is killed, every offset below the group's committed offset has an output on the

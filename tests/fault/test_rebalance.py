@@ -1,7 +1,7 @@
 """Rebalance: a second worker joins the group mid-stream and later leaves it (SIGTERM); nothing is lost.
 
 On a revocation the worker publishes what its model holds, commits it and drops what it had not started
-(worker/run.py ``on_revoking``, ``on_revoked``), so a cooperative hand-over should publish nothing twice. Duplicates are
+(worker/rebalance.py ``on_revoking``, ``on_revoked``), so a cooperative hand-over should publish nothing twice. Duplicates are
 reported and bounded by the uncommitted window per rebalance (a broker may refuse a commit during a
 rebalance); a revocation commit that fails because of how the client is used (a blocking call from
 kafka-python's IO thread) is a worker bug and fails the test.

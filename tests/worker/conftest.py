@@ -206,7 +206,7 @@ class RunningWorker:
     def __init__(self, settings, engine=None):
         import threading
 
-        from worker.run import Worker
+        from worker.loop import Worker
 
         self.worker = Worker(settings, engine=engine)
         self.exit_code = None

@@ -11,7 +11,7 @@ from tests.worker.conftest import PredictOnly
 from worker.batcher import Batch
 from worker.messages import InputMessage, Prediction, Rejected, Source
 from worker.metrics import WorkerMetrics
-from worker.run import Classifier, Job
+from worker.classifier import Classifier, Job
 
 
 class Model(PredictOnly):
@@ -144,21 +144,21 @@ class FailingModel(Model):
 
 
 def test_poison_input_is_a_dead_letter_but_a_broken_model_stops_the_worker(classifier, monkeypatch):
-    from worker import run
+    from worker import classifier as inference
 
-    monkeypatch.setattr(run, "MODEL_RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(inference, "MODEL_RETRY_BACKOFF_S", 0.01)
     classifier.engine.current = classifier.model = FailingModel("v1", poison={"毒", "药"})
     done = classifier.classify(_batch("毒", "药"))  # every item fails, the probe text classifies: bad input
     assert [r.prediction for r in done.results] == [None, None] and all(r.error for r in done.results)
 
     classifier.engine.current = FailingModel("v1", broken=True)
     classifier.model_failure_retries = 2
-    with pytest.raises(run.ModelBroken, match="failed every message of a batch 3 times"):
+    with pytest.raises(inference.ModelBroken, match="failed every message of a batch 3 times"):
         classifier.classify(_batch("北京", "上海"))  # nothing comes back: nothing is published or committed
 
     recovering = FailingModel("v1", broken=True)
     classifier.engine.current = recovering
-    monkeypatch.setattr(run.time, "sleep", lambda _s: setattr(recovering, "broken", False))  # back after a pause
+    monkeypatch.setattr(inference.time, "sleep", lambda _s: setattr(recovering, "broken", False))  # back after a pause
     done = classifier.classify(_batch("北京"))
     assert done.results[0].prediction is not None
 

@@ -15,7 +15,7 @@ from tests.conftest import xfail_on_broker
 from tests.fault.harness import wait_until
 from tests.worker.conftest import PredictOnly, chinese_messages, committed_offsets, read_topic
 from worker import messages as m
-from worker import run as worker_run
+from worker import loop as worker_loop
 
 pytestmark = pytest.mark.kafka
 
@@ -71,7 +71,7 @@ def test_lag_gauge_equals_the_real_lag(kafka_settings, names, worker_settings, s
         def acquire(self):
             return GatedModel(super().acquire())
 
-    monkeypatch.setattr(worker_run, "LAG_EVERY_S", 0.2)
+    monkeypatch.setattr(worker_loop, "LAG_EVERY_S", 0.2)
     GatedModel.gate.clear()
     ensure_topics(kafka_settings, {names.input_topic: 2})
     # without Redis: cache hits would publish without the model

@@ -14,7 +14,8 @@ from bert_stream.kafka.interface import TopicPartition
 from worker import delivery
 from worker.cache import ResultCache
 from worker.messages import Prediction, Rejected, Source, decode
-from worker.run import DoneBatch, Job, Result, Worker
+from worker.classifier import DoneBatch, Job, Result
+from worker.loop import Worker
 from worker.settings import WorkerSettings
 
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)

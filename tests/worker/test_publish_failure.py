@@ -1,17 +1,16 @@
 """Unit test of the worker's policy after a send fails (pure logic: a fake producer, no Kafka, no model).
 
-A send that cannot complete was seen for real when noida-db (a stand-in broker the suite used to run on)
-forgot the idempotent producer's sequence state across a restart and answered OutOfOrderSequenceNumber;
-Apache Kafka keeps that state (tests/fault/test_outages.py::test_broker_restart_mid_stream rides a restart
-out without it). This pins the bookkeeping behind the duplicate bound when it does happen: after a failed send the worker publishes nothing more of that input partition, commits the acked
-prefix, and stops with status 1.
+A send can fail for good: a broker that loses the idempotent producer's sequence state across a restart
+answers OutOfOrderSequenceNumber, a topic can be deleted, a record refused. This pins the bookkeeping behind
+the duplicate bound when it does: after a failed send the worker publishes nothing more of that input
+partition, commits the acknowledged prefix, and stops with status 1.
 """
 
 from __future__ import annotations
 
 from bert_stream.kafka import TopicPartition
 from worker.messages import Source
-from worker.run import Worker
+from worker.loop import Worker
 from worker.settings import WorkerSettings
 
 
