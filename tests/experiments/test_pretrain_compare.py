@@ -1,4 +1,4 @@
-"""bench.pretrain_compare at toy sizes (no broker: it only runs the trainer's CLIs and reads their output)."""
+"""experiments.pretrain_compare at toy sizes (no broker: it only runs the trainer's CLIs and reads their output)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_pretrain_compare_fine_tunes_both_arms_on_one_split(tmp_path):
     """A real pretraining, both arms fine-tuned on the same split and test set, the gain computed from the
     two checkpoints' own metrics, and the Markdown table that reports it."""
-    from bench import pretrain_compare
+    from experiments import pretrain_compare
     from trainer.data import peoples_daily_texts
 
     corpus = tmp_path / "corpus"

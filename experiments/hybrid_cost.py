@@ -1,6 +1,6 @@
 """What the hybrid's n-gram half costs a worker: ``predict`` with and without it, side by side.
 
-``python -m bench.hybrid_cost [--model-dir checkpoints] [--seconds-per-point 2] [--batch-sizes 16,64,256]``
+``python -m experiments.hybrid_cost [--model-dir checkpoints] [--seconds-per-point 2] [--batch-sizes 16,64,256]``
 
 A hybrid checkpoint (``trainer.run --hybrid auto``, bert_stream.ngram) adds TF-IDF character n-gram scores
 to the transformer's on every prediction the model makes (cache hits never reach it). Measured in one
@@ -8,7 +8,7 @@ process, interleaved round by round so the machine's noise hits both alike, on r
 the worker's dtype: :meth:`LoadedModel.predict` with the n-gram half, the same loaded model with it switched
 off, and the n-gram scoring alone. When the checkpoint is transformer-only, an n-gram half is fitted on the
 built-in set's training split for the measurement (the cost does not depend on its weights' values).
-Writes ``bench/hybrid_cost.json``.
+Writes ``experiments/hybrid_cost.json``.
 """
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ def run(model_dir: Path, seconds_per_point: float, batch_sizes, rounds: int = 3)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.hybrid_cost", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.hybrid_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default=str(common.DEFAULT_STORE), help="checkpoint store or version folder")
     parser.add_argument("--seconds-per-point", type=float, default=2.0, help="per (set, batch size, variant)")
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
-    parser.add_argument("--out", default=str(common.REPO / "bench" / "hybrid_cost.json"))
+    parser.add_argument("--out", default=str(common.REPO / "experiments" / "hybrid_cost.json"))
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.batch_sizes.split(",")]

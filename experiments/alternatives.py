@@ -1,6 +1,6 @@
-"""Part 1b: the worker's forward pass against what could beat it on this CPU, side by side through the engine.
+"""The worker's forward pass against what could beat it on this CPU, side by side through the engine.
 
-``python -m bench.alternatives [--seconds 2] [--skip compile,onnx]``
+``python -m experiments.alternatives [--seconds 2] [--skip compile,onnx]``
 
 Every variant runs inside :meth:`worker.engine.LoadedModel.predict` (the worker's tokenisation, length
 sorting, chunking and top-k), with only the forward pass swapped, on the same batches, interleaved in
@@ -386,8 +386,61 @@ def run(
     return result
 
 
+def markdown(alt: dict) -> list[str]:
+    """The run as a markdown table (printed by ``main``; the dated notes quote it)."""
+    from bench.report import _table, _x  # the report's number formats
+
+    rates, agree, notes = alt["rates_msgs_per_s"], alt["agreement_with_fp32"], alt["notes"]
+    base = alt.get("base", "bf16")  # runs before the CPU-dependent base recorded bf16 only
+    ref = alt.get("reference", base)  # runs before the packed backend took ratios against the base dtype
+    labels_ref = alt.get("agreement_reference", "fp32")
+    accuracy = alt.get("test_accuracy") or {}
+    wls = list(rates)
+    rows = []
+    for name, note in notes.items():
+        if name in agree:
+            rows.append(
+                [
+                    name,
+                    *(rates[w][name] for w in wls),
+                    *(_x(rates[w][name] / rates[w][ref]) for w in wls),
+                    f"{agree[name]:.2%}",
+                    f"{accuracy[name]:.2%}" if name in accuracy else "-",
+                    note.get("build_s"),
+                ]
+            )
+        else:
+            rows.append(
+                [name, *("-" for _ in wls), *("-" for _ in wls), "-", "-", "skipped: " + note.get("skipped", "")]
+            )
+    texts = alt.get("agreement_texts")
+    return [
+        "## The worker's forward against the alternatives (model-only, same path, interleaved)",
+        "",
+        (
+            f"{alt['threads']} torch threads; every variant goes through the engine's `predict` (tokenise, sort, "
+            f"top-k) with only the forward pass swapped. Ratios against `{ref}` (the worker's path before the "
+            f"packed backend); agreement = share of labels equal to `{labels_ref}`'s (the checkpoint's own fp32 "
+            f"transformers forward) on {f'{texts:,} texts (the checkpoint test split, then stream texts)' if texts else 'the same texts'}; "
+            "test accuracy on the checkpoint's test split."
+        ),
+        "",
+        _table(
+            [
+                "variant",
+                *[f"{w} msgs/s" for w in wls],
+                *[f"vs {ref} ({w.split(',')[0]})" for w in wls],
+                f"labels = {labels_ref}",
+                "test accuracy",
+                "build s",
+            ],
+            rows,
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.alternatives", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.alternatives", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default=None, help="checkpoint store (default: checkpoints/)")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per variant and workload")
     parser.add_argument("--skip", default="", help="comma-separated substrings of variant names to skip")
@@ -405,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(model_dir=model_dir, seconds=args.seconds, skip=[s for s in args.skip.split(",") if s],
                  student_dir=args.student_dir)
     common.save_json(Path(args.output), result)
+    print("\n".join(markdown(result)))
     print(f"\nwrote {args.output}")
     return 0
 

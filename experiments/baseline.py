@@ -1,6 +1,6 @@
 """The classical baseline a fine-tuned transformer must clearly beat: TF-IDF character 1-3-grams + LinearSVC.
 
-``python -m bench.baseline [--data NAME ...] [--output bench/baseline.json]``
+``python -m experiments.baseline [--data NAME ...] [--output experiments/baseline.json]``
 
 Two protocols per data set:
 
@@ -63,7 +63,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.baseline", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--data",
         nargs="+",
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         "--output",
         type=Path,
         default=Path(__file__).with_name("baseline.json"),
-        help="where to write the results as JSON [default: bench/baseline.json]",
+        help="where to write the results as JSON [default: experiments/baseline.json]",
     )
     parser.add_argument(
         "--seeds",

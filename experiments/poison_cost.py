@@ -1,4 +1,4 @@
-"""``python -m bench.poison_cost [--against REV]``: what one pathological input costs the worker's main thread.
+"""``python -m experiments.poison_cost [--against REV]``: what one pathological input costs the worker's main thread.
 
 The worker decodes every record on its main thread (``worker.messages.decode``), between polls: an input
 that takes a second to decode stalls its partition's poll loop, and with it every partition of the worker.
@@ -7,7 +7,7 @@ as the worker calls it (``max_text_chars`` from the default ``max_length``), for
 ``--against``, for an older commit in a temporary git worktree, in the same run (the ratio is what holds on a
 noisy machine). An input that raised out of decode is reported as "raised" (the worker exited on it).
 
-Writes ``bench/poison_cost.json``; ``python -m bench.report`` renders it into RESULTS.md.
+Writes ``experiments/poison_cost.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def measure(tree: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.poison_cost", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.poison_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--against", default=None, help="a git revision to measure beside this tree")
-    parser.add_argument("--out", default=str(common.REPO / "bench" / "poison_cost.json"))
+    parser.add_argument("--out", default=str(common.REPO / "experiments" / "poison_cost.json"))
     args = parser.parse_args(argv)
     from worker.messages import CHARS_PER_TOKEN
 

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from bench import train_suite as ts
+from experiments import train_suite as ts
 from trainer.data import Example
 
 

@@ -1,7 +1,7 @@
 """The generalisation suite: the trainer's default recipe against the classical baseline on small, skewed sets.
 
-``python -m bench.train_suite [--tier quick|full] [--entries NAME,...] [--seeds 0,1,2] [--trainer-args "..."]
-[--runs-from bench/train_suite.json]``
+``python -m experiments.train_suite [--tier quick|full] [--entries NAME,...] [--seeds 0,1,2] [--trainer-args "..."]
+[--runs-from experiments/train_suite.json]``
 
 Users bring a few thousand examples with a skewed class mix, not the built-ins' balanced 8-14k. Each entry of
 the suite is such a set cut from a built-in (``trainer.data``'s own split, so no text is in two splits):
@@ -27,8 +27,8 @@ Finished runs are kept under ``--work-dir`` and not run again (same entry, seed,
 ``trainer/`` and ``bert_stream/ngram.py`` code), so a long tier can be stopped and continued. ``--runs-from``
 counts the runs of an earlier report (its ``train_suite.json``, e.g. the committed one, made on another machine
 or before a code change) as finished, for the (entry, seed, trainer arguments) that the work dir has no run of:
-the report says how many it took and at which commit each was made. Writes ``bench/train_suite.json``, ``bench/train_suite.png`` and the
-suite's section of ``bench/TRAINING.md``.
+the report says how many it took and at which commit each was made. Writes ``experiments/train_suite.json``, ``experiments/train_suite.png`` and the
+suite's section of ``experiments/TRAINING.md``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pathlib import Path
 
 from bench import common
 
-BENCH_DIR = Path(__file__).resolve().parent
+OUT_DIR = Path(__file__).resolve().parent
 TARGET_ACCURACY_GAIN, TARGET_MACRO_F1_GAIN = 0.03, 0.05
 TEST_CAP = 2000  # test texts per entry: a standard error of ~1 point, and minutes of evaluation on reviews
 THREE_CLASSES = {"finance": 0.5, "sports": 0.4, "science": 0.1}  # the issue's user set: 50/40/10
@@ -271,7 +271,7 @@ def markdown(summary: dict) -> str:
     met = sum(r["meets_target"] for r in rows)
     lines = [
         MARK_START,
-        "### Generalisation suite (`python -m bench.train_suite`, generated)",
+        "### Generalisation suite (`python -m experiments.train_suite`, generated)",
         "",
         f"{summary['date']}, tier `{summary['tier']}`, trainer arguments `{' '.join(summary['trainer_args']) or '(the default recipe)'}`, "
         f"{summary['minutes']:.0f} min of trainer runs. Test: up to 2,000 texts with the entry's class mix from the built-in's test split "
@@ -348,7 +348,7 @@ def plot(rows: Sequence[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_suite", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.train_suite", description=__doc__.split("\n")[0])
     parser.add_argument("--tier", default="quick", choices=sorted(TIERS), help="which entries and seeds (default quick)")
     parser.add_argument("--entries", default=None, help=f"comma-separated, instead of the tier's: {', '.join(ENTRIES)}")
     parser.add_argument("--seeds", default=None, help="comma-separated integers, instead of the tier's")
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=str(common.WORK_DIR / "train_suite"), help="runs kept here")
     parser.add_argument("--runs-from", default="", metavar="JSON[,JSON]",
                         help="an earlier report's train_suite.json: its runs count as finished where --work-dir has none")
-    parser.add_argument("--out-dir", default=str(BENCH_DIR), help="train_suite.json/.png and TRAINING.md go here")
+    parser.add_argument("--out-dir", default=str(OUT_DIR), help="train_suite.json/.png and TRAINING.md go here")
     args = parser.parse_args(argv)
     names, seeds = TIERS[args.tier]
     if args.entries:

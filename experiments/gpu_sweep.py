@@ -1,6 +1,6 @@
 """The model-only batch-size sweep on a CUDA machine (H200-class), bf16 and fp32, in a few minutes.
 
-``python bench/gpu_sweep.py [--output gpu_sweep.json] [--model DIR] [--inputs bench/gpu_inputs.json]``
+``python experiments/gpu_sweep.py [--output gpu_sweep.json] [--model DIR] [--inputs bench/gpu_inputs.json]``
 
 Self-contained on purpose: it needs torch and transformers only (no network, no installs, no broker, no
 data download), so it runs on a bare GPU machine with a copy of this repository. What it reads:
@@ -17,8 +17,7 @@ around ``model(...)`` plus the logits' copy to the host (what a worker needs per
 model's shapes in each dtype, and efficiency = measured / (GEMM rate / FLOPs per message). fp32 runs
 with TF32 off (PyTorch's default for matmul), so it is true fp32.
 
-Writes one JSON file and prints tables; ``python -m bench.report --gpu FILE`` (or ``bench.run``, when the
-file is at ``bench/gpu_sweep.json``) puts the figures into RESULTS.md.
+Writes one JSON file (``experiments/gpu_sweep.json``) and prints tables.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable as a plain script: `python bench/gpu_sweep.py`
+if str(REPO) not in sys.path:  # runnable as a plain script: `python experiments/gpu_sweep.py`
     sys.path.insert(0, str(REPO))
 
 from bench.common import ModelShape, mean_flops_per_message, package_versions, percentile
@@ -147,7 +146,7 @@ def gemm_rate(shape: ModelShape, dtype, device, tokens: int, budget_s: float = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python bench/gpu_sweep.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python experiments/gpu_sweep.py", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--inputs", default=str(DEFAULT_INPUTS), help="model config + real token lengths (JSON)"
     )
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gemm-tokens", default="2048,16384,65536", help="token rows the GEMM rate is timed at"
     )
-    parser.add_argument("--output", default=str(REPO / "bench" / "gpu_sweep.json"), help="JSON written here")
+    parser.add_argument("--output", default=str(REPO / "experiments" / "gpu_sweep.json"), help="JSON written here")
     args = parser.parse_args(argv)
 
     import torch
