@@ -1,7 +1,7 @@
 """The hybrid's second half: a character n-gram linear model whose scores are added to the transformer's.
 
 On small, skewed sets the fine-tuned transformer and TF-IDF character n-grams + a linear SVM make different
-mistakes (bench/TRAINING.md, the generalisation suite): the SVM keys on rare surface strings (a name, a
+mistakes (``experiments/train_suite.py`` measures it): the SVM keys on rare surface strings (a name, a
 brand, a product code), the transformer on meaning. Their sum, weighted on the validation split, beat both.
 The trainer fits it (``--hybrid``), the checkpoint carries it (``ngram.json`` + ``ngram.safetensors``) and the
 worker's engine adds it to every prediction, so the published model is the one evaluated::

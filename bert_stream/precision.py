@@ -1,12 +1,10 @@
 """Which float type this CPU computes fastest: bf16 or fp32, measured rather than guessed.
 
 The trainer's ``--mixed-precision auto``, the worker's ``--dtype auto`` and the benchmarks all ask here.
-bf16 halves memory traffic and, on CPUs with bf16 dot-product units, can run matmuls 2-4x faster than fp32
-(AMD Zen 4 with AVX512-BF16, Intel with AMX). But the flags in ``/proc/cpuinfo`` do not say it will: on an
-Intel Xeon (Emerald Rapids) virtual machine that lists ``avx512_bf16`` and hides AMX, oneDNN's bf16 matmul
-ran at 86 GFLOP/s on one core against fp32's 147, and a training run took 1.5x longer in bf16
-(bench/TRAINING.md). So the flags only decide whether bf16 is worth *trying* (without them torch emulates
-bf16 about 50x slower); :func:`cpu_bf16_speedup` then times one matmul of a small BERT's feed-forward shape
+bf16 halves memory traffic and, on CPUs with bf16 dot-product units (AVX512-BF16, AMX), runs matmuls
+several times faster than fp32. But the flags in ``/proc/cpuinfo`` do not say it will: a virtual machine can
+list ``avx512_bf16`` and hide AMX, and oneDNN's bf16 matmul then loses to fp32. So the flags only decide
+whether bf16 is worth *trying* (without them torch emulates bf16, far slower); :func:`cpu_bf16_speedup` then times one matmul of a small BERT's feed-forward shape
 in both types, once per process and thread count (about half a second), and bf16 is used only when it is
 clearly faster (:data:`MIN_SPEEDUP`).
 """

@@ -2,8 +2,8 @@
 
 Every ``trainer.run`` fits it on the run's own training split and scores it on the same test split (a few
 seconds), so metrics.json and the log say at once whether the transformer earns its cost, and the quality
-gate can demand a margin over it (``--min-gain-over-baseline``). ``bench.baseline`` uses the same model for
-its table. Vectoriser and SVM use scikit-learn's defaults on purpose: a baseline tuned on the test split is
+gate can demand a margin over it (``--min-gain-over-baseline``). ``experiments.baseline`` uses the same model
+for its table. Vectoriser and SVM use scikit-learn's defaults on purpose: a baseline tuned on the test split is
 not one.
 """
 

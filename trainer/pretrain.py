@@ -118,12 +118,12 @@ class PretrainSettings:
     # ---- optimisation ---------------------------------------------------------------------------------------
     batch_size: int = setting(32, env="BERT_STREAM_PRETRAIN_BATCH_SIZE",
                               help="Rows per forward pass. On a CPU more, smaller steps learn faster per minute "
-                                   "than fewer large ones (bench/TRAINING.md).")
+                                   "than fewer large ones (experiments/TRAINING.md).")
     gradient_accumulation_steps: int = setting(1, help="Forward passes per optimizer step: effective batch = "
                                                        "batch size x this (x processes).")
     learning_rate: float = setting(3e-4, env="BERT_STREAM_PRETRAIN_LEARNING_RATE",
                                    help="Peak AdamW learning rate. 1e-3 kept this post-LayerNorm BERT on the "
-                                        "context-blind plateau far longer (bench/TRAINING.md); lower it if "
+                                        "context-blind plateau far longer (experiments/TRAINING.md); lower it if "
                                         "the loss spikes.")
     weight_decay: float = setting(0.01, help="AdamW weight decay (not on biases and LayerNorms).")
     warmup_fraction: float = setting(0.06, help="Share of the budget spent warming the learning rate up.")

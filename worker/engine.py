@@ -3,8 +3,7 @@
 - Loading follows the checkpoint store's ``LATEST`` (:func:`bert_stream.checkpoint.resolve`) and checks the
   folder with :func:`bert_stream.checkpoint.validate` first, so a truncated or incomplete copy is refused.
 - dtype ``auto``: bf16 on CUDA, and on CPUs with bf16 instructions where bf16 measured faster than fp32
-  (:mod:`bert_stream.precision`: 2-4x on AMD Zen 4, slower than fp32 on an Intel VM hiding AMX); fp32
-  elsewhere.
+  (:mod:`bert_stream.precision` times both once per process); fp32 elsewhere.
 - Attention is PyTorch SDPA; every forward pass runs under ``torch.inference_mode``.
 - A batch is tokenized with truncation to ``max_length`` (the output says ``truncated``) and sorted by
   length. Backend ``packed`` (:mod:`worker.packed`, ``auto``'s choice on the CPU) runs it padding-free;
@@ -45,8 +44,8 @@ log = get_logger("worker.engine")
 # Padded tokens per forward pass inside a batch. Sorting by length and cutting here bounds padding waste;
 # past ~2k tokens a CPU forward pass gains nothing per token from being larger.
 CHUNK_TOKENS = 2048
-# On a GPU every forward pass costs ~150 kernel launches and the Python around them whatever its size, so a
-# batch is one pass (up to this many padded tokens): cut at the CPU's 2048, an H200 ran 1-4k msgs/s at 2% busy.
+# On a GPU every forward pass costs its kernel launches and the Python around them whatever its size, so a
+# batch is one pass (up to this many padded tokens): cut at the CPU's chunk, the device would sit idle.
 CUDA_CHUNK_TOKENS = 131072
 # Real tokens per packed forward pass (worker.packed): bounds its activations; a batch of the worker's
 # defaults (max_batch_tokens 8192) is one pass.
@@ -176,8 +175,8 @@ class LoadedModel:
         """What the batcher budgets for each text, without tokenizing it: its characters plus two special
         tokens, capped at max_length. An upper bound for a character-level vocabulary (bert-base-chinese:
         one token per CJK character at most) and above e5's sentencepiece count for Chinese (titles: 19
-        characters, 17.3 tokens on average). Tokenizing here cost ~60 us a message on the main thread, and
-        the cached ones never reach the model; ``predict`` tokenizes the misses, once."""
+        characters, fewer tokens). Tokenizing here would cost the main thread a tokenizer call per message,
+        and the cached ones never reach the model; ``predict`` tokenizes the misses, once."""
         cap = self.max_length
         return [min(cap, len(t) + 2) for t in texts]
 

@@ -10,8 +10,8 @@ of the FLOPs. Here, as text-embeddings-inference does on GPUs with varlen attent
   is also where a CPU's GEMM is most efficient);
 - attention, the only part that mixes tokens, runs per group of similar-length rows, scattered into a
   padded [rows, heads, longest, head_dim] block and gathered back (PyTorch SDPA with a key mask). Groups
-  are small (:data:`ATTENTION_TOKENS` padded tokens): measured on AVX-512 Zen 4, SDPA's CPU kernels are
-  slow at e5-small's 32-wide heads, so padding there costs more than its FLOP share suggests;
+  are small (:data:`ATTENTION_TOKENS` padded tokens): SDPA's CPU kernels are slow at e5-small's 32-wide
+  heads, so padding there costs more than its FLOP share suggests;
 - the last layer computes only what the classifier reads: keys and values of every token, but the query,
   attention output and feed-forward block of the [CLS] rows alone (10/12 of a layer's linear work saved).
 
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# Padded tokens per attention group. Measured on the mixed stream (bench/alternatives.py, 2 threads, bf16):
-# 128-384 within noise of each other, 2048 (the padded path's chunk) 0.87x of 256.
+# Padded tokens per attention group: small enough that little padding is attended over, large enough that
+# a group's SDPA call is not dominated by its fixed cost (experiments/alternatives.py compares sizes).
 ATTENTION_TOKENS = 256
 
 

