@@ -21,7 +21,7 @@ from bert_stream.kafka import KafkaSettings
 from bert_stream.logs import configure_logging
 from bert_stream.settings import from_env, parse_settings
 from demo import model as models
-from demo.display import Column, Table, display_width, short_version
+from demo.display import Column, Table, display_width, short_version, shown
 from demo.model import DemoError
 from demo.processes import Interrupted, StopFlag, http_status, run_streamed, spawn, stop, tail
 from demo.settings import DemoSettings
@@ -117,7 +117,7 @@ class Demo:
     def ensure_model(self) -> str:
         version = models.published_version(self.store)
         if version:
-            say(f"using the published model {self.store / version} (move it away, or pass --model-dir, "
+            say(f"using the published model {shown(self.store / version)} (move it away, or pass --model-dir, "
                 "to train a new one)")
             return version
         say(f"no model published in {self.store}: training one with the trainer's --quick preset "
@@ -154,7 +154,7 @@ class Demo:
         self.worker = spawn([sys.executable, "-m", "worker.run"], env, self.worker_log)
         cleanup.callback(self.stop_worker)
         say(f"worker pid {self.worker.pid}: topics {self.names.input_topic} -> {self.names.output_topic} "
-            f"(+ {self.names.dlq_topic}), log {self.worker_log}")
+            f"(+ {self.names.dlq_topic}), log {shown(self.worker_log)}")
 
     def worker_died(self) -> DemoError:
         return DemoError(f"the worker exited with status {self.worker.returncode}:\n{tail(self.worker_log)}")
@@ -294,7 +294,7 @@ class Demo:
         argv = models.retrain_command(self.store, base, s.data, models.trained_seed(base), s.retrain_examples,
                                       self.servers.redis_url)
         say(f"fine-tuning the current model further on {s.retrain_examples} examples; published with --force "
-            f"and announced on Redis (log {self.work / 'retrain.log'})")
+            f"and announced on Redis (log {shown(self.work / 'retrain.log')})")
         with models.discard_unfinished_runs(self.store):
             rc = run_streamed(argv, self.child_env(), self.work / "retrain.log", self.flag, echo=True)
         after = models.published_version(self.store)
@@ -331,11 +331,11 @@ class Demo:
     # ---- 6. where things are -------------------------------------------------------------------------------
     def say_where(self) -> None:
         say("", "everything stopped. Where things are:",
-            f"  checkpoint  {self.store / (models.published_version(self.store) or '')}",
-            f"  worker log  {self.worker_log} (JSON lines; one per batch)",
+            f"  checkpoint  {shown(self.store / (models.published_version(self.store) or ''))}",
+            f"  worker log  {shown(self.worker_log)} (JSON lines; one per batch)",
             f"  metrics     were at http://127.0.0.1:{self.http_port}/metrics while the worker ran; "
             "a worker of your own serves them on --http-port",
-            f"  demo files  {self.work} (messages sent, trainer and publisher logs)")
+            f"  demo files  {shown(self.work)} (messages sent, trainer and publisher logs)")
 
 
 def main(argv: list[str] | None = None) -> int:

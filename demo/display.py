@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import unicodedata
+from pathlib import Path
 
 ELLIPSIS = "…"  # one cell in the terminals we target (east_asian_width "A", drawn narrow outside CJK locales)
 
@@ -78,3 +79,10 @@ def short_version(version: str) -> str:
         return f"{stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]} {tag}"
     return version
 
+
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current directory when it lies below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

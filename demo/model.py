@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bert_stream import checkpoint
+from demo.display import shown
 
 # trainer.runstate.RUNS_DIR: resumable state of unfinished runs (not imported: it loads torch)
 RUNS_DIR = ".runs"
@@ -51,7 +52,7 @@ def trained_seed(folder: Path, default: int = 0) -> int:
 
 def _trainer(store: Path, data: str, seed: int) -> list[str]:
     return [sys.executable, "-m", "trainer.run", "--quick", "--data", data, "--seed", str(seed),
-            "--output-dir", str(store)]
+            "--output-dir", shown(store)]  # the trainer's log then shows the path as the user would type it
 
 
 def train_command(store: Path, data: str, seed: int = 0) -> list[str]:
@@ -69,7 +70,7 @@ def retrain_command(store: Path, base: Path, data: str, seed: int, examples: int
     demo's titles stay held out) whatever the validation fraction. ``--force``: a model a little worse on the
     test split must not be refused by the quality gate, since the point is to show the swap;
     ``--redis-url``: running workers are told at once."""
-    return [*_trainer(store, data, seed), "--model", str(base), "--max-train-examples", str(examples),
+    return [*_trainer(store, data, seed), "--model", shown(base), "--max-train-examples", str(examples),
             "--learning-rate", "2e-5", "--validation-fraction", "0.02", "--eval-steps", "1000000",
             "--early-stopping-patience", "0", "--force", "--redis-url", redis_url]
 
