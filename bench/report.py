@@ -152,6 +152,30 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
         out += ["", *_e2e_md(p["e2e"])]
     if "brokers" in p:
         out += ["", *_brokers_md(p["brokers"], p.get("e2e"), p.get("cache"))]
+    if parts_3_to_6 := _baseline_cache_scale_md(s):
+        out += ["", *parts_3_to_6]
+    if "delivery" in p:
+        out += ["", *_delivery_md(p["delivery"])]
+    if "rebalance_gap" in p:
+        out += ["", *_rebalance_gap_md(p["rebalance_gap"])]
+    if "ceiling" in p:
+        out += ["", *_ceiling_md(p["ceiling"])]
+    if "standin" in p:
+        out += ["", *_standin_md(p["standin"])]
+    if plots:
+        out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
+    return "\n".join(out) + "\n"
+
+
+def _missed(targets: dict) -> list[str]:
+    """One line per missed target: what bounds it (``bench.run.summarize`` names it with the target)."""
+    missed = [f"- **{name}**: {t['why']}." for name, t in targets.items() if t["met"] is False and t.get("why")]
+    return ["", "Missed, and what bounds each:", "", *missed] if missed else []
+
+
+def _baseline_cache_scale_md(s: dict) -> list[str]:
+    """Parts 3 to 6: the pipeline baseline, the cached stream, the overhead, and scale-out."""
+    p, out = s["parts"], []
     if "pipeline_baseline" in p:
         b = p["pipeline_baseline"]
         out += [
@@ -248,23 +272,7 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
                 ],
             ),
         ]
-    if "delivery" in p:
-        out += ["", *_delivery_md(p["delivery"])]
-    if "rebalance_gap" in p:
-        out += ["", *_rebalance_gap_md(p["rebalance_gap"])]
-    if "ceiling" in p:
-        out += ["", *_ceiling_md(p["ceiling"])]
-    if "standin" in p:
-        out += ["", *_standin_md(p["standin"])]
-    if plots:
-        out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
-    return "\n".join(out) + "\n"
-
-
-def _missed(targets: dict) -> list[str]:
-    """One line per missed target: what bounds it (``bench.run.summarize`` names it with the target)."""
-    missed = [f"- **{name}**: {t['why']}." for name, t in targets.items() if t["met"] is False and t.get("why")]
-    return ["", "Missed, and what bounds each:", "", *missed] if missed else []
+    return out[1:] if out else out
 
 
 def _load_warning(m: dict) -> list[str]:
