@@ -1,1 +1,1 @@
-"""Benchmarks: throughput/latency of the worker and the classical baseline the models must beat."""
+"""The product benchmark (``make bench``): the worker's throughput, latency and ceilings, in one run."""

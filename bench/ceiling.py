@@ -44,12 +44,14 @@ def _worktree(ref: str, work_dir: Path) -> Path:
 def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
         workers: Sequence[int] = (1, 2), profile_messages: int = 40_000, client_messages: int = 60_000,
         stream: Sequence[str] | None = None, clients: Sequence[str] = ("kafka-python", "confluent-kafka"),
-        exactly_once: bool = True, worker_args: Sequence[str] = ()) -> dict:
-    """``worker_args``: added to every variant's worker (bench/standin.py: its batch settings)."""
+        exactly_once: bool = True, worker_args: Sequence[str] = (), part: str = "ceiling") -> dict:
+    """``worker_args``: added to every variant's worker (bench/standin.py: its batch settings). ``part``
+    prefixes this run's topics and cache keys: a second ceiling in the same workspace (the stand-in's) must
+    not read the first one's topics or cache."""
     base = list(stream or common.stream_texts(unique))[:unique]
     texts = (base * (messages // len(base) + 1))[:messages]
-    prefix = f"bench:{ws.run_id}:ceiling:"
-    fill = e2e.backlog(ws, base, tag="ceiling-fill", cache_prefix=prefix)
+    prefix = f"bench:{ws.run_id}:{part}:"
+    fill = e2e.backlog(ws, base, tag=f"{part}-fill", cache_prefix=prefix)
     variants: dict[str, dict] = {}
     drained: list[str] = []  # input topics holding the whole stream (the client floor reads one again)
 
@@ -63,18 +65,18 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
 
     if compare_ref:  # its own fill, by its own worker: the cache's entry format may differ between commits
         ref_repo, ref_prefix = _worktree(compare_ref, ws.work_dir), f"{prefix}ref:"
-        e2e.backlog(ws, base, tag="ceiling-ref-fill", cache_prefix=ref_prefix, worker_repo=ref_repo)
+        e2e.backlog(ws, base, tag=f"{part}-ref-fill", cache_prefix=ref_prefix, worker_repo=ref_repo)
         for client in clients:
             suffix, args = _client_variant(client)
-            drain(f"at {compare_ref}{suffix}", f"ceiling-ref{suffix[2:8]}", cache_prefix=ref_prefix,
+            drain(f"at {compare_ref}{suffix}", f"{part}-ref{suffix[2:8]}", cache_prefix=ref_prefix,
                   worker_repo=ref_repo, worker_args=args)
     for client in clients:  # the default client's variants keep the plain names (the headline's)
         suffix, args = _client_variant(client)
         for n in workers:
-            drain(("1 process" if n == 1 else f"{n} processes") + suffix, f"ceiling-p{n}{suffix[2:8]}", workers=n,
-                  worker_args=args)
+            drain(("1 process" if n == 1 else f"{n} processes") + suffix, f"{part}-p{n}{suffix[2:8]}",
+                  workers=n, worker_args=args)
         if exactly_once:  # a transaction per commit interval (1 s): what it costs at the ceiling
-            drain(f"1 process{suffix}, exactly-once", f"ceiling-eos{suffix[2:8]}",
+            drain(f"1 process{suffix}, exactly-once", f"{part}-eos{suffix[2:8]}",
                   worker_args=(*args, "--delivery", "exactly-once"))
     result = {"messages": len(texts), "unique": len(base), "partitions": PARTITIONS, "variants": variants,
               "fill_msgs_per_s": fill["msgs_per_s"], "compare_ref": compare_ref,
@@ -188,11 +190,15 @@ def table_rows(r: dict) -> list[list]:
             for name, v in r["variants"].items()]
 
 
-def profile_rows(r: dict, top: int = 8, key: str = "profile") -> list[list]:
+def profile_rows(r: dict, top: int = 6, key: str = "profile", min_share: float = 0.05) -> list[list]:
+    """The busiest steps of each busy thread (20 samples or more), down to ``min_share`` of its samples."""
     rows = []
     for thread, x in (r.get(key) or {}).get("threads", {}).items():
+        if x["samples"] < 20:
+            continue
         for step, share in list(x["shares"].items())[:top]:
-            rows.append([thread, x["samples"], step, f"{share:.0%}"])
+            if share >= min_share:
+                rows.append([thread, x["samples"], step, f"{share:.0%}"])
     return rows
 
 

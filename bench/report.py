@@ -123,8 +123,8 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
                 ],
                 ["2 workers / 1 worker (4 partitions)", _x(s["ratios"]["two_workers_over_one"])],
                 ["e2e backlog on Tansu / on Apache Kafka", _x(s["ratios"].get("tansu_over_kafka_e2e"))],
-                *[[f"exactly-once / at-least-once backlog msgs/s, commit every {k.rsplit('_', 1)[1]}", _x(x)]
-                  for k, x in s["ratios"].items() if k.startswith("eos_over_alos_")],
+                *[[f"exactly-once / at-least-once backlog msgs/s, {_client_of(k)}, commit every "
+                   f"{k.rsplit('_', 1)[1]}", _x(x)] for k, x in s["ratios"].items() if k.startswith("eos_over_alos_")],
             ],
         ),
         "",
@@ -165,6 +165,10 @@ def render(s: dict, plots: list[str], out_dir: Path) -> str:
     if plots:
         out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
     return "\n".join(out) + "\n"
+
+
+def _client_of(ratio_key: str) -> str:
+    return "confluent-kafka" if "confluent" in ratio_key else "kafka-python"
 
 
 def _missed(targets: dict) -> list[str]:
@@ -346,7 +350,7 @@ def _model_only_md(mo: dict) -> list[str]:
         "",
         (
             "`worker.engine.LoadedModel.predict` (tokenize, sort by length, forward with the worker's backend: "
-            "packed on the CPU since 2026-12-04, before that padded chunks; softmax, top-k), "
+            "packed on the CPU, padded on CUDA; softmax, top-k), "
             f"{' and '.join(g)} interleaved on the same texts{_no_bf16_note(g)}. The limit is the GEMM rate "
             "measured in this run "
             "(`torch.matmul` at one layer's shapes, the best of before and after the sweep) divided by the FLOPs "

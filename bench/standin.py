@@ -198,8 +198,10 @@ def run(ws, *, messages: int = 100_000, processes: Sequence[int] = (1, 2), compa
 
     if ceiling:  # the cached path of this run, on the same client and batching
         c = ceiling_part.run(ws, messages=messages, workers=(1,), clients=(CLIENT,), exactly_once=False,
-                             client_messages=0, profile_messages=0, worker_args=WORKER_ARGS[2:])
+                             client_messages=0, profile_messages=0, worker_args=WORKER_ARGS[2:],
+                             part="standin-ceiling")
         result["ceiling_msgs_per_s"] = c["ceiling_confluent_msgs_per_s"]
+        result["ceiling"] = c["variants"]["1 process, confluent-kafka"]
     if compare_ref:
         drain(f"at {compare_ref}", "standin-ref", repo=ceiling_part._worktree(compare_ref, ws.work_dir))
     for n in processes:
@@ -240,10 +242,12 @@ def table_rows(r: dict) -> list[list]:
     return rows
 
 
-def profile_rows(prof: dict, top: int = 8) -> list[list]:
-    """The busiest steps of the worker's threads (not the idle ones: the Kafka client's, the HTTP server's)."""
+def profile_rows(prof: dict, top: int = 6, min_share: float = 0.05) -> list[list]:
+    """The busiest steps of the worker's threads (not the idle ones: the Kafka client's, the HTTP server's),
+    down to ``min_share`` of a thread's samples."""
     return [[thread, x["samples"], step, f"{x['shares'][step]:.0%}", x["us_per_message"][step]]
-            for thread, x in prof["threads"].items() if x["samples"] >= 20 for step in list(x["shares"])[:top]]
+            for thread, x in prof["threads"].items() if x["samples"] >= 20 for step in list(x["shares"])[:top]
+            if x["shares"][step] >= min_share]
 
 
 def print_tables(r: dict) -> None:

@@ -1,1 +1,1 @@
-"""Shared plumbing for bert-stream's programs: logging, settings, Kafka client construction."""
+"""What trainer and worker share: the checkpoint store, settings, logging, the n-gram half, Kafka."""

@@ -1,0 +1,1 @@
+"""Research: each script answers one question about the model or the worker; README.md indexes them."""

@@ -75,6 +75,8 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
     standin = data["parts"]["standin"]  # the stand-in forward: distinct messages, none from the cache
     assert set(standin["variants"]) == {"1 process", "1 process, exactly-once"}
     assert all(v["cached_fraction"] == 0.0 for v in standin["variants"].values())
+    # its ceiling is its own: every message of its stream, all from the cache (not part 8's topics)
+    assert standin["ceiling"]["cached_fraction"] == 1.0 and standin["ceiling"]["messages"] == 200
     assert data["ratios"]["standin_over_ceiling"] > 0 and "## 9. The uncached path" in (out / "RESULTS.md").read_text()
     md = (out / "RESULTS.md").read_text()
     assert "## Targets" in md and "e2e_msgs_per_s" in md
