@@ -172,7 +172,7 @@ def _client_of(ratio_key: str) -> str:
 
 
 def _missed(targets: dict) -> list[str]:
-    """One line per missed target: what bounds it (``bench.run.summarize`` names it with the target)."""
+    """One line per missed target: what bounds it (``bench.summary.summarize`` names it with the target)."""
     missed = [f"- **{name}**: {t['why']}." for name, t in targets.items() if t["met"] is False and t.get("why")]
     return ["", "Missed, and what bounds each:", "", *missed] if missed else []
 
@@ -664,7 +664,7 @@ def rederive(summary: dict) -> dict:
     """Recompute every derived figure (limits, efficiencies, ratios, targets) from the raw measurements, with
     this version's rules: re-rendering an older results.json gives the same verdicts a new run would."""
     from bench.model_only import derive
-    from bench.run import summarize
+    from bench.summary import summarize
 
     if "model_only" in summary.get("parts", {}):
         derive(summary["parts"]["model_only"])

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from bench import common
-from bench.run import _target
+from bench.summary import _target
 
 E5_SMALL = {
     "hidden_size": 384,

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from bench import common, report
-from bench.run import run_all, summarize
+from bench.run import run_all
+from bench.summary import summarize
 from tests.conftest import BROKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
