@@ -100,9 +100,9 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
                                            for k in ("kafka-python", "confluent-kafka")), flush=True)
     if profile_messages and profile.pyspy_binary():
         if "kafka-python" in clients:
-            result["profile"] = _profile(ws, texts[:profile_messages], prefix)
+            result["profile"] = _profile(ws, texts[:profile_messages], prefix, part)
         if "confluent-kafka" in clients:
-            result["profile_confluent"] = _profile(ws, texts[:profile_messages], prefix, "confluent-kafka")
+            result["profile_confluent"] = _profile(ws, texts[:profile_messages], prefix, part, "confluent-kafka")
     print_tables(result)
     return result
 
@@ -178,8 +178,9 @@ def _floor_confluent(ws: common.Workspace, topic: str, out: str, messages: int, 
         consumer.close()
 
 
-def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str, client: str = "kafka-python") -> dict:
-    tag = "ceiling-profile" if client == "kafka-python" else "ceiling-profile-ck"
+def _profile(ws: common.Workspace, texts: Sequence[str], prefix: str, part: str,
+             client: str = "kafka-python") -> dict:
+    tag = f"{part}-profile" if client == "kafka-python" else f"{part}-profile-ck"
     return profile.drain(ws, texts, tag=tag, cache_prefix=prefix, partitions=PARTITIONS, rate=PROFILE_RATE,
                          extra=("--kafka-client", client))
 
@@ -190,16 +191,9 @@ def table_rows(r: dict) -> list[list]:
             for name, v in r["variants"].items()]
 
 
-def profile_rows(r: dict, top: int = 6, key: str = "profile", min_share: float = 0.05) -> list[list]:
-    """The busiest steps of each busy thread (20 samples or more), down to ``min_share`` of its samples."""
-    rows = []
-    for thread, x in (r.get(key) or {}).get("threads", {}).items():
-        if x["samples"] < 20:
-            continue
-        for step, share in list(x["shares"].items())[:top]:
-            if share >= min_share:
-                rows.append([thread, x["samples"], step, f"{share:.0%}"])
-    return rows
+def profile_rows(r: dict, key: str = "profile") -> list[list]:
+    return [[thread, x["samples"], step, f"{x['shares'][step]:.0%}"]
+            for thread, x, step in profile.busy_steps(r.get(key) or {})]
 
 
 def print_tables(r: dict) -> None:

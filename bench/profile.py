@@ -71,6 +71,18 @@ def summarize(raw: Path) -> dict:
     return out
 
 
+def busy_steps(summary: dict, top: int = 6, min_share: float = 0.05, min_samples: int = 20):
+    """(thread, its figures, step) for the busiest steps of each busy thread in a :func:`summarize`d profile:
+    threads with at least ``min_samples`` samples (not the idle ones: the Kafka client's, the HTTP server's),
+    at most ``top`` steps each, down to ``min_share`` of the thread's samples."""
+    for thread, x in summary.get("threads", {}).items():
+        if x["samples"] < min_samples:
+            continue
+        for step, share in list(x["shares"].items())[:top]:
+            if share >= min_share:
+                yield thread, x, step
+
+
 def pyspy_binary() -> str | None:
     found = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
     return found if Path(found).exists() else None

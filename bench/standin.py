@@ -242,12 +242,11 @@ def table_rows(r: dict) -> list[list]:
     return rows
 
 
-def profile_rows(prof: dict, top: int = 6, min_share: float = 0.05) -> list[list]:
-    """The busiest steps of the worker's threads (not the idle ones: the Kafka client's, the HTTP server's),
-    down to ``min_share`` of a thread's samples."""
+def profile_rows(prof: dict) -> list[list]:
+    from bench import profile
+
     return [[thread, x["samples"], step, f"{x['shares'][step]:.0%}", x["us_per_message"][step]]
-            for thread, x in prof["threads"].items() if x["samples"] >= 20 for step in list(x["shares"])[:top]
-            if x["shares"][step] >= min_share]
+            for thread, x, step in profile.busy_steps(prof)]
 
 
 def print_tables(r: dict) -> None:
