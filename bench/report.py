@@ -38,7 +38,7 @@ def write_all(summary: dict, out_dir: Path) -> None:
         common.save_json(out_dir / "gpu_inputs.json", gpu_inputs)
     common.save_json(out_dir / "results.json", summary)
     plots = write_plots(summary, out_dir)
-    (out_dir / "RESULTS.md").write_text(render(summary, plots, out_dir))
+    (out_dir / "RESULTS.md").write_text(render(summary, plots))
     check_file = out_dir / "gpu_check.json"  # the worker on a lent GPU: its own run, its own page
     if check_file.exists():
         (out_dir / "GPU.md").write_text("\n".join(
@@ -65,7 +65,7 @@ def _x(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def render(s: dict, plots: list[str], out_dir: Path) -> str:
+def render(s: dict, plots: list[str]) -> str:
     m, st, p = s["machine"], s["settings"], s["parts"]
     cpu = m["cpu"]
     flags = ", ".join(f for f, on in cpu["flags"].items() if on)

@@ -15,9 +15,9 @@ VARIABLE = re.compile(r"`((?:BERT_STREAM|KAFKA)_[A-Z0-9_]+)`")
 
 
 def test_readme_is_short_and_opens_with_the_two_commands():
-    lines = (REPO / "README.md").read_text().splitlines()
-    assert len(lines) <= 120
-    first_block = (REPO / "README.md").read_text().split("```")[1]
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 120
+    first_block = text.split("```")[1]
     commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line.strip()]
     assert commands == ["make demo", "make test"]
 
