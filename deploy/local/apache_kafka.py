@@ -153,6 +153,10 @@ share.coordinator.state.topic.min.isr=1
 # tests join groups all the time: no initial delay, and their short session timeouts allowed
 group.initial.rebalance.delay.ms=0
 group.min.session.timeout.ms=1000
+# a crashed exactly-once worker's open transaction holds back read_committed readers of its output partitions
+# until the coordinator aborts it: checked for every second, not every 10 s (the default), so that wait is
+# the transaction timeout and little more
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
 # two cores: fewer request threads than the defaults (3 network, 8 I/O)
 num.network.threads=2
 num.io.threads=4

@@ -49,6 +49,9 @@ MAX_WAIT_MS = 10
 # exactly-once: a killed worker's open transaction is aborted by the broker after this long (its partitions'
 # next owner waits for it: KIP-447's stable offsets); short, so the fault tests stay quick
 TRANSACTION_TIMEOUT_MS = 10_000
+# ...and then its output partitions are readable again (read_committed stops at the first record of the
+# oldest open transaction): the timeout, the local broker's one-second abort check, the markers, and slack
+DEAD_TRANSACTION_S = TRANSACTION_TIMEOUT_MS / 1000 + 5
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 
 
