@@ -9,6 +9,7 @@ Layout of a store (``--output-dir`` of the trainer, ``--model-dir`` of the worke
         tokenizer.json, tokenizer_config.json, special_tokens_map.json, ...
         ngram.json, ngram.safetensors   (a hybrid only: the char n-gram half, bert_stream.ngram)
         metrics.json, training_args.json, data_fingerprint.json, *.png
+        quality.json                (the label prior and validation confidence: bert_stream.reference)
       LATEST                        the name of the version workers serve
       .staging-*/                   runs in progress (never read by workers)
 

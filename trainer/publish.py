@@ -15,10 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
-from bert_stream import checkpoint
+from bert_stream import checkpoint, reference
 from bert_stream.logs import get_logger
 from bert_stream.settings import public_view
 from trainer import plots
@@ -94,6 +95,8 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
         "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes,
         "versions": _versions(), "argv": sys.argv[1:]})
     _write_json(folder / "data_fingerprint.json", splits.describe())
+    if final.validation_logits is not None:
+        reference.write(folder, served_reference(splits, final))
     if final.ngram is not None:
         final.ngram.save(folder)  # ngram.json + ngram.safetensors: the worker adds it to every prediction
     transformer = final.transformer_test_predictions or final.test_predictions
@@ -105,6 +108,19 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
     plots.confusion(final.test["confusion_matrix"], splits.labels, folder / "confusion_matrix.png",
                     title=f"{splits.name} test: accuracy {final.test['accuracy']:.3f}, "
                           f"macro-F1 {final.test['macro_f1']:.3f}")
+
+
+def served_reference(splits, final: Final) -> dict:
+    """The quality reference (``bert_stream.reference``): the training split's label mix, and the validation
+    split's confidence as the worker will serve it (a hybrid's from the summed logits)."""
+    ids = {label: i for i, label in enumerate(splits.labels)}
+    logits = final.validation_logits
+    if final.ngram is not None:
+        logits = final.ngram.add(logits.astype(np.float32), final.ngram.scores([e.text for e in splits.validation]))
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return reference.build(splits.labels, [ids[e.label] for e in splits.train], probs)
 
 
 def _write_json(path: Path, obj) -> None:
