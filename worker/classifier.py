@@ -49,6 +49,7 @@ class Job:
     epoch: int = 0   # the loop's epoch at poll: results of an aborted transaction's epoch are dropped
     cached: Prediction | None = None  # the cache's answer at poll (Worker._route in worker.loop) ...
     version: str = ""                 # ... for this model version (a hot reload in between voids it)
+    created: float = 0.0  # the input record's timestamp, seconds since the epoch (0: it had none)
 
 
 @dataclasses.dataclass
@@ -173,7 +174,7 @@ class Classifier:
         results; the model is launched on the rest (a text repeated in the batch runs once)."""
         model = self.engine.acquire()  # a pending hot reload is swapped in here, between batches
         if model.version != self._version:
-            self.metrics.set_model(model.version, str(model.dtype).removeprefix("torch."), str(model.device))
+            self.metrics.set_model(model)
             if self._version is not None:
                 self.metrics.model_swaps.labels("swapped").inc()
             self._version = model.version
@@ -211,6 +212,9 @@ class Classifier:
         if todo and not fresh:
             fresh, errors = self._unless_broken(model, todo, errors)
         infer_ms = (time.perf_counter() - launched.t0) * 1000
+        quality = self.metrics.quality
+        if quality is not None and (tokens := getattr(launched.pending, "tokens", 0)):
+            quality.observe_tokens(version, tokens, launched.pending.unknown)
         if fresh:
             self.cache.store(version, list(fresh.items()))
             if len(recent) + len(fresh) > RECENT_RESULTS:
@@ -272,6 +276,8 @@ class Classifier:
         self.metrics.batch_tokens.observe(batch.padded_tokens)
         self.metrics.queue_seconds.observe(queue_s)
         self.metrics.infer_seconds.observe(infer_ms / 1000)
+        if self.metrics.quality is not None:
+            self.metrics.quality.observe(version, [r.prediction for r in results if r.prediction is not None])
         log.info("batch", size=len(batch), tokens=batch.padded_tokens, queue_ms=round(queue_s * 1000, 1),
                  infer_ms=round(infer_ms, 1), cache_hits=hits, inferred=inferred, failed=failed,
                  model_version=version)

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from bert_stream import checkpoint, precision  # noqa: E402
+from bert_stream import checkpoint, precision, reference  # noqa: E402
 from bert_stream.logs import get_logger  # noqa: E402
 from bert_stream.ngram import NgramModel  # noqa: E402
 from worker import packed  # noqa: E402
@@ -109,11 +109,12 @@ class Pending:
     """A launched batch. :meth:`result` waits for the device once and builds every prediction from one
     [rows, labels] array: softmax, top-k and the hybrid's sum in numpy, then one Prediction per text."""
 
-    __slots__ = ("model", "order", "truncated", "ngram", "wait")
+    __slots__ = ("model", "order", "truncated", "ngram", "wait", "tokens", "unknown")
 
     def __init__(self, model: LoadedModel, order: np.ndarray, truncated: np.ndarray, ngram: np.ndarray | None,
-                 wait: Callable[[], np.ndarray]):
+                 wait: Callable[[], np.ndarray], tokens: int = 0, unknown: int = 0):
         self.model, self.order, self.truncated, self.ngram, self.wait = model, order, truncated, ngram, wait
+        self.tokens, self.unknown = tokens, unknown  # what the model read, and how much of it was [UNK]
 
     def logits(self) -> np.ndarray:
         """[texts, labels] float32 in input order: the transformer's, or a hybrid's sum."""
@@ -153,6 +154,9 @@ class LoadedModel:
         id2label = self.model.config.id2label or config["id2label"]
         self.labels = [str(id2label[i]) for i in range(len(id2label))]
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.unk_id = self.tokenizer.unk_token_id
+        # what the trainer saw (label prior, validation confidence): the quality metrics compare against it
+        self.reference = reference.load(folder, self.labels)
         self.backend, why_not_packed = choose_backend(backend, self.model, device)
         if backend == "packed" and why_not_packed:
             log.warning("packed_backend_unavailable", model_version=version, reason=why_not_packed)
@@ -198,7 +202,9 @@ class LoadedModel:
         ids, lengths, truncated = self.encode(texts)
         passes = self.passes(ids, lengths)
         ngram = self.ngram.scores(texts) if self.ngram is not None else None
-        return Pending(self, np.concatenate([p.rows for p in passes]), truncated, ngram, self.device_forward(passes))
+        unknown = sum(row.count(self.unk_id) for row in ids) if self.unk_id is not None else 0
+        return Pending(self, np.concatenate([p.rows for p in passes]), truncated, ngram, self.device_forward(passes),
+                       int(lengths.sum()), unknown)
 
     def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
         """Token ids per text (truncated to max_length), their lengths, and which were cut."""

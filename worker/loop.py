@@ -48,6 +48,8 @@ import threading
 import time
 from collections import deque
 
+import numpy as np
+
 from bert_stream.checkpoint import CheckpointError
 from bert_stream.kafka import adapter, ensure_topics, unwritable
 from bert_stream.kafka.interface import ClientError, Fenced, FlushTimeout, topic_partition
@@ -91,8 +93,9 @@ class Worker(Rebalancing):
         self.freeze_heap = freeze_heap
         self.stop = stop or threading.Event()
         self.engine = engine
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(settings.quality_window)
         self.health = Health()
+        self.metrics.ready.set_function(lambda: float(self.health.ready()[0]))
         self.http_port: int | None = None
         self.exit_code = 0
         self.batcher: Batcher[Job] = Batcher(settings.max_batch_size, settings.max_batch_tokens,
@@ -267,11 +270,12 @@ class Worker(Rebalancing):
         lengths = iter(model.token_budget(texts) if texts else ())
         answers = iter(self.cache.lookup(model.version, texts) if texts else ())
         version = model.version
-        for message in decoded:  # in input order; a rejected message costs the batch one token, no model
+        stamps = [(getattr(r, "timestamp", None) or 0) / 1000 for r in records]
+        for message, created in zip(decoded, stamps):  # in input order; a rejected one costs one token, no model
             if isinstance(message, Rejected):
-                add(Job(message, now, epoch), 1, now)
+                add(Job(message, now, epoch, created=created), 1, now)
             else:
-                add(Job(message, now, epoch, next(answers), version), next(lengths), now)
+                add(Job(message, now, epoch, next(answers), version, created), next(lengths), now)
 
     def _submit_ready(self, flush: bool = False) -> None:
         """Ready batches to the classifier; one the cache answered entirely is published here at once when
@@ -294,6 +298,7 @@ class Worker(Rebalancing):
             counts = {"cached": 0, "output": 0}
             encode, topic, send = OutputEncoder(done.version, done.infer_ms), self.settings.output_topic, self._send
             published = time.monotonic() - done.infer_ms / 1000  # one clock read per batch: they go out together
+            created = []
             for r in done.results:
                 m = r.job.message
                 if isinstance(m, Rejected):
@@ -305,9 +310,13 @@ class Worker(Rebalancing):
                 value = encode(m, r.prediction, r.cached, max(0.0, (published - r.job.received) * 1000))
                 if send(topic, m.source, value, m.key, m.headers):
                     counts["cached" if r.cached else "output"] += 1
+                    created.append(r.job.created)
             for outcome, n in counts.items():  # once per batch: a labelled counter lookup is not free
                 if n:
                     self.metrics.messages.labels(outcome, "").inc(n)
+            if created:
+                stamps = np.asarray(created)
+                self.metrics.end_to_end.observe(np.maximum(time.time() - stamps[stamps > 0], 0.0))
 
     def _send_dlq(self, rejected: Rejected) -> None:
         value, key, headers = dead_letter(rejected, DLQ_MAX_BYTES)

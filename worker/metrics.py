@@ -18,15 +18,26 @@ from collections.abc import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bert_stream.logs import get_logger
+from worker.quality import WINDOW, BatchHistogram, QualityMonitor
 
 log = get_logger("worker.metrics")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_END_TO_END_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, quality_window: int = WINDOW) -> None:
         self.registry = r = CollectorRegistry()
+        # model quality and drift per version (worker/quality.py); None when turned off
+        self.quality = QualityMonitor(quality_window) if quality_window else None
+        if self.quality is not None:
+            r.register(self.quality)
+        # observed once per published batch (worker/loop.py), not per message
+        self.end_to_end = BatchHistogram("bert_stream_end_to_end_seconds", "From the input record's timestamp "
+                                         "(the producer's clock) to its output's send (the worker's).",
+                                         _END_TO_END_BUCKETS)
+        r.register(self.end_to_end)
         self.messages = Counter("bert_stream_messages", "Input messages by outcome: output, cached (output "
                                 "served from Redis), dlq (with reason).", ["outcome", "reason"], registry=r)
         self.batch_size = Histogram("bert_stream_batch_size", "Messages per batch.",
@@ -56,14 +67,28 @@ class WorkerMetrics:
                                     "aborted (an abort rewinds to the committed offsets).", ["result"], registry=r)
         self.rebalances = Counter("bert_stream_rebalances", "Partition assignments and revocations (lost ones too).",
                                   ["event"], registry=r)
-        self.model_info = Gauge("bert_stream_model_info", "The model version being served (value 1).",
-                                ["version", "dtype", "device"], registry=r)
+        self.model_info = Gauge("bert_stream_model_info", "The model version being served (value 1), with its "
+                                "labels (comma-separated, cut at 200 characters).",
+                                ["version", "dtype", "device", "backend", "labels"], registry=r)
         self.model_swaps = Counter("bert_stream_model_swaps", "Hot reloads: swapped in, or refused.", ["result"],
                                    registry=r)
+        self.ready = Gauge("bert_stream_ready", "1 while /readyz answers 200 (a model loaded and partitions "
+                           "assigned).", registry=r)
+        # every known outcome exported from the start, at 0: an alert on increase() then sees the first one
+        for result in ("swapped", "refused"):
+            self.model_swaps.labels(result)
+        for result in ("committed", "aborted"):
+            self.transactions.labels(result)
 
-    def set_model(self, version: str, dtype: str, device: str) -> None:
+    def set_model(self, model) -> None:
+        """A model version starts serving: its info series, and its quality series (bounded: the previous
+        version's stay until the next swap, so both sides of this one can be compared)."""
+        labels = [str(label) for label in getattr(model, "labels", ())]
         self.model_info.clear()
-        self.model_info.labels(version, dtype, device).set(1)
+        self.model_info.labels(model.version, str(model.dtype).removeprefix("torch."), str(model.device),
+                               str(getattr(model, "backend", "")), ",".join(labels)[:200]).set(1)
+        if self.quality is not None:
+            self.quality.set_model(model.version, labels, getattr(model, "reference", None))
 
 
 class Health:

@@ -150,6 +150,10 @@ class WorkerSettings:
                                   "http_port, +1, ...; worker/processes.py).")
     http_port: int = setting(8000, env="BERT_STREAM_HTTP_PORT",
                              help="Port of /metrics, /healthz and /readyz; 0 picks a free port, -1 disables.")
+    quality_window: int = setting(2000, env="BERT_STREAM_QUALITY_WINDOW",
+                                  help="Outputs the label-drift and low-confidence gauges look back over "
+                                       "(worker/quality.py): longer is steadier and slower to react; 0 turns "
+                                       "the model-quality metrics off.")
     shutdown_timeout_s: float = setting(25.0, env="BERT_STREAM_SHUTDOWN_TIMEOUT_S",
                                         help="After SIGTERM: how long the worker may finish what it holds "
                                              "before committing what is published and exiting; what is left "
@@ -161,6 +165,7 @@ class WorkerSettings:
 
     def __post_init__(self) -> None:
         require(self.max_batch_size >= 1, "max_batch_size must be at least 1")
+        require(self.quality_window >= 0, "quality_window must not be negative")
         require(self.max_length >= 8, "max_length must be at least 8")
         require(self.max_batch_tokens >= self.max_length,
                 "max_batch_tokens must be at least max_length (one full-length message must fit)")

@@ -47,12 +47,14 @@ class Record:
     one with ``unreadable`` = (DLQ reason, detail) at its offset: the worker dead-letters it like bad input,
     so its partition moves on and nothing is skipped silently."""
 
-    __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "unreadable")
+    __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "unreadable", "timestamp")
 
-    def __init__(self, topic: str, partition: int, offset: int, key, value, headers, unreadable=None):
+    def __init__(self, topic: str, partition: int, offset: int, key, value, headers, unreadable=None,
+                 timestamp: int | None = None):
         self.topic, self.partition, self.offset = topic, partition, offset
         self.key, self.value, self.headers = key, value, headers or []
         self.unreadable = unreadable
+        self.timestamp = timestamp  # ms since the epoch (the producer's, or the broker's log-append time)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ class Consumer(i.Consumer):
             try:
                 # for a header key that is not UTF-8, headers() returns with a UnicodeDecodeError still set,
                 # which the next C-level call raises as a SystemError: the record is built in this try
-                record = Record(topic, partition, m.offset(), m.key(), m.value(), m.headers())
+                record = Record(topic, partition, m.offset(), m.key(), m.value(), m.headers(),
+                                timestamp=m.timestamp()[1])
             except (UnicodeDecodeError, SystemError) as exc:
                 # a dead letter for this record alone (value and key kept; the headers cannot be had)
                 record = Record(topic, partition, m.offset(), m.key(), m.value(), None,

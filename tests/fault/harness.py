@@ -145,7 +145,7 @@ _ENV_NAMES = {  # WorkerSettings field -> its environment variable (worker/setti
     "transaction_timeout_ms": "BERT_STREAM_TRANSACTION_TIMEOUT_MS", "processes": "BERT_STREAM_PROCESSES",
     "kafka_client": "BERT_STREAM_KAFKA_CLIENT", "shutdown_timeout_s": "BERT_STREAM_SHUTDOWN_TIMEOUT_S",
     "model_failure_retries": "BERT_STREAM_MODEL_FAILURE_RETRIES", "inference_stall_s": "BERT_STREAM_INFERENCE_STALL_S",
-    "allow_label_change": "BERT_STREAM_ALLOW_LABEL_CHANGE",
+    "allow_label_change": "BERT_STREAM_ALLOW_LABEL_CHANGE", "quality_window": "BERT_STREAM_QUALITY_WINDOW",
 }
 
 
