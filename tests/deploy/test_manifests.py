@@ -43,6 +43,8 @@ CRDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
     ("kafka.strimzi.io/v1beta2", "KafkaTopic"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 # Environment variables read by code other than the settings classes: name -> the file that reads it.
 EXTRA_ENV = {
@@ -188,6 +190,35 @@ def test_crd_keda_scaledobject(overlay):
     allowed = {"sasl", "username", "password", "tls", "ca", "cert", "key", "keyPassword"}
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["parameter"] in allowed and ref["name"] and ref["key"], ref
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_crd_prometheus_operator_monitoring(overlay):
+    """Both overlays include deploy/k8s/monitoring: the PodMonitor selects the worker pods on a port their
+    container names, every alert has an expression, a severity and a runbook line, and the dashboard
+    ConfigMap carries Grafana's sidecar label and valid JSON (queried for real in test_monitoring.py)."""
+    import json
+
+    docs = render(f"overlays/{overlay}")
+    worker = one(docs, "Deployment", "bert-stream-worker")["spec"]["template"]
+    monitor = one(docs, "PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= worker["metadata"]["labels"].items()
+    ports = {p["name"] for c in worker["spec"]["containers"] for p in c.get("ports", [])}
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert len(rules) >= 8
+    for rule in rules:
+        assert rule["alert"].startswith("BertStream") and rule["expr"].strip()
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"] and len(rule["annotations"]["runbook"]) > 40, rule["alert"]
+    dashboard = one(docs, "ConfigMap", "bert-stream-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (body,) = dashboard["data"].values()
+    assert json.loads(body)["panels"]
+    assert {d["metadata"].get("namespace") for d in (monitor, dashboard)} == {"bert-stream"}
 
 
 @needs_kubectl
