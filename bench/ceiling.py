@@ -44,7 +44,8 @@ def _worktree(ref: str, work_dir: Path) -> Path:
 def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
         workers: Sequence[int] = (1, 2), profile_messages: int = 40_000, client_messages: int = 60_000,
         stream: Sequence[str] | None = None, clients: Sequence[str] = ("kafka-python", "confluent-kafka"),
-        exactly_once: bool = True, worker_args: Sequence[str] = (), part: str = "ceiling") -> dict:
+        exactly_once: bool = True, quality_off: bool = True, worker_args: Sequence[str] = (),
+        part: str = "ceiling") -> dict:
     """``worker_args``: added to every variant's worker (bench/standin.py: its batch settings). ``part``
     prefixes this run's topics and cache keys: a second ceiling in the same workspace (the stand-in's) must
     not read the first one's topics or cache."""
@@ -78,6 +79,9 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
         if exactly_once:  # a transaction per commit interval (1 s): what it costs at the ceiling
             drain(f"1 process{suffix}, exactly-once", f"{part}-eos{suffix[2:8]}",
                   worker_args=(*args, "--delivery", "exactly-once"))
+        if quality_off:  # the model-quality metrics' cost: the same drain without them
+            drain(f"1 process{suffix}, no quality metrics", f"{part}-noq{suffix[2:8]}",
+                  worker_args=(*args, "--quality-window", "0"))
     result = {"messages": len(texts), "unique": len(base), "partitions": PARTITIONS, "variants": variants,
               "fill_msgs_per_s": fill["msgs_per_s"], "compare_ref": compare_ref,
               "ceiling_msgs_per_s": variants.get("1 process", {}).get("msgs_per_s"),
@@ -85,6 +89,12 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
               "ceiling_eos_msgs_per_s": variants.get("1 process, exactly-once", {}).get("msgs_per_s"),
               "ceiling_confluent_eos_msgs_per_s": variants.get("1 process, confluent-kafka, exactly-once",
                                                                {}).get("msgs_per_s")}
+    for client in clients:  # what the quality metrics add to each message, in microseconds of the worker's time
+        suffix = _client_variant(client)[0]
+        on, off = variants.get(f"1 process{suffix}"), variants.get(f"1 process{suffix}, no quality metrics")
+        if on and off and on["msgs_per_s"] and off["msgs_per_s"]:
+            key = "quality_us_per_msg" + suffix.replace(", ", "_").replace("-", "_")
+            result[key] = round(1e6 / on["msgs_per_s"] - 1e6 / off["msgs_per_s"], 2)
     if "2 processes" in variants:
         result["two_over_one"] = common.ratio(variants["2 processes"]["msgs_per_s"], result["ceiling_msgs_per_s"])
     if compare_ref:

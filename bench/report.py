@@ -503,6 +503,13 @@ def _ceiling_md(c: dict) -> list[str]:
         "",
         _table(["variant", "messages", "msgs/s", "vs first"], ceiling.table_rows(c)),
     ]
+    costs = [(client, c[key]) for client, key in (("kafka-python", "quality_us_per_msg"),
+                                                   ("confluent-kafka", "quality_us_per_msg_confluent_kafka"))
+             if c.get(key) is not None]
+    if costs:
+        out += ["", ("The model-quality metrics (worker/quality.py; `--quality-window 0` turns them off) cost "
+                     + ", ".join(f"**{us:+.2f} us** a message with {client}" for client, us in costs)
+                     + ": 1/msgs/s with them minus without, in this run's drains.")]
     f = c.get("client_floor")
     if f:
         out += ["", (f"The Kafka client alone on the same records ({f['messages']:,} consumed, one "
