@@ -32,23 +32,24 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 	@echo "setup: $(VENV) ready"
 
-# Debian's kcat, a librdkafka client the tests use on both sides of the worker: installed where this user
-# may (root with apt-get); elsewhere its tests say it is missing and are skipped.
-kcat:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  { apt-get install -y -qq --no-install-recommends kcat || { apt-get update -qq && \
-	    apt-get install -y -qq --no-install-recommends kcat; }; } >> $(VENV)/setup.log 2>&1 \
-	  && echo "setup: installed Debian's kcat" || echo "setup: could not install kcat (see $(VENV)/setup.log)"; \
-	else echo "setup: kcat is not installed (sudo apt-get install kcat); its tests will be skipped"; fi
+# Debian packages the tests use, installed where this user may (root with apt-get); elsewhere the tests that
+# need one say it is missing and are skipped.
+define apt_install
+if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+  { apt-get install -y -qq --no-install-recommends $(1) || { apt-get update -qq && \
+    apt-get install -y -qq --no-install-recommends $(1); }; } >> $(VENV)/setup.log 2>&1 \
+  && echo "setup: installed Debian's $(1)" || echo "setup: could not install $(1) (see $(VENV)/setup.log)"; \
+else echo "setup: $(1) is not installed (sudo apt-get install $(1)); its tests will be skipped"; fi
+endef
 
-# Debian's prometheus (the server and promtool): the alert rules' unit tests and the dashboard's queries
-# against a live worker (tests/deploy/test_monitoring.py, tests/fault/test_prometheus.py). Like kcat.
+# kcat, a librdkafka client the tests use on both sides of the worker.
+kcat:
+	@$(call apt_install,kcat)
+
+# prometheus (the server and promtool): the alert rules' unit tests and the dashboard's queries against a
+# live worker (tests/deploy/test_monitoring.py, tests/fault/test_prometheus.py).
 prometheus:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  { apt-get install -y -qq --no-install-recommends prometheus || { apt-get update -qq && \
-	    apt-get install -y -qq --no-install-recommends prometheus; }; } >> $(VENV)/setup.log 2>&1 \
-	  && echo "setup: installed Debian's prometheus" || echo "setup: could not install prometheus (see $(VENV)/setup.log)"; \
-	else echo "setup: prometheus is not installed (sudo apt-get install prometheus); its tests will be skipped"; fi
+	@$(call apt_install,prometheus)
 
 # The whole suite on Apache Kafka, then every Kafka test again on Tansu (the broker for machines without
 # Java). `deploy.local prepare` fetches Kafka's jars first (once) and says in one line what is missing.
