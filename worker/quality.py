@@ -14,7 +14,9 @@ Exported per model version (``version`` label), for the serving version and the 
   mix of the last :attr:`window` outputs and the training split's (``bert_stream.reference``);
 - ``bert_stream_low_confidence_share{version}``: the share of those outputs scoring below the validation
   split's 10th percentile: about 0.1 while the stream looks like the validation data;
-- ``bert_stream_quality_window{version}``: how many outputs the two gauges above are computed over.
+- ``bert_stream_quality_window{version}``: how many outputs the two gauges above are computed over;
+- ``bert_stream_reference_quantile{version, of="score"|"margin", quantile}``: the validation split's
+  quantiles from the reference, to draw beside the live histograms' (a constant per version).
 
 Cost: each batch is observed once (numpy over its scores and label ids), not each message, and the gauges
 are computed when Prometheus scrapes. The gauges need the version's reference (its ``quality.json``);
@@ -188,6 +190,9 @@ class QualityMonitor(Collector):
         window = GaugeMetricFamily("bert_stream_quality_window", "Outputs the drift and low-confidence gauges "
                                    "are computed over (they fill up to the configured window).",
                                    labels=["version"])
+        expected = GaugeMetricFamily("bert_stream_reference_quantile", "The validation split's quantiles of the "
+                                     "top-1 probability (of=score) and margin (of=margin), from the version's "
+                                     "quality.json.", labels=["version", "of", "quantile"])
         with self._lock:
             versions = list(self._versions.items())
             for version, s in versions:
@@ -198,10 +203,15 @@ class QualityMonitor(Collector):
                 truncated.add_metric([version], s.truncated)
                 tokens.add_metric([version, "all"], s.tokens)
                 tokens.add_metric([version, "unknown"], s.unknown)
+                if s.reference is not None:
+                    for of, quantiles in (("score", s.reference.score_quantiles),
+                                          ("margin", s.reference.margin_quantiles)):
+                        for q, v in quantiles.items():
+                            expected.add_metric([version, of, f"{q:g}"], v)
         for version, _ in versions:
             g = self.gauges(version)
             if g is not None:
                 drift.add_metric([version], g["drift"])
                 low.add_metric([version], g["low_confidence"])
                 window.add_metric([version], g["window"])
-        yield from (score, margin, predicted, truncated, tokens, drift, low, window)
+        yield from (score, margin, predicted, truncated, tokens, drift, low, window, expected)

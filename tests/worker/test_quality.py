@@ -96,6 +96,7 @@ def test_monitor_exports_per_version_histograms_counts_and_gauges():
     assert _value(text, 'bert_stream_tokens_total{kind="unknown",version="v1"}') == 5
     assert _value(text, 'bert_stream_low_confidence_share{version="v1"}') == 0.5  # 0.4 < 0.5
     assert _value(text, 'bert_stream_quality_window{version="v1"}') == 2
+    assert _value(text, 'bert_stream_reference_quantile{of="score",quantile="0.1",version="v1"}') == 0.5
     # half a and half b against a uniform prior
     assert _value(text, 'bert_stream_label_drift{version="v1"}') == pytest.approx(
         reference.js_divergence(np.array([0.5, 0.5, 0, 0]), np.full(4, 0.25)), abs=1e-6)
