@@ -19,6 +19,7 @@ cache is the production one.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ def _worktree(ref: str, work_dir: Path) -> Path:
 def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, compare_ref: str | None = None,
         workers: Sequence[int] = (1, 2), profile_messages: int = 40_000, client_messages: int = 60_000,
         stream: Sequence[str] | None = None, clients: Sequence[str] = ("kafka-python", "confluent-kafka"),
-        exactly_once: bool = True, quality_off: bool = True, worker_args: Sequence[str] = (),
+        exactly_once: bool = True, quality_pairs: int = 3, worker_args: Sequence[str] = (),
         part: str = "ceiling") -> dict:
     """``worker_args``: added to every variant's worker (bench/standin.py: its batch settings). ``part``
     prefixes this run's topics and cache keys: a second ceiling in the same workspace (the stand-in's) must
@@ -54,6 +55,7 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
     prefix = f"bench:{ws.run_id}:{part}:"
     fill = e2e.backlog(ws, base, tag=f"{part}-fill", cache_prefix=prefix)
     variants: dict[str, dict] = {}
+    result_quality: dict[str, dict] = {}
     drained: list[str] = []  # input topics holding the whole stream (the client floor reads one again)
 
     def drain(name: str, tag: str, cache_prefix: str = prefix, **kw) -> None:
@@ -79,9 +81,9 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
         if exactly_once:  # a transaction per commit interval (1 s): what it costs at the ceiling
             drain(f"1 process{suffix}, exactly-once", f"{part}-eos{suffix[2:8]}",
                   worker_args=(*args, "--delivery", "exactly-once"))
-        if quality_off:  # the model-quality metrics' cost: the same drain without them
-            drain(f"1 process{suffix}, no quality metrics", f"{part}-noq{suffix[2:8]}",
-                  worker_args=(*args, "--quality-window", "0"))
+        if quality_pairs:
+            result_quality[client] = _quality_pairs(ws, texts, prefix, part, suffix, args, quality_pairs,
+                                                    worker_args)
     result = {"messages": len(texts), "unique": len(base), "partitions": PARTITIONS, "variants": variants,
               "fill_msgs_per_s": fill["msgs_per_s"], "compare_ref": compare_ref,
               "ceiling_msgs_per_s": variants.get("1 process", {}).get("msgs_per_s"),
@@ -89,12 +91,8 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
               "ceiling_eos_msgs_per_s": variants.get("1 process, exactly-once", {}).get("msgs_per_s"),
               "ceiling_confluent_eos_msgs_per_s": variants.get("1 process, confluent-kafka, exactly-once",
                                                                {}).get("msgs_per_s")}
-    for client in clients:  # what the quality metrics add to each message, in microseconds of the worker's time
-        suffix = _client_variant(client)[0]
-        on, off = variants.get(f"1 process{suffix}"), variants.get(f"1 process{suffix}, no quality metrics")
-        if on and off and on["msgs_per_s"] and off["msgs_per_s"]:
-            key = "quality_us_per_msg" + suffix.replace(", ", "_").replace("-", "_")
-            result[key] = round(1e6 / on["msgs_per_s"] - 1e6 / off["msgs_per_s"], 2)
+    if result_quality:
+        result["quality_cost"] = {"drains": result_quality, "in_process": quality_in_process()}
     if "2 processes" in variants:
         result["two_over_one"] = common.ratio(variants["2 processes"]["msgs_per_s"], result["ceiling_msgs_per_s"])
     if compare_ref:
@@ -115,6 +113,51 @@ def run(ws: common.Workspace, *, messages: int = 100_000, unique: int = 2000, co
             result["profile_confluent"] = _profile(ws, texts[:profile_messages], prefix, part, "confluent-kafka")
     print_tables(result)
     return result
+
+
+def _quality_pairs(ws: common.Workspace, texts: Sequence[str], prefix: str, part: str, suffix: str,
+                   args: Sequence[str], pairs: int, worker_args: Sequence[str]) -> dict:
+    """The model-quality metrics' cost on the cached path: drains with and without them
+    (``--quality-window 0``), interleaved so drift in the machine's speed hits both alike; medians."""
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(pairs):
+        for state, extra in (("on", ()), ("off", ("--quality-window", "0"))):
+            r = e2e.run_stream(ws, texts, tag=f"{part}-q{state}{i}{suffix[2:8]}", cache_prefix=prefix,
+                               partitions=PARTITIONS, worker_args=(*args, *extra, *worker_args))
+            rates[state].append(r["msgs_per_s"])
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    print(f"quality metrics{suffix}: {on:,.0f} msgs/s with, {off:,.0f} without", flush=True)
+    return {"msgs_per_s": rates, "median_on": on, "median_off": off, "on_over_off": common.ratio(on, off),
+            "us_per_msg": round(1e6 / on - 1e6 / off, 2)}
+
+
+def quality_in_process(batches: int = 2000, batch: int = 64) -> dict:
+    """The same cost without a broker: what observing one published batch costs the worker per message
+    (worker/quality.py: the quality monitor's batch update, and the end-to-end histogram's)."""
+    import numpy as np
+
+    from worker.messages import Prediction
+    from worker.metrics import WorkerMetrics
+
+    labels = [f"label-{i}" for i in range(10)]
+    rng = np.random.default_rng(0)
+    predictions = []
+    for _ in range(batch):
+        p = rng.dirichlet(np.ones(len(labels)))
+        top = np.argsort(-p)[:3]
+        predictions.append(Prediction(labels[top[0]], int(top[0]), float(p[top[0]]),
+                                      tuple((labels[i], float(p[i])) for i in top)))
+    metrics = WorkerMetrics()
+    model = type("Model", (), {"version": "v1", "dtype": "float32", "device": "cpu", "labels": labels})()
+    metrics.set_model(model)
+    created = [time.time() - 0.05] * batch
+    start = time.perf_counter()
+    for _ in range(batches):
+        metrics.quality.observe("v1", predictions)
+        stamps = np.asarray(created)
+        metrics.end_to_end.observe(np.maximum(time.time() - stamps[stamps > 0], 0.0))
+    seconds = time.perf_counter() - start
+    return {"batch": batch, "batches": batches, "us_per_msg": round(seconds / (batches * batch) * 1e6, 3)}
 
 
 def _client_variant(client: str) -> tuple[str, tuple[str, ...]]:

@@ -503,13 +503,17 @@ def _ceiling_md(c: dict) -> list[str]:
         "",
         _table(["variant", "messages", "msgs/s", "vs first"], ceiling.table_rows(c)),
     ]
-    costs = [(client, c[key]) for client, key in (("kafka-python", "quality_us_per_msg"),
-                                                   ("confluent-kafka", "quality_us_per_msg_confluent_kafka"))
-             if c.get(key) is not None]
-    if costs:
-        out += ["", ("The model-quality metrics (worker/quality.py; `--quality-window 0` turns them off) cost "
-                     + ", ".join(f"**{us:+.2f} us** a message with {client}" for client, us in costs)
-                     + ": 1/msgs/s with them minus without, in this run's drains.")]
+    q = c.get("quality_cost")
+    if q:
+        drains = q["drains"]
+        out += ["", ("What the model-quality metrics cost (worker/quality.py; `--quality-window 0` turns them "
+                     f"off), measured in process: **{q['in_process']['us_per_msg']:.2f} us** a message "
+                     f"(batches of {q['in_process']['batch']}). On the cached path, median drains with and "
+                     "without them, interleaved: "
+                     + "; ".join(f"{client} {d['median_on']:,.0f} against {d['median_off']:,.0f} msgs/s "
+                                 f"({_x(d['on_over_off'])}, {d['us_per_msg']:+.2f} us a message)"
+                                 for client, d in drains.items())
+                     + ". A difference smaller than the drains' spread is noise.")]
     f = c.get("client_floor")
     if f:
         out += ["", (f"The Kafka client alone on the same records ({f['messages']:,} consumed, one "

@@ -198,7 +198,7 @@ def run(ws, *, messages: int = 100_000, processes: Sequence[int] = (1, 2), compa
 
     if ceiling:  # the cached path of this run, on the same client and batching
         c = ceiling_part.run(ws, messages=messages, workers=(1,), clients=(CLIENT,), exactly_once=False,
-                             quality_off=False, client_messages=0, profile_messages=0, worker_args=WORKER_ARGS[2:],
+                             quality_pairs=0, client_messages=0, profile_messages=0, worker_args=WORKER_ARGS[2:],
                              part="standin-ceiling")
         result["ceiling_msgs_per_s"] = c["ceiling_confluent_msgs_per_s"]
         result["ceiling"] = c["variants"]["1 process, confluent-kafka"]
