@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         args.messages, args.steady_seconds, args.pipeline_seconds, args.scale_messages = 300, 4.0, 4.0, 200
         args.seconds_per_point, args.batch_sizes = 0.05, "1,8,64"
     delivery_sizes = {"unique": 60, "repeat": 4, "rate": 200.0, "seconds": 2.0} if args.quick else {}
-    ceiling_sizes = ({"messages": 3000, "unique": 100, "profile_messages": 0, "client_messages": 3000}
+    ceiling_sizes = ({"messages": 3000, "unique": 100, "profile_messages": 0, "client_messages": 3000,
+                      "quality_pairs": 1}
                      if args.quick else {})
     if args.ceiling_compare_ref:
         ceiling_sizes["compare_ref"] = args.ceiling_compare_ref

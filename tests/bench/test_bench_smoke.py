@@ -36,7 +36,7 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
                    "ceiling", "standin", *(["brokers", "rebalance_gap"] if BROKER == "kafka" else [])},
             delivery_sizes={"unique": 20, "repeat": 3, "rate": 100.0, "seconds": 1.0,
                             "variants": (("at-least-once", 100), ("exactly-once", 100))},
-            ceiling_sizes={"messages": 200, "unique": 20, "profile_messages": 0},
+            ceiling_sizes={"messages": 200, "unique": 20, "profile_messages": 0, "quality_pairs": 1},
             gap_sizes={"rate": 100.0, "seconds": 1.0, "unique": 20},
             standin_sizes={"messages": 200, "processes": (1,), "profile_messages": 0},
         )
@@ -73,6 +73,9 @@ def test_bench_parts_write_every_headline_key(stack, trained_checkpoint, tmp_pat
     assert set(ceiling["variants"]) == CEILING_VARIANTS
     assert all(v["cached_fraction"] == 1.0 for v in ceiling["variants"].values())
     assert "## 8. Ceiling" in (out / "RESULTS.md").read_text()
+    quality = ceiling["quality_cost"]  # with and without the quality metrics, per client, and in process
+    assert set(quality["drains"]) == {"kafka-python", "confluent-kafka"} and quality["in_process"]["us_per_msg"] > 0
+    assert "What the model-quality metrics cost" in (out / "RESULTS.md").read_text()
     standin = data["parts"]["standin"]  # the stand-in forward: distinct messages, none from the cache
     assert set(standin["variants"]) == {"1 process", "1 process, exactly-once"}
     assert all(v["cached_fraction"] == 0.0 for v in standin["variants"].values())
