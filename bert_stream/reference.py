@@ -47,10 +47,16 @@ class Reference:
 def build(labels: Sequence[str], train_label_ids: Sequence[int], validation_probs: np.ndarray) -> dict:
     """The reference of a version: ``validation_probs`` is [examples, labels], as served (softmax of the
     served logits)."""
-    counts = np.bincount(np.asarray(train_label_ids, dtype=np.int64), minlength=len(labels)).astype(np.float64)
     top = np.sort(np.asarray(validation_probs, dtype=np.float64), axis=1)[:, ::-1]
-    scores = top[:, 0]
-    margins = top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0.0)
+    return build_from_top(labels, train_label_ids, top[:, :2] if top.shape[1] > 1 else
+                          np.column_stack([top[:, 0], np.zeros(len(top))]))
+
+
+def build_from_top(labels: Sequence[str], train_label_ids: Sequence[int], top: np.ndarray) -> dict:
+    """:func:`build` from each validation example's two highest probabilities ([examples, 2])."""
+    counts = np.bincount(np.asarray(train_label_ids, dtype=np.int64), minlength=len(labels)).astype(np.float64)
+    top = np.asarray(top, dtype=np.float64)
+    scores, margins = top[:, 0], top[:, 0] - top[:, 1]
     return {
         "labels": list(labels),
         "label_prior": [round(c, 8) for c in (counts / max(counts.sum(), 1.0)).tolist()],
