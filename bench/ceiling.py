@@ -147,8 +147,12 @@ def quality_in_process(batches: int = 2000, batch: int = 64) -> dict:
         top = np.argsort(-p)[:3]
         predictions.append(Prediction(labels[top[0]], int(top[0]), float(p[top[0]]),
                                       tuple((labels[i], float(p[i])) for i in top)))
+    from bert_stream.reference import Reference
+
     metrics = WorkerMetrics()
-    model = type("Model", (), {"version": "v1", "dtype": "float32", "device": "cpu", "labels": labels})()
+    prior = np.full(len(labels), 1 / len(labels))  # a reference: the drift window is updated as well
+    model = type("Model", (), {"version": "v1", "dtype": "float32", "device": "cpu", "labels": labels,
+                               "reference": Reference(tuple(labels), prior, {0.1: 0.3}, {0.1: 0.1})})()
     metrics.set_model(model)
     created = [time.time() - 0.05] * batch
     start = time.perf_counter()
