@@ -61,6 +61,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
+def _spread(values) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
 def _x(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -511,7 +515,8 @@ def _ceiling_md(c: dict) -> list[str]:
                      f"(batches of {q['in_process']['batch']}). On the cached path, median drains with and "
                      "without them, interleaved: "
                      + "; ".join(f"{client} {d['median_on']:,.0f} against {d['median_off']:,.0f} msgs/s "
-                                 f"({_x(d['on_over_off'])}, {d['us_per_msg']:+.2f} us a message)"
+                                 f"({_x(d['on_over_off'])}, {d['us_per_msg']:+.2f} us a message; drains with "
+                                 f"{_spread(d['msgs_per_s']['on'])}, without {_spread(d['msgs_per_s']['off'])})"
                                  for client, d in drains.items())
                      + ". A difference smaller than the drains' spread is noise.")]
     f = c.get("client_floor")
