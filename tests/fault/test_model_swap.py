@@ -9,6 +9,7 @@ the way a broken copy or a careless operator would: a folder put in place by han
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -122,4 +123,8 @@ def test_new_checkpoint_mid_stream_and_broken_ones_refused(kafka_settings, names
     swapped_to = [e.get("model_version") for e in w.events("model_swapped")]
     assert swapped_to == [v1]
     assert swaps == 1 and refusals == 2
-    assert f'version="{v1}"' in info and f'version="{v0}"' not in info
+    served = [line for line in info.splitlines() if line.startswith("bert_stream_model_info{")]
+    assert len(served) == 1 and f'version="{v1}"' in served[0]
+    # the quality series keep both sides of the swap (worker/quality.py MAX_VERSIONS), and only those
+    quality_versions = set(re.findall(r'^bert_stream_prediction_score_count\{version="([^"]+)"\}', info, re.MULTILINE))
+    assert quality_versions == {v0, v1}
