@@ -12,6 +12,7 @@ hybrid's n-gram half included), on the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ import numpy as np
 
 from bert_stream import checkpoint, reference
 from bert_stream.logs import configure_logging, get_logger
-from trainer.data import DataError, DataSpec, load_splits
-from trainer.settings import QUICK_MAX_TRAIN_EXAMPLES
+from trainer.batches import data_spec
+from trainer.data import DataError, load_splits
+from trainer.settings import TrainSettings
 
 log = get_logger("trainer.quality")
 BATCH = 64
@@ -31,17 +33,10 @@ class Refused(RuntimeError):
     """The version cannot get a reference that would describe it (its data is gone or changed)."""
 
 
-def data_spec(settings: dict) -> DataSpec:
-    """The DataSpec a published version was trained with, from its ``training_args.json`` settings."""
-    limit = settings.get("max_train_examples")
-    if limit is None and settings.get("quick"):
-        limit = QUICK_MAX_TRAIN_EXAMPLES
-    return DataSpec(
-        data=None if settings.get("train_file") else settings.get("data"), train_file=settings.get("train_file"),
-        validation_file=settings.get("validation_file"), test_file=settings.get("test_file"),
-        text_column=settings.get("text_column", "text"), label_column=settings.get("label_column", "label"),
-        validation_fraction=settings.get("validation_fraction", 0.1),
-        test_fraction=settings.get("test_fraction", 0.1), seed=settings.get("seed", 0), max_train_examples=limit)
+def _settings(raw: dict) -> TrainSettings:
+    """The TrainSettings a published version was trained with, from its ``training_args.json``."""
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in raw.items() if k in names})
 
 
 def backfill(store: Path, version: str, force: bool = False) -> Path:
@@ -60,8 +55,8 @@ def backfill(store: Path, version: str, force: bool = False) -> Path:
     except (OSError, ValueError, KeyError) as exc:
         raise Refused(f"{folder}: no training_args.json / metrics.json to rebuild its data from ({exc})") from None
     try:
-        splits = load_splits(data_spec(settings))
-    except DataError as exc:
+        splits = load_splits(data_spec(_settings(settings)))
+    except (DataError, TypeError, ValueError) as exc:
         raise Refused(f"{folder}: its training data cannot be loaded: {exc}") from None
     if splits.fingerprint != fingerprint:
         raise Refused(f"{folder}: its data changed since it was trained (fingerprint {splits.fingerprint[:12]} "
