@@ -58,6 +58,7 @@ from bert_stream.kafka import interface as kafka
 
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 REPLACE_ATTEMPTS = 3  # exactly-once: transaction timeouts to wait for the broker when replacing the producer
+FLUSH_GRACE_S = 30.0  # at-least-once: how long a flush may outlast the client's delivery timeout
 
 
 class TransactionFailed(RuntimeError):
@@ -91,10 +92,19 @@ class AtLeastOnce:
 
     name = "at-least-once"
     transactional = False
-    flush_timeout_s = None  # a send that cannot complete fails by the producer's delivery timeout
 
     def __init__(self):
         self.consumer = self.producer = None
+
+    @property
+    def flush_timeout_s(self) -> float:
+        """A send that cannot complete fails by the producer's delivery timeout; a flush bounded a little past
+        it turns a record the client never reports (kafka-python, a partition of a deleted topic) into the
+        same publish failure instead of a worker that waits forever."""
+        return self.producer.delivery_timeout_s + FLUSH_GRACE_S
+
+    def mark_broken(self) -> None:
+        pass  # a flush that timed out is a failed send: the worker commits what was acked and exits 1
 
     def start(self, consumer: kafka.Consumer, new_producer: Callable[[], kafka.Producer]) -> None:
         self.consumer, self.producer = consumer, new_producer()

@@ -422,11 +422,16 @@ class Worker(Rebalancing):
             self._drain_acks()
             flush = self._acked + len(self._send_errors) < self._sent_at_last_commit
         if flush:
+            timeout_s = self.delivery.flush_timeout_s
+            if self._failure is not None:  # on the way out: what is not acked by now is read again anyway
+                timeout_s = min(timeout_s, PRODUCER_CLOSE_S)
             try:
-                self.producer.flush(self.delivery.flush_timeout_s)  # all sent are now acked (or failed)
-            except FlushTimeout as exc:  # exactly-once only: sends stuck behind a transaction that hangs
+                self.producer.flush(timeout_s)  # all sent are now acked (or failed)
+            except FlushTimeout as exc:  # sends stuck behind a transaction that hangs, or never reported
                 self.delivery.mark_broken()
-                self._send_errors.append((self._epoch, None, -1, exc))  # -> _commit aborts (a new producer)
+                # -> _commit: exactly-once aborts (a new producer), at-least-once commits the acked and exits 1
+                self._send_errors.append((self._epoch, None, -1, FlushTimeout(
+                    f"the producer did not deliver within {timeout_s:.0f} s: {exc}")))
         self._drain_acks()
         self._sent_at_last_commit = self._sent
         return self.tracker.committable()
@@ -446,11 +451,12 @@ class Worker(Rebalancing):
             self._send_errors.popleft()  # from a transaction already aborted
         if self._send_errors:
             _epoch, tp, offset, exc = self._send_errors[0]
+            where = f" for {tp} at offset {offset}" if tp is not None else ""
             if self.delivery.transactional:
-                self._abort(f"publish failed for {tp} at offset {offset}: {exc}")
+                self._abort(f"publish failed{where}: {exc}")
                 return
             if self._failure is None:
-                self._failure = f"publish failed for {tp} at offset {offset}: {type(exc).__name__}: {exc}"[:1000]
+                self._failure = f"publish failed{where}: {type(exc).__name__}: {exc}"[:1000]
                 log.error("publish_failed", partition=str(tp), offset=offset, error=str(exc)[:300],
                           action="committing what was acknowledged and exiting; a restart re-delivers the rest")
             self.exit_code = 1

@@ -117,6 +117,7 @@ DeliveryCallback = Callable[..., None]  # called with (*args, error): error None
 
 class Producer(Protocol):
     lazy_commits: bool  # True: commits between forced ones may take the acks so far without a flush
+    delivery_timeout_s: float  # a send not acknowledged by then is reported failed (the client's own limit)
 
     def send(self, topic: str, partition: int, value: bytes | None, key: bytes | None, headers,
              on_delivery: DeliveryCallback, *args) -> None: ...

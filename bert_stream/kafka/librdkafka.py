@@ -276,6 +276,7 @@ class Producer:
     # price, at-least-once only: a crash re-delivers also what was unacknowledged at the last commit (at most
     # one commit's worth: worker/loop.py _acknowledged flushes when the broker falls a commit behind).
     lazy_commits = True
+    delivery_timeout_s = 300.0  # librdkafka's message.timeout.ms default
 
     def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None,
                  transaction_timeout_ms: int = 60_000):

@@ -454,6 +454,7 @@ class Producer:
     # then re-delivers at most what was published since the last commit (without the flush, a broker killed
     # mid-stream re-delivered more than commit_every + the batches in flight).
     lazy_commits = False
+    delivery_timeout_s = 120.0  # kafka-python's delivery_timeout_ms default
 
     def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None,
                  transaction_timeout_ms: int = 60_000):

@@ -27,6 +27,7 @@ class _TransactionalProducer:
     reports a call that did not complete within its timeout."""
 
     lazy_commits = False
+    delivery_timeout_s = 120.0
 
     def __init__(self):
         self.calls, self.pending, self.fail_commit, self.hang = [], [], None, set()

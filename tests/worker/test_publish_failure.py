@@ -9,6 +9,7 @@ partition, commits the acknowledged prefix, and stops with status 1.
 from __future__ import annotations
 
 from bert_stream.kafka import TopicPartition
+from bert_stream.kafka.interface import FlushTimeout
 from worker.messages import Source
 from worker.loop import Worker
 from worker.settings import WorkerSettings
@@ -19,9 +20,12 @@ class _Producer:
     acknowledged."""
 
     lazy_commits = False
+    delivery_timeout_s = 120.0
 
-    def __init__(self, failing: set[int]):
+    def __init__(self, failing: set[int], never_reported: bool = False):
         self.failing, self.pending, self.sent = failing, [], []
+        self.never_reported = never_reported  # a send the client neither acks nor fails: flush times out
+        self.flush_timeouts = []
 
     def partitions_for(self, _topic):
         return {0, 1}
@@ -31,6 +35,9 @@ class _Producer:
         self.sent.append((topic, partition, value))
 
     def flush(self, timeout_s=None):
+        self.flush_timeouts.append(timeout_s)
+        if self.never_reported and self.pending:
+            raise FlushTimeout(f"{len(self.pending)} records not delivered within {timeout_s} s")
         for partition, fn, args in self.pending:
             fn(*args, RuntimeError("OutOfOrderSequenceNumber") if partition in self.failing else None)
         self.pending.clear()
@@ -84,3 +91,20 @@ def test_no_failure_publishes_everything():
     assert all(_send(worker, p, o) for o in range(4) for p in (0, 1))
     assert worker._acknowledged() == {_tp(0): 4, _tp(1): 4}
     assert not worker.stop.is_set() and worker.exit_code == 0
+
+
+def test_a_send_never_reported_ends_the_worker_within_a_bounded_flush():
+    """A record the client keeps past its own delivery timeout (kafka-python, to a deleted topic's partition)
+    must not hold the worker in flush forever: the flush is bounded a little past the delivery timeout, and
+    its timeout is a publish failure like any other (commit the acked prefix, exit 1)."""
+    producer = _Producer(failing=set(), never_reported=True)
+    worker = _worker(producer)
+    assert _send(worker, 0, 0)
+    worker._commit(worker._acknowledged())
+    assert producer.flush_timeouts[0] is not None and producer.flush_timeouts[0] > producer.delivery_timeout_s
+    assert worker.stop.is_set() and worker.exit_code == 1
+    assert "did not deliver" in worker._failure and "None" not in worker._failure
+    assert worker.consumer.commits == []  # nothing was acknowledged
+
+    worker._acknowledged()  # the drain's last flush, on the way out: short, not another delivery timeout
+    assert producer.flush_timeouts[-1] <= 10.0
