@@ -263,7 +263,9 @@ class Worker(Rebalancing):
             self.tracker.track(topic_partition(record.topic, record.partition), record.offset)
             decoded.append(decode(record, s.input_format, s.max_message_bytes, self._max_text_chars))
         texts = [m.text for m in decoded if not isinstance(m, Rejected)]
-        model, epoch, add = self.engine.current, self._epoch, self.batcher.add
+        # acquire, not current: a version waiting to serve starts here too, or a stream the cache answers
+        # entirely (never reaching the classifier's acquire) would be answered by the old version for good
+        model, epoch, add = self.engine.acquire(), self._epoch, self.batcher.add
         # The cache is asked here, once per poll (one MGET for everything polled), not per batch on the
         # classifier thread: a cached stream then never hands its messages between threads, and no GIL
         # hand-off waits on a Redis round trip.

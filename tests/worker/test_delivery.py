@@ -112,8 +112,8 @@ def _worker(delivery: str = "exactly-once") -> Worker:
     worker.producer, worker.consumer = _TransactionalProducer(), _Consumer()
     worker.delivery.start(worker.consumer, lambda: worker.producer)
     worker.classifier = types.SimpleNamespace(batches_in_flight=0, items_in_flight=0)
-    worker.engine = types.SimpleNamespace(current=types.SimpleNamespace(token_budget=lambda texts: [5] * len(texts),
-                                                                        version="v1"))
+    model = types.SimpleNamespace(token_budget=lambda texts: [5] * len(texts), version="v1")
+    worker.engine = types.SimpleNamespace(current=model, acquire=lambda: model)
     worker.cache = ResultCache(None, "test:", 60, 100)  # disabled: every lookup a miss
     return worker
 
