@@ -6,6 +6,12 @@ from plain text itself. Examples::
     python -m worker.publish --input titles.txt --rate 200
     python -m worker.publish --input news.jsonl --key-field id
     cat reviews.txt | python -m worker.publish --key shop-42
+    python -m worker.publish --labels reviewed.jsonl        # reviewers' labels -> the labels topic
+
+``--labels FILE`` sends labels instead of messages: JSON lines ``{"id", "text", "label"}`` to the compacted
+labels topic (``--labels-topic``, created compacted when missing), keyed by id so a later label of the same
+id replaces the earlier one (bert_stream.feedback). Lines without an id, text or label are counted, reported
+and skipped; the rest are sent.
 
 Keys: ``--key-field`` takes the key from a field of each JSON line (lines must then be JSON objects);
 ``--key`` gives every message the same key (all go to one partition, in order); default: no key.
@@ -18,8 +24,10 @@ import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 
+from bert_stream import feedback
 from bert_stream.kafka import KafkaSettings, make_producer
 from bert_stream.logs import configure_logging
 from bert_stream.settings import parse_settings, require, setting
@@ -35,11 +43,16 @@ class PublishSettings:
     rate: float = setting(0.0, help="Messages per second at most; 0 sends as fast as the broker acknowledges.")
     limit: int = setting(0, help="Stop after this many messages; 0 sends all lines.")
     progress: bool = setting(True, help="Show a progress bar on stderr.")
+    labels: str | None = setting(None, help="Send labels from this JSONL file ({id, text, label} per line) to "
+                                            "--labels-topic instead of messages to --topic.")
+    labels_topic: str = setting("bert-stream.labels", env="BERT_STREAM_LABELS_TOPIC",
+                                help="The compacted topic reviewers' labels go to (trainer.run --feedback-topic).")
 
     def __post_init__(self) -> None:
         require(not (self.key and self.key_field), "give --key or --key-field, not both")
         require(self.rate >= 0, "--rate must not be negative")
         require(self.limit >= 0, "--limit must not be negative")
+        require(not (self.labels and (self.key or self.key_field)), "--labels records are keyed by their id")
 
 
 class InputError(ValueError):
@@ -65,14 +78,44 @@ def messages(lines, key_field: str | None, key: str | None) -> Iterator[tuple[by
         yield str(obj[key_field]).encode(), line.encode()
 
 
-def publish(settings: PublishSettings, lines) -> int:
+def label_lines(lines, bad: Counter) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of each usable label line; the others are counted in ``bad`` by reason."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise feedback.BadLabel("not_json", "not a JSON object")
+            key, value = feedback.label_record(obj.get("id"), obj.get("text"), obj.get("label"))
+            feedback.parse_label(key, value)  # the checks the trainer makes, but the model's label set
+        except json.JSONDecodeError:
+            bad["not_json"] += 1
+            continue
+        except feedback.BadLabel as exc:
+            bad[exc.reason] += 1
+            continue
+        yield key, value
+
+
+def publish_labels(settings: PublishSettings, lines) -> tuple[int, Counter]:
+    """Send the usable labels of ``lines``; (sent, bad lines by reason)."""
+    feedback.ensure_labels_topic(settings.kafka, settings.labels_topic)
+    bad: Counter = Counter()
+    sent = publish(dataclasses.replace(settings, topic=settings.labels_topic), lines, label_lines(lines, bad))
+    return sent, bad
+
+
+def publish(settings: PublishSettings, lines, records: Iterator[tuple[bytes | None, bytes]] | None = None) -> int:
     from tqdm import tqdm
 
     producer = make_producer(settings.kafka)
     sent, failed, start = 0, [], time.monotonic()
     bar = tqdm(unit="msg", disable=not settings.progress, file=sys.stderr, desc=settings.topic)
     try:
-        for key, value in messages(lines, settings.key_field, settings.key):
+        if records is None:
+            records = messages(lines, settings.key_field, settings.key)
+        for key, value in records:
             if settings.rate:
                 delay = start + sent / settings.rate - time.monotonic()
                 if delay > 0:
@@ -97,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("WARNING")
     prog = "python -m worker.publish"
     try:
+        if settings.labels:
+            with open(settings.labels, encoding="utf-8") as f:
+                sent, bad = publish_labels(settings, f)
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(bad.items()))
+            skipped = f", skipped {sum(bad.values())} bad lines ({reasons})" if bad else ""
+            print(f"sent {sent} labels to {settings.labels_topic}{skipped}", file=sys.stderr)
+            return 0
         if settings.input == "-":
             sent = publish(settings, sys.stdin)
         else:

@@ -208,8 +208,10 @@ def make_admin(settings: KafkaSettings, **overrides: Any):
     return KafkaAdminClient(**{**settings.client_config(), **overrides})
 
 
-def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_factor: int = -1) -> None:
-    """Create the topics that do not exist yet (name -> partitions). Existing topics are left alone. The
+def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_factor: int = -1,
+                  configs: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Create the topics that do not exist yet (name -> partitions), with ``configs[name]`` as their topic
+    configs (``cleanup.policy=compact``, say). Existing topics are left alone. The
     replication factor -1 is the broker's ``default.replication.factor`` (KIP-464): 1 on a one-node local
     broker, what the operators chose on a cluster, where acks=all output then survives a broker's loss."""
     from kafka.admin import NewTopic
@@ -219,7 +221,8 @@ def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_f
     try:
         existing = set(admin.list_topics())
         new = [
-            NewTopic(name, num_partitions=parts, replication_factor=replication_factor)
+            NewTopic(name, num_partitions=parts, replication_factor=replication_factor,
+                     topic_configs=dict((configs or {}).get(name, {})))
             for name, parts in topics.items()
             if name not in existing
         ]
