@@ -51,7 +51,7 @@ from collections import deque
 import numpy as np
 
 from bert_stream.checkpoint import CheckpointError
-from bert_stream.kafka import adapter, ensure_topics, unwritable
+from bert_stream.kafka import adapter, ensure_topics, make_producer, unwritable
 from bert_stream.kafka.interface import ClientError, Fenced, FlushTimeout, topic_partition
 from bert_stream.logs import get_logger
 from bert_stream.settings import public_view
@@ -64,7 +64,9 @@ from worker.messages import CHARS_PER_TOKEN, OutputEncoder, Rejected, Source, de
 from worker.metrics import Health, OpsServer, WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.rebalance import Rebalancing
+from worker.review import ReviewRouter, review_value
 from worker.settings import WorkerSettings
+from worker.shadow import Shadow
 
 log = get_logger("worker.loop")
 
@@ -117,6 +119,8 @@ class Worker(Rebalancing):
         self._aborting_since: float | None = None  # exactly-once: first abort since the last commit
         self._full_since: float | None = None      # when the queue last reached max_queued_messages
         self._max_text_chars = CHARS_PER_TOKEN * settings.max_length
+        self.review: ReviewRouter | None = None  # the feedback loop's two taps (_open): reviews and shadow
+        self.shadow: Shadow | None = None
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -177,6 +181,13 @@ class Worker(Rebalancing):
         stack.callback(self.cache.close)
         watcher = ModelWatcher(self.engine, s.model_poll_s, s.redis_url, metrics=self.metrics).start()
         stack.callback(watcher.stop)
+        if s.review_topic:
+            self.review = ReviewRouter(s.review_score_below, s.review_margin_below, s.review_sample_rate)
+        if s.shadow_sample_rate > 0:
+            shadow_producer = make_producer(s.kafka) if s.shadow_topic else None
+            self.shadow = Shadow(self.engine, s.shadow_sample_rate, s.shadow_max_share, s.model_poll_s,
+                                 self.metrics.registry, producer=shadow_producer, topic=s.shadow_topic).start()
+            stack.callback(self.shadow.stop)
         self.classifier = Classifier(self.engine, self.cache, self.metrics,
                                      model_failure_retries=s.model_failure_retries)
         stack.callback(self.classifier.close)
@@ -215,12 +226,14 @@ class Worker(Rebalancing):
         and fail there on every restart."""
         s = self.settings
         inputs = self.consumer.partitions_for(s.input_topic) or set()  # None while it does not exist
+        roles = {"output": s.output_topic, "dead-letter": s.dlq_topic, "review": s.review_topic}
+        roles = {role: topic for role, topic in roles.items() if topic}
         try:
-            ensure_topics(s.kafka, {s.output_topic: max(1, len(inputs)), s.dlq_topic: max(1, len(inputs))})
+            ensure_topics(s.kafka, {topic: max(1, len(inputs)) for topic in roles.values()})
         except Exception as exc:  # noqa: BLE001
             log.warning("topic_creation_failed", error=str(exc)[:300])
-        problems = unwritable(s.kafka, [s.output_topic, s.dlq_topic])
-        for role, topic in (("output", s.output_topic), ("dead-letter", s.dlq_topic)):
+        problems = unwritable(s.kafka, list(roles.values()))
+        for role, topic in roles.items():
             if topic in problems:
                 raise TopicUnavailable(f"the {role} topic {topic!r} cannot be written: {problems[topic]}")
 
@@ -300,7 +313,9 @@ class Worker(Rebalancing):
             counts = {"cached": 0, "output": 0}
             encode, topic, send = OutputEncoder(done.version, done.infer_ms), self.settings.output_topic, self._send
             published = time.monotonic() - done.infer_ms / 1000  # one clock read per batch: they go out together
-            created = []
+            created, outputs, review = [], [], self.review
+            if review is not None:
+                review.use(done.version, self.engine.current)
             for r in done.results:
                 m = r.job.message
                 if isinstance(m, Rejected):
@@ -313,6 +328,13 @@ class Worker(Rebalancing):
                 if send(topic, m.source, value, m.key, m.headers):
                     counts["cached" if r.cached else "output"] += 1
                     created.append(r.job.created)
+                    outputs.append((m, r.prediction))
+                    if review is not None and not r.cached:
+                        reason = review.reason(r.prediction)
+                        if reason is not None:
+                            self._send_review(m, r.prediction, reason, done.version)
+            if self.shadow is not None and outputs:
+                self.shadow.offer(outputs)
             for outcome, n in counts.items():  # once per batch: a labelled counter lookup is not free
                 if n:
                     self.metrics.messages.labels(outcome, "").inc(n)
@@ -327,6 +349,27 @@ class Worker(Rebalancing):
         self.metrics.messages.labels("dlq", rejected.reason).inc()
         log.info("dead_letter", reason=rejected.reason, detail=rejected.detail[:200], topic=rejected.source.topic,
                  partition=rejected.source.partition, offset=rejected.source.offset)
+
+    def _send_review(self, message, prediction, reason: str, version: str) -> None:
+        """A review record beside the output (worker/review.py). Its ack does not gate the input's commit
+        (the output's does): under exactly-once it is in the same transaction as the output; under
+        at-least-once a review that fails is counted and logged, and the worker goes on."""
+        topic = self.settings.review_topic
+        partitions = self._partitions.get(topic) or self._partition_count(topic)
+        try:
+            self.delivery.before_send()
+            self.producer.send(topic, message.source.partition % partitions,
+                               review_value(message, prediction, reason, version), message.key, [],
+                               self._review_delivered, reason)
+        except ClientError as exc:
+            self._review_delivered(reason, exc)
+
+    def _review_delivered(self, reason: str, error: Exception | None) -> None:
+        if error is None:
+            self.metrics.reviews.labels(reason).inc()
+            return
+        self.metrics.reviews.labels("failed").inc()
+        log.warning("review_failed", error=f"{type(error).__name__}: {error}"[:300])
 
     def _send(self, topic: str, source: Source, value: bytes | None, key: bytes | None, headers) -> bool:
         """Publish to the input's partition number (mod the topic's partitions): per input partition the

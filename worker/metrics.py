@@ -74,6 +74,8 @@ class WorkerMetrics:
                                    registry=r)
         self.ready = Gauge("bert_stream_ready", "1 while /readyz answers 200 (a model loaded and partitions "
                            "assigned).", registry=r)
+        self.reviews = Counter("bert_stream_reviews", "Outputs also sent to the review topic, by reason "
+                               "(uncertain, sampled), and review sends that failed.", ["reason"], registry=r)
         # every known outcome exported from the start, at 0: an alert on increase() then sees the first one
         for result in ("swapped", "refused"):
             self.model_swaps.labels(result)

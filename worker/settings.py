@@ -154,6 +154,28 @@ class WorkerSettings:
                                   help="Outputs the label-drift and low-confidence gauges look back over "
                                        "(worker/quality.py): longer is steadier and slower to react; 0 turns "
                                        "the model-quality metrics off.")
+    # ---- the feedback loop (worker/review.py, worker/shadow.py) ---------------------------------------------
+    review_topic: str | None = setting(None, env="BERT_STREAM_REVIEW_TOPIC",
+                                       help="Send uncertain and sampled outputs (with their text) here for people "
+                                            "to label; unset: no reviews.")
+    review_score_below: float | None = setting(None, env="BERT_STREAM_REVIEW_SCORE_BELOW",
+                                               help="A top score below this is uncertain; unset: the serving "
+                                                    "version's validation p10 (its quality.json), else 0.5.")
+    review_margin_below: float = setting(0.0, env="BERT_STREAM_REVIEW_MARGIN_BELOW",
+                                         help="A top-1 minus top-2 score below this is uncertain too; 0: off.")
+    review_sample_rate: float = setting(0.01, env="BERT_STREAM_REVIEW_SAMPLE_RATE",
+                                        help="Share of model outputs also sent for review at random (an unbiased "
+                                             "sample of the stream); 0: only the uncertain ones.")
+    shadow_sample_rate: float = setting(0.0, env="BERT_STREAM_SHADOW_SAMPLE_RATE",
+                                        help="Share of outputs the CANDIDATE version (trainer.run --stage "
+                                             "candidate) also classifies, off the critical path, for the agreement "
+                                             "metrics; 0: no shadow.")
+    shadow_max_share: float = setting(0.2, env="BERT_STREAM_SHADOW_MAX_SHARE",
+                                      help="The most of its wall time the shadow thread may compute; samples that "
+                                           "find it busy are dropped (counted), never queued without bound.")
+    shadow_topic: str | None = setting(None, env="BERT_STREAM_SHADOW_TOPIC",
+                                       help="Also publish the candidate's predictions here (best effort, outside "
+                                            "any transaction); unset: metrics only.")
     shutdown_timeout_s: float = setting(25.0, env="BERT_STREAM_SHUTDOWN_TIMEOUT_S",
                                         help="After SIGTERM: how long the worker may finish what it holds "
                                              "before committing what is published and exiting; what is left "
@@ -166,6 +188,11 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         require(self.max_batch_size >= 1, "max_batch_size must be at least 1")
         require(self.quality_window >= 0, "quality_window must not be negative")
+        for name in ("review_sample_rate", "shadow_sample_rate", "review_margin_below"):
+            require(0 <= getattr(self, name) <= 1, f"{name} must be between 0 and 1")
+        require(self.review_score_below is None or 0 <= self.review_score_below <= 1,
+                "review_score_below must be between 0 and 1")
+        require(0 < self.shadow_max_share <= 1, "shadow_max_share must be above 0 and at most 1")
         require(self.max_length >= 8, "max_length must be at least 8")
         require(self.max_batch_tokens >= self.max_length,
                 "max_batch_tokens must be at least max_length (one full-length message must fit)")

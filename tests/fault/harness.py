@@ -146,6 +146,9 @@ _ENV_NAMES = {  # WorkerSettings field -> its environment variable (worker/setti
     "kafka_client": "BERT_STREAM_KAFKA_CLIENT", "shutdown_timeout_s": "BERT_STREAM_SHUTDOWN_TIMEOUT_S",
     "model_failure_retries": "BERT_STREAM_MODEL_FAILURE_RETRIES", "inference_stall_s": "BERT_STREAM_INFERENCE_STALL_S",
     "allow_label_change": "BERT_STREAM_ALLOW_LABEL_CHANGE", "quality_window": "BERT_STREAM_QUALITY_WINDOW",
+    "review_topic": "BERT_STREAM_REVIEW_TOPIC", "review_score_below": "BERT_STREAM_REVIEW_SCORE_BELOW",
+    "review_sample_rate": "BERT_STREAM_REVIEW_SAMPLE_RATE", "shadow_sample_rate": "BERT_STREAM_SHADOW_SAMPLE_RATE",
+    "shadow_max_share": "BERT_STREAM_SHADOW_MAX_SHARE", "shadow_topic": "BERT_STREAM_SHADOW_TOPIC",
 }
 
 
