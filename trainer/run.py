@@ -5,12 +5,14 @@ This module orchestrates; each stage has its own module:
 
     parse       trainer.settings   flags and variables -> TrainSettings -> resolved Hyperparameters
     data        trainer.data       built-in sets or files -> splits;  trainer.batches: tokenised loaders
+    feedback    trainer.feedback   reviewers' labels from Kafka merged in, a share held out (--feedback-topic)
     model       trainer.models     e5-small, scratch, a path or a hub id -> a classifier and its tokenizer
     prepare     trainer.prepare    Accelerator, precision, optimizer, schedule, weight average, teacher
     fit         trainer.loop       accumulate, evaluate and snapshot every ``eval_steps`` (trainer.losses)
     evaluate    trainer.evaluate   the best weights on validation and test, the hybrid rule
     gate        trainer.gate       the floors a model must clear
-    publish     trainer.publish    staged, published atomically (bert_stream.checkpoint), announced
+    publish     trainer.publish    staged, published atomically (bert_stream.checkpoint), announced; or
+                                   published as the CANDIDATE (--stage candidate) for trainer.promote
 
 The same code runs on one CPU process or under
 ``accelerate launch -m trainer.run`` / ``torchrun --nproc-per-node N -m trainer.run`` on several
@@ -50,7 +52,7 @@ from transformers.utils import logging as hf_logging
 from bert_stream import checkpoint
 from bert_stream.logs import configure_logging, get_logger
 from bert_stream.settings import SettingsError, parse_settings, public_view
-from trainer import baseline
+from trainer import baseline, feedback
 from trainer.batches import build_data, data_spec
 from trainer.data import DataError, load_splits
 from trainer.evaluate import add_ngram_half, final_evaluation
@@ -98,6 +100,8 @@ def train(settings: TrainSettings) -> int:
     set_seed(settings.seed)  # before the model exists: the classifier head (or a scratch model) is random
     with accelerator.main_process_first():  # downloads and conversions happen once, the others read the cache
         splits = load_splits(data_spec(settings))
+    splits, fed = with_feedback(settings, accelerator, splits)
+    with accelerator.main_process_first():
         model, tokenizer = load_for_classification(
             settings.model, splits.labels, corpus=[e.text for e in splits.train],
             scratch_preset=settings.scratch_preset, pooling=settings.pooling, text_prefix=settings.text_prefix)
@@ -138,7 +142,7 @@ def train(settings: TrainSettings) -> int:
             test_macro_f1=final.baseline["macro_f1"], gain_accuracy=final.baseline["gain_accuracy"],
             gain_macro_f1=final.baseline["gain_macro_f1"], fit_s=final.baseline["fit_s"])
         published = save_and_publish(settings, accelerator, prepared.model, tokenizer, data, fit, final,
-                                     time.monotonic() - started)
+                                     time.monotonic() - started, fed)
         status = EXIT_OK if published else EXIT_REFUSED
         shutil.rmtree(run, ignore_errors=True)  # finished: nothing left to resume
         with contextlib.suppress(OSError):
@@ -147,6 +151,17 @@ def train(settings: TrainSettings) -> int:
     # No end_training(): it destroys the process group while the DDP model still holds it; the launcher
     # tears the group down when the processes end.
     return broadcast_object_list([status])[0]
+
+
+def with_feedback(settings: TrainSettings, accelerator: Accelerator, splits):
+    """The splits with the labels topic merged in (trainer.feedback), read once by the main process and
+    shared: labels arriving meanwhile must not give two processes different data."""
+    if not settings.feedback_topic:
+        return splits, None
+    merged = list(feedback.load(settings, splits)) if accelerator.is_main_process else [None, None]
+    if accelerator.num_processes > 1:
+        merged = broadcast_object_list(merged)
+    return merged[0], merged[1]
 
 
 def _main_logger(accelerator: Accelerator):

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from bert_stream.kafka import KafkaSettings
 from bert_stream.settings import require, setting
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -37,6 +38,7 @@ IMBALANCE_RATIO = 3.0
 DISTILL_ALPHA = 0.5
 DISTILL_TEMPERATURE = 2.0
 RDROP_PAIRS = ("dropout", "adversarial")  # what --rdrop compares; see TrainSettings.rdrop_pair
+STAGES = ("latest", "candidate")  # which pointer a published version gets (bert_stream.checkpoint)
 POOLINGS = ("cls", "mean")  # trainer.models.load_for_classification(pooling=...)
 
 
@@ -206,6 +208,20 @@ class TrainSettings:
     redis_url: str | None = setting(None, env="REDIS_URL",
                                     help="After publishing, announce the version on this Redis so running "
                                          "workers reload at once (they also poll LATEST). Unset: no announcement.")
+    stage: str = setting("latest", env="BERT_STREAM_STAGE", choices=STAGES,
+                         help="latest: publish and point LATEST at the version (workers serve it); candidate: "
+                              "publish it under the CANDIDATE pointer, for workers to shadow and "
+                              "trainer.promote to promote.")
+
+    # ---- the feedback loop (trainer/feedback.py) -------------------------------------------------------------
+    feedback_topic: str | None = setting(None, env="BERT_STREAM_FEEDBACK_TOPIC",
+                                         help="Also train on the reviewers' labels in this compacted Kafka topic "
+                                              "(read to its end at start; a label wins over the base data's for "
+                                              "the same text). Unset: the base data only.")
+    feedback_holdout: float = setting(0.2, env="BERT_STREAM_FEEDBACK_HOLDOUT",
+                                      help="Share of the feedback labels kept out of training to evaluate on "
+                                           "(the recent stream's distribution), beside the base test split.")
+    kafka: KafkaSettings = dataclasses.field(default_factory=KafkaSettings)
 
     # ---- presets and operations -----------------------------------------------------------------------------
     quick: bool = setting(False, env="BERT_STREAM_QUICK",
@@ -221,6 +237,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        require(0 < self.feedback_holdout < 1, "feedback_holdout must be between 0 and 1 (exclusive)")
         require(bool(self.model.strip()), "model must not be empty")
         require(self.train_file is not None or bool(self.data),
                 "give --data (a built-in set or a file) or --train-file")
