@@ -223,7 +223,7 @@ def test_crd_prometheus_operator_monitoring(overlay):
 
 @needs_kubectl
 def test_crd_strimzi_kafkatopics(topics):
-    assert len(find(topics, "KafkaTopic")) == 3
+    assert len(find(topics, "KafkaTopic")) == 5  # input, output, dead letters, review, labels
     for topic in find(topics, "KafkaTopic"):
         name = topic["metadata"]["name"]
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) and len(name) <= 253, name
@@ -234,7 +234,9 @@ def test_crd_strimzi_kafkatopics(topics):
         assert re.fullmatch(r"[a-zA-Z0-9._-]{1,249}", spec.get("topicName", name)), name
         assert isinstance(spec["partitions"], int) and spec["partitions"] >= 1
         assert isinstance(spec["replicas"], int) and 1 <= spec["replicas"] <= 32767
-        assert int(spec["config"]["retention.ms"]) > 0, f"{name}: retention must be explicit"
+        retention = int(spec["config"]["retention.ms"])
+        assert retention > 0 or (retention == -1 and spec["config"]["cleanup.policy"] == "compact"), \
+            f"{name}: retention must be explicit (forever only for a compacted topic)"
         assert int(spec["config"]["min.insync.replicas"]) <= spec["replicas"]
 
 
@@ -253,10 +255,17 @@ def test_topics_group_and_bootstrap_agree(overlay, topics):
     env = expanded_env(container_env(docs, worker))
     settings = from_env(WorkerSettings, env=env)
     by_name = _topic_by_name(topics)
-    for role in ("input_topic", "output_topic", "dlq_topic"):
+    for role in ("input_topic", "output_topic", "dlq_topic", "review_topic"):
         assert getattr(settings, role) in by_name, \
             f"{role}={getattr(settings, role)!r} has no KafkaTopic (topics: {sorted(by_name)})"
-    assert len(by_name) == 3, f"KafkaTopics the worker does not use: {sorted(by_name)}"
+    trainer = container(one(docs, "CronJob", "bert-stream-trainer"), "trainer")
+    trained = from_env(TrainSettings, env=expanded_env(container_env(docs, trainer)))
+    labels = by_name.get(trained.feedback_topic)
+    assert labels is not None, f"the trainer's feedback topic {trained.feedback_topic!r} has no KafkaTopic"
+    assert labels["spec"]["config"]["cleanup.policy"] == "compact", "a label must replace the id's earlier one"
+    assert trained.kafka.bootstrap_servers == settings.kafka.bootstrap_servers
+    assert trained.kafka.security_protocol == settings.kafka.security_protocol
+    assert len(by_name) == 5, f"KafkaTopics nothing uses: {sorted(by_name)}"
 
     so = one(docs, "ScaledObject")
     meta = so["spec"]["triggers"][0]["metadata"]
@@ -529,7 +538,8 @@ def test_overlay_devices_and_resources():
             tolerations = {t["key"] for t in pod_spec(worker).get("tolerations", [])}
             assert "nvidia.com/gpu" in tolerations and pod_spec(worker).get("nodeSelector")
             assert settings.dtype in ("auto", "bf16")
-            assert "nvidia.com/gpu" in container(one(docs, "CronJob"), "trainer")["resources"]["limits"]
+            trainer = container(one(docs, "CronJob", "bert-stream-trainer"), "trainer")
+            assert "nvidia.com/gpu" in trainer["resources"]["limits"]
         else:
             assert "nvidia.com/gpu" not in limits
             assert settings.torch_threads == int(limits["cpu"]), "torch threads = the CPU limit"
@@ -602,3 +612,21 @@ def test_the_redis_password_is_on_no_command_line(overlay):
     # it reaches redis-server on stdin, from the shell's printf builtin (no process of its own)
     assert redis["command"][:2] == ["sh", "-c"] and redis["command"][2].startswith("printf 'requirepass %s")
     assert "exec redis-server -" in redis["command"][2]
+
+
+@needs_kubectl
+def test_the_promote_cronjob_reads_the_shadow_metrics_the_workers_serve():
+    """trainer.promote's settings parse from its CronJob; its metrics URL names the workers' metrics Service
+    and port, and it writes the store the trainer publishes into."""
+    from trainer.promote import PromoteSettings
+
+    docs = render("overlays/cpu")
+    promote = container(one(docs, "CronJob", "bert-stream-promote"), "promote")
+    settings = from_env(PromoteSettings, env=expanded_env(container_env(docs, promote)))
+    assert promote["command"][-2:] == ["-m", "trainer.promote"] and settings.min_agreement is not None
+    url = urlsplit(settings.metrics_url)
+    service = one(docs, "Service", url.hostname)
+    assert url.port in [p["port"] for p in service["spec"]["ports"]] and url.path == "/metrics"
+    assert service["spec"]["selector"]["app.kubernetes.io/name"] == "bert-stream-worker"
+    mount = next(m for m in promote["volumeMounts"] if m["mountPath"] == settings.model_dir)
+    assert not mount.get("readOnly"), "promotion moves LATEST"
