@@ -1,9 +1,13 @@
-"""``python -m worker.tail``: print the output topic (or the dead-letter topic) readably.
+"""``python -m worker.tail``: print the output topic (or the dead-letter or review topic) readably.
 
 One line per record::
 
     p0@41   体育    0.973  cached  v=20261128T174501Z-3f9a1c  id=msg-7
     p1@3    DLQ     invalid_json   '{"id": "broken", "text": '   (Expecting value: line 1 column 26)
+    p2@9    REVIEW  uncertain  positive 0.541  id=msg-12  '屏幕一般，键盘手感还行'
+
+``--review`` prints the review topic (what the workers send people to label; bert_stream.feedback):
+``--review --json`` is a file a reviewer fills in (``"label"``) and hands to ``worker.publish --labels``.
 
 ``--json`` prints each record's value as one JSON line instead (for ``jq``); ``--from-beginning`` starts at
 the oldest record instead of new ones; ``--max N`` stops after N records; ``--idle-timeout-s`` stops when
@@ -30,7 +34,9 @@ class TailSettings:
     kafka: KafkaSettings = dataclasses.field(default_factory=KafkaSettings)
     output_topic: str = setting("bert-stream.output", env="BERT_STREAM_OUTPUT_TOPIC", help="The output topic.")
     dlq_topic: str = setting("bert-stream.dlq", env="BERT_STREAM_DLQ_TOPIC", help="The dead-letter topic.")
+    review_topic: str = setting("bert-stream.review", env="BERT_STREAM_REVIEW_TOPIC", help="The review topic.")
     dlq: bool = setting(False, help="Print the dead-letter topic instead of the outputs.")
+    review: bool = setting(False, help="Print the review topic instead of the outputs.")
     from_beginning: bool = setting(False, help="Start at the oldest record rather than at new ones.")
     max: int = setting(0, help="Stop after this many records; 0 runs until Ctrl-C (or --idle-timeout-s).")
     idle_timeout_s: float = setting(0.0, help="Stop when nothing arrives for this long; 0 waits forever.")
@@ -38,6 +44,7 @@ class TailSettings:
 
     def __post_init__(self) -> None:
         require(self.max >= 0 and self.idle_timeout_s >= 0, "--max and --idle-timeout-s must not be negative")
+        require(not (self.dlq and self.review), "give --dlq or --review, not both")
 
 
 def _snippet(raw: bytes | None) -> str:
@@ -47,8 +54,15 @@ def _snippet(raw: bytes | None) -> str:
     return repr(text if len(text) <= SNIPPET else text[:SNIPPET] + "…")
 
 
-def format_record(record, dlq: bool, as_json: bool) -> str:
+def format_record(record, dlq: bool, as_json: bool, review: bool = False) -> str:
     where = f"p{record.partition}@{record.offset}"
+    if review and not as_json:
+        try:
+            r = json.loads(record.value)
+            return (f"{where:<9} REVIEW  {r['reason']:<10} {r['top_k'][0]['label']} {r['score']:.3f}  "
+                    f"id={r['id']}  {_snippet(r['text'].encode())}")
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"{where:<9} (not a review record) {_snippet(record.value)}"
     if dlq:
         headers = parse_dlq_headers(record.headers or [])
         if as_json:
@@ -70,7 +84,7 @@ def format_record(record, dlq: bool, as_json: bool) -> str:
 def tail(settings: TailSettings, out=sys.stdout) -> int:
     from kafka import TopicPartition
 
-    topic = settings.dlq_topic if settings.dlq else settings.output_topic
+    topic = settings.dlq_topic if settings.dlq else settings.review_topic if settings.review else settings.output_topic
     consumer = make_consumer(settings.kafka, None)
     printed = 0
     try:
@@ -84,7 +98,7 @@ def tail(settings: TailSettings, out=sys.stdout) -> int:
         while not settings.max or printed < settings.max:
             polled = consumer.poll(timeout_ms=500)
             for record in (r for rs in polled.values() for r in rs):
-                print(format_record(record, settings.dlq, settings.json), file=out, flush=True)
+                print(format_record(record, settings.dlq, settings.json, settings.review), file=out, flush=True)
                 printed += 1
                 last = time.monotonic()
                 if settings.max and printed >= settings.max:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bert_stream import feedback
 from bert_stream.kafka import ensure_topics
 from tests.worker.conftest import produce, read_topic
 from worker import publish as publish_cli
@@ -65,6 +66,33 @@ def test_publish_file_and_tail(kafka_settings, names, stack, tmp_path):
                     "--json", env=env)
     assert json.loads(shown.stdout)["error"] == "invalid_json"
     assert tail_cli  # imported: the module loads without a broker
+
+    # the review topic, as a reviewer reads it; labels back, bad lines counted, the rest keyed by id
+    review = names.output_topic.replace("out-", "review-")
+    produce(kafka_settings, review, [feedback.review_value("n3", "屏幕一般", "uncertain", "v1",
+                                                           [("positive", 0.54), ("negative", 0.46)], ("in", 0, 3))])
+    shown = run_cli("worker.tail", "--review-topic", review, "--review", "--from-beginning", "--max", "1", env=env)
+    assert shown.returncode == 0 and "REVIEW" in shown.stdout and "uncertain" in shown.stdout and "id=n3" in shown.stdout
+    labels, topic = tmp_path / "labels.jsonl", names.output_topic.replace("out-", "labels-")
+    labels.write_text('{"id": "n3", "text": "屏幕一般", "label": "negative"}\n{"id": "n4", "label": "positive"}\n'
+                      "not json\n", encoding="utf-8")
+    result = run_cli("worker.publish", "--labels", str(labels), "--labels-topic", topic, "--no-progress", env=env)
+    assert result.returncode == 0 and "sent 1 labels" in result.stderr, result.stderr
+    assert "skipped 2 bad lines (no_text: 1, not_json: 1)" in result.stderr
+    read = feedback.read_labels(kafka_settings, topic, ["negative", "positive"])
+    assert read.examples == {"n3": ("屏幕一般", "negative")} and read.records == 1
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--min-gain", "2"], 2, "error:"),
+    (["--min-agreement", "0.9"], 2, "--min-agreement needs --metrics-url"),
+    ([], 3, "refused: no CANDIDATE in"),
+    (["--rollback"], 3, "refused: no PREVIOUS in"),
+])
+def test_promote_says_why_in_one_line(tmp_path, args, code, says):
+    result = run_cli("trainer.promote", "--model-dir", str(tmp_path), *args)
+    assert result.returncode == code
+    assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
 
 
 def test_children_get_their_own_port_and_instance_id():
