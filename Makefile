@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # tansu: a Kafka-protocol broker from a wheel, for machines without Java
 BROKER ?= kafka
 
-.PHONY: setup kcat prometheus test test-fast demo bench gpu-wheels clean stack-up stack-down
+.PHONY: setup kcat prometheus test test-fast demo bench bench-feedback gpu-wheels clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -68,6 +68,10 @@ demo: setup
 # The product benchmark: one run, written to bench/results.json, bench/RESULTS.md and its plots.
 bench: setup
 	$(PY) -m bench.run
+
+# One turn of the feedback loop, measured (bench/feedback.py): part 10 of bench/RESULTS.md.
+bench-feedback: setup
+	$(PY) -m bench.feedback
 
 # For a lent GPU machine (no network there; torch and transformers installed, Python 3.12): the worker's other
 # packages as wheels in .whl/, to carry with the repository for `python -m bench.gpu_check` (its docstring).

@@ -38,7 +38,12 @@ def write_all(summary: dict, out_dir: Path) -> None:
         common.save_json(out_dir / "gpu_inputs.json", gpu_inputs)
     common.save_json(out_dir / "results.json", summary)
     plots = write_plots(summary, out_dir)
-    (out_dir / "RESULTS.md").write_text(render(summary, plots))
+    rendered = summary
+    feedback_file = out_dir / "feedback.json"  # the feedback loop: its own run (bench/feedback.py), part 10
+    if feedback_file.exists():
+        rendered = {**summary, "feedback_run": json.loads(feedback_file.read_text())}
+        plots += ["feedback.png"] if (out_dir / "feedback.png").exists() else []
+    (out_dir / "RESULTS.md").write_text(render(rendered, plots))
     check_file = out_dir / "gpu_check.json"  # the worker on a lent GPU: its own run, its own page
     if check_file.exists():
         (out_dir / "GPU.md").write_text("\n".join(
@@ -166,9 +171,25 @@ def render(s: dict, plots: list[str]) -> str:
         out += ["", *_ceiling_md(p["ceiling"])]
     if "standin" in p:
         out += ["", *_standin_md(p["standin"])]
+    if "feedback_run" in s:
+        out += ["", *_feedback_md(s["feedback_run"])]
     if plots:
         out += ["", "## Plots", "", *[f"![{name}]({name})" for name in plots]]
     return "\n".join(out) + "\n"
+
+
+def _feedback_md(r: dict) -> list[str]:
+    from bench import feedback
+
+    return [
+        "## 10. The feedback loop (its own run: `python -m bench.feedback`, " + r["date"] + ")",
+        "",
+        f"A {r['model']} model trained on hotel reviews serves book reviews; every reviewed book message is "
+        "labelled by a script playing the reviewer; the trainer retrains on the labels into a candidate, which "
+        "runs in shadow and is promoted. Accuracy through the worker on book reviews held out of everything.",
+        "",
+        _table(["", ""], feedback.table_rows(r)),
+    ]
 
 
 def _client_of(ratio_key: str) -> str:

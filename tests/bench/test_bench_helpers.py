@@ -167,3 +167,23 @@ def test_the_stand_in_forward_answers_by_the_ids_after_the_device_time():
     assert np.all((a >= -4) & (a < 4)) and len({row.argmax() for row in a}) > 1
     other = s.logits(ids[::-1].copy())
     assert not np.array_equal(other, a) and np.array_equal(other, a[::-1])  # a row's logits: its ids only
+
+
+def test_the_feedback_part_renders_what_its_run_measured():
+    """bench/feedback.py's result as RESULTS.md's part 10: every figure the issue asks for has its row."""
+    from bench import feedback, report
+
+    counts = {"agree": 90, "disagree": 10, "dropped": 3, "seconds": 1.5}
+    result = {"model": "scratch", "date": "2026-12-07", "labels": 120, "promotion": "promoted v2 over v1: ...",
+              "train_s": 30.0, "retrain_s": 35.5, "accuracy": {"before": 0.45, "after": 0.7,
+                                                                "held_out_book_reviews": 300},
+              "review_volume": {"hotel": {"outputs": 500, "uncertain": 0.1, "sampled": 0.01},
+                                "book": {"outputs": 800, "uncertain": 0.17, "sampled": 0.008}},
+              "shadow": {"median_off": 200.0, "rounds": 2, "rates": [
+                  {"rate": 0.1, "median": 190.0, "ratio": 0.95, "counts": counts, "agreement": 0.9},
+                  {"rate": 1.0, "median": 160.0, "ratio": 0.8, "counts": None, "agreement": None}]}}
+    text = "\n".join(report._feedback_md(result))
+    for expected in ("10.0% / 1.0% of 500", "17.0% / 0.8% of 800", "0.450 -> 0.700", "| 120 |", "30 / 36",
+                     "190 (0.95x); 100 shadowed, 3 dropped", "agreement 0.900", "no shadow counts", "promoted v2"):
+        assert expected in text, expected
+    assert len(feedback.table_rows(result)) == 9
