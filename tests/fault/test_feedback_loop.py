@@ -18,9 +18,14 @@ import pytest
 
 from bert_stream import checkpoint
 from bert_stream.kafka import ensure_topics, make_consumer
+from tests.conftest import BROKER
 from tests.fault import harness as h
 
-pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow,
+              # Tansu answers ListOffsets(latest) with the last batch's base offset + 1 (50 records sent in one
+              # batch: end offset 1), so the trainer, which reads the labels topic to its end offsets, reads
+              # only part of it there: the loop is tested on Apache Kafka, which the issue asks for
+              pytest.mark.skipif(BROKER == "tansu", reason="Tansu reports end offsets short of the last record")]
 
 TRAIN_ARGS = ("--model", "scratch", "--scratch-preset", "mini", "--max-train-examples", "2000", "--epochs", "2",
               "--max-length", "64", "--eval-steps", "1000", "--early-stopping-patience", "0", "--torch-threads", "1",
