@@ -152,6 +152,11 @@ class Consumer:
 
     def __init__(self):
         self._needs_rewind: set[TopicPartition] = set()
+        self._releases = 0  # +1 per revocation or loss (the adapter's listener): see poll
+
+    def _released(self) -> None:
+        """The adapter's listener gave partitions up (revoked or lost)."""
+        self._releases += 1
 
     # -- to implement --
     def subscribe(self, topic: str, listener: GroupListener) -> None:
@@ -198,7 +203,16 @@ class Consumer:
 
     # -- shared --
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        """Records of owned partitions only. A revocation inside this call (one poll can be several client
+        calls, the rebalance in a later one) must not leave records of a partition given up in the result:
+        the worker would publish them after its revocation commit, and the new owner would too (a duplicate,
+        also under exactly-once: this member's later transactions still commit). Checked only after a
+        revocation: one comparison per poll otherwise."""
+        releases = self._releases
         records = self._poll(timeout_s, max_records)
+        if self._releases != releases and records:
+            owned = {(tp.topic, tp.partition) for tp in self.assignment()}
+            records = [r for r in records if (r.topic, r.partition) in owned]
         if self._needs_rewind:
             marked = self._needs_rewind
             records = [r for r in records if (r.topic, r.partition) not in marked]

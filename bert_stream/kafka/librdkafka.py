@@ -137,6 +137,7 @@ class Consumer(i.Consumer):
 
     def _release(self, partitions, lost: bool) -> None:
         tps = {TopicPartition(p.topic, p.partition) for p in partitions}
+        self._released()
         if self._listener is not None:
             offsets = self._listener.on_revoking(tps, lost)
             error = None

@@ -435,6 +435,7 @@ class _Listener(kafka.AsyncConsumerRebalanceListener):
 
     async def _release(self, partitions, lost: bool) -> None:
         self.consumer._joining = True  # a revocation opens a rebalance: the join follows in the next polls
+        self.consumer._released()
         partitions = {TopicPartition(tp.topic, tp.partition) for tp in partitions}
         offsets = self.listener.on_revoking(partitions, lost)
         error = None

@@ -76,3 +76,75 @@ def test_a_transactional_call_that_never_returns_is_bounded(monkeypatch):
     with pytest.raises(i.TransactionTimeout, match="did not return"):
         _producer()._call(lambda _timeout: release.wait(30), 0.1, "send_offsets_to_transaction")
     release.set()
+
+
+class _Message:
+    def __init__(self, partition: int, offset: int):
+        self._p, self._o = partition, offset
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "in"
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def key(self):
+        return None
+
+    def value(self):
+        return b"x"
+
+    def headers(self):
+        return None
+
+    def timestamp(self):
+        return (0, 0)
+
+
+class _Revoking:
+    """librdkafka's consumer as the adapter calls it in one poll: the first consume() hands out a message of
+    partition 1, and the next one serves the group's revocation of partition 1 before it returns."""
+
+    def __init__(self, consumer):
+        self.consumer, self.calls = consumer, 0
+
+    def consume(self, num_messages, timeout):
+        self.calls += 1
+        if self.calls == 1:
+            return []
+        if self.calls == 2:
+            return [_Message(1, 309)]
+        self.consumer._on_revoke(None, [ck.TopicPartition("in", 1)])
+        return [_Message(0, 7)]
+
+
+def test_records_of_a_partition_revoked_inside_the_same_poll_are_not_returned():
+    """One poll is up to three consume() calls; a revocation in a later one must not let a record of the
+    revoked partition through: the worker would publish it after its revocation commit, and the new owner
+    would publish it again (a duplicate even under exactly-once)."""
+    consumer = librdkafka.Consumer.__new__(librdkafka.Consumer)
+    i.Consumer.__init__(consumer)
+    consumer._assignment = {i.TopicPartition("in", 0), i.TopicPartition("in", 1)}
+    consumer._paused = set()
+    revoked = []
+
+    class Listener:
+        def on_revoking(self, partitions, lost):
+            revoked.append(partitions)
+            return {}
+
+        def on_revoked(self, partitions, error):
+            pass
+
+    consumer._listener = Listener()
+    consumer._c = _Revoking(consumer)
+    records = consumer.poll(0.1, 10)
+    assert revoked == [{i.TopicPartition("in", 1)}]
+    assert [(r.partition, r.offset) for r in records] == [(0, 7)]
+    assert consumer._c.calls == 3
