@@ -226,7 +226,8 @@ class Worker(Rebalancing):
         and fail there on every restart."""
         s = self.settings
         inputs = self.consumer.partitions_for(s.input_topic) or set()  # None while it does not exist
-        roles = {"output": s.output_topic, "dead-letter": s.dlq_topic, "review": s.review_topic}
+        roles = {"output": s.output_topic, "dead-letter": s.dlq_topic, "review": s.review_topic,
+                 "shadow": s.shadow_topic if s.shadow_sample_rate else None}
         roles = {role: topic for role, topic in roles.items() if topic}
         try:
             ensure_topics(s.kafka, {topic: max(1, len(inputs)) for topic in roles.values()})

@@ -89,10 +89,12 @@ def test_uncertain_reviews_labels_retrain_shadow_promote_and_accuracy_rises(
 
     review_topic = names.output_topic.replace("out-", "review-")
     labels_topic = names.output_topic.replace("out-", "labels-")
+    shadow_topic = names.output_topic.replace("out-", "shadow-")
     ensure_topics(kafka_settings, {names.input_topic: 2, names.output_topic: 2, names.dlq_topic: 2})
     env = h.worker_env(bootstrap_servers=stack.bootstrap_servers, names=names, model_dir=store,
                        redis_url=stack.redis_url, delivery="exactly-once", review_topic=review_topic,
-                       review_sample_rate=0.05, shadow_sample_rate=1.0, shadow_max_share=0.5, http_port=0)
+                       review_sample_rate=0.05, shadow_sample_rate=1.0, shadow_max_share=0.5,
+                       shadow_topic=shadow_topic, http_port=0)
     worker = workers.start("worker", env)
     worker.wait_assigned()
     reader = h.TopicReader(kafka_settings, names.output_topic, names.dlq_topic, "read_committed")
@@ -145,6 +147,9 @@ def test_uncertain_reviews_labels_retrain_shadow_promote_and_accuracy_rises(
         more = h.publish_messages(kafka_settings, names.input_topic, messages("m", books[-400:]))
         reader.wait_all(more, 120, diagnostics=workers.tails, alive=worker.alive)
         h.wait_until(lambda: shadow_samples(port, candidate) >= 200, 60, "200 shadow samples", workers.tails)
+        shadowed = [json.loads(r.value) for r in read_all(kafka_settings, shadow_topic, "read_uncommitted")]
+        assert len(shadowed) >= 200 and {s["candidate"] for s in shadowed} == {candidate}
+        assert all(s["serving_label"] in ("positive", "negative") and s["id"].startswith("m-") for s in shadowed)
 
         # 5. promote: the candidate beats the serving model on the held-out feedback, and agrees enough live
         assert promote.main(["--model-dir", str(store), "--min-gain", "0.05", "--min-agreement", "0.2",
