@@ -181,7 +181,7 @@ def run(ws: common.Workspace, *, model: str, stream_n: int, eval_n: int, drain_n
         "accuracy": {"before": round(before, 4), "after": round(after, 4), "held_out_book_reviews": len(held)},
         "feedback": fed,
         "shadow": {"messages": len(drain), "rounds": rounds, "max_share": _default("shadow_max_share"),
-                   "median_off": round(off, 1),
+                   "median_off": round(off, 1), "off_msgs_per_s": [round(x, 1) for x in drains[0.0]],
                    "rates": [{"rate": rate, "msgs_per_s": [round(x, 1) for x in drains[rate]],
                               "median": round(statistics.median(drains[rate]), 1),
                               "ratio": round(statistics.median(drains[rate]) / off, 3),
@@ -234,11 +234,16 @@ def table_rows(r: dict) -> list[list]:
         ["labels sent back (the reviewed book stream messages)", r["labels"]],
         ["accuracy on held-out book reviews, before -> after", f"{acc['before']:.3f} -> {acc['after']:.3f}"],
         ["train (hotel) / retrain (hotel + feedback), s", f"{r['train_s']:.0f} / {r['retrain_s']:.0f}"],
-        ["worker msgs/s without shadow (median)", f"{s['median_off']:.0f}"],
+        ["worker msgs/s without shadow (median)", f"{s['median_off']:.0f}" + _drains(s.get("off_msgs_per_s"))],
         *[[f"worker msgs/s with shadow at {x['rate']:g} (median)",
-           f"{x['median']:.0f} ({x['ratio']:.2f}x); " + _counts(x)] for x in s["rates"]],
+           f"{x['median']:.0f}{_drains(x.get('msgs_per_s'))}, {x['ratio']:.2f}x; " + _counts(x)]
+          for x in s["rates"]],
         ["promotion", r["promotion"][:200]],
     ]
+
+
+def _drains(values: list | None) -> str:
+    return f" [{', '.join(f'{v:.0f}' for v in values)}]" if values else ""
 
 
 def _counts(x: dict) -> str:

@@ -184,9 +184,11 @@ def _feedback_md(r: dict) -> list[str]:
     return [
         "## 10. The feedback loop (its own run: `python -m bench.feedback`, " + r["date"] + ")",
         "",
-        f"A {r['model']} model trained on hotel reviews serves book reviews; every reviewed book message is "
+        f"The {r['model']} model trained on hotel reviews serves book reviews; every reviewed book message is "
         "labelled by a script playing the reviewer; the trainer retrains on the labels into a candidate, which "
-        "runs in shadow and is promoted. Accuracy through the worker on book reviews held out of everything.",
+        "runs in shadow and is promoted. Accuracy through the worker on book reviews held out of everything. "
+        f"Shadow's cost: the same {r['shadow'].get('messages', '?')} distinct laptop reviews drained by a fresh "
+        "worker per drain, without and with the candidate in shadow, interleaved (each drain in brackets).",
         "",
         _table(["", ""], feedback.table_rows(r)),
     ]

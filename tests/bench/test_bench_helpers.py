@@ -184,6 +184,6 @@ def test_the_feedback_part_renders_what_its_run_measured():
                   {"rate": 1.0, "median": 160.0, "ratio": 0.8, "counts": None, "agreement": None}]}}
     text = "\n".join(report._feedback_md(result))
     for expected in ("10.0% / 1.0% of 500", "17.0% / 0.8% of 800", "0.450 -> 0.700", "| 120 |", "30 / 36",
-                     "190 (0.95x); 100 shadowed, 3 dropped", "agreement 0.900", "no shadow counts", "promoted v2"):
+                     "190, 0.95x; 100 shadowed, 3 dropped", "agreement 0.900", "no shadow counts", "promoted v2"):
         assert expected in text, expected
     assert len(feedback.table_rows(result)) == 9
