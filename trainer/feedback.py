@@ -81,8 +81,9 @@ def merge(splits: Splits, labels: Labels, share: float, seed: int) -> tuple[Spli
         if key:
             by_text.pop(key, None)
             by_text[key] = Example(text.strip(), label)
-    train_fb = [e for k, e in by_text.items() if not held_out(k, share, seed)]
-    holdout = [e for k, e in by_text.items() if held_out(k, share, seed)]
+    train_fb, holdout = [], []
+    for key, example in by_text.items():
+        (holdout if held_out(key, share, seed) else train_fb).append(example)
     keep = lambda part: [e for e in part if normalize(e.text) not in by_text]  # noqa: E731
     train, validation, test = keep(splits.train), keep(splits.validation), keep(splits.test)
     replaced = sum(len(p) for p in (splits.train, splits.validation, splits.test)) - \

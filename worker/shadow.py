@@ -21,6 +21,7 @@ Metrics (per candidate version; the previous candidate's series are removed when
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -121,8 +122,6 @@ class Shadow:
         self.seconds.inc(busy)
 
     def _publish(self, message, served, candidate) -> None:
-        import json
-
         value = json.dumps({"id": message.id, "candidate": self.version, "label": candidate.label,
                             "score": round(candidate.score, 6), "serving_label": served.label,
                             "source": {"topic": message.source.topic, "partition": message.source.partition,
